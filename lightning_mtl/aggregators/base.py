@@ -1,0 +1,80 @@
+"""Interfaces shared by every multi-task weighting and gradient-aggregation method.
+
+A method knows nothing of Lightning. It sees the per-task losses, or the m x n Jacobian ``J`` of the
+task losses with respect to the shared parameters, or only its m x m Gramian ``G = J J^T``.
+
+* ``LossWeighting``: maps the vector of task losses to the objective that is back-propagated once
+  (linear scalarization, uncertainty weighting, DWA, RLW, FAMO, ...). Cheapest: one backward.
+* ``GramianWeighting``: maps ``G`` to task weights ``w``; the update direction is ``J^T w``. Most
+  gradient methods (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, UPGrad, ...) are of this form, which
+  lets the engine work at the parameter level or at the representation level (MGDA-UB style) and,
+  under DDP, reduce m x m numbers instead of m x n.
+* ``JacobianAggregator``: needs the Jacobian itself (element-wise methods such as GradDrop).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Aggregator(nn.Module):
+    """Base class of all methods. ``kind`` tells the engine what the method consumes."""
+
+    kind: ClassVar[str] = ""
+
+    def extra_repr(self) -> str:  # short, readable reprs in logs and the CLI
+        return ", ".join(f"{k}={v}" for k, v in self.hparams_for_repr().items())
+
+    def hparams_for_repr(self) -> dict[str, object]:
+        return {}
+
+
+class LossWeighting(Aggregator):
+    """Maps task losses (shape ``[m]``) to one scalar objective.
+
+    Subclasses implement :meth:`weights`; :meth:`forward` returns ``sum_i w_i * l_i``. Methods with
+    learnable parameters (uncertainty weighting) override :meth:`forward` and keep those parameters
+    as ``nn.Parameter`` of this module, so the optimizer of the LightningModule trains them.
+    """
+
+    kind: ClassVar[str] = "loss"
+
+    def weights(self, losses: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, losses: Tensor) -> Tensor:
+        return (self.weights(losses).detach() * losses).sum()
+
+
+class GramianWeighting(Aggregator):
+    """Maps the Gramian ``G = J J^T`` (shape ``[m, m]``) to task weights ``w`` (shape ``[m]``)."""
+
+    kind: ClassVar[str] = "gramian"
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def aggregate(self, jacobian: Tensor) -> Tensor:
+        """Direction ``J^T w`` for a Jacobian of shape ``[m, n]``."""
+        weights = self(jacobian @ jacobian.T)
+        return weights.to(jacobian.dtype) @ jacobian
+
+
+class JacobianAggregator(Aggregator):
+    """Maps the Jacobian (shape ``[m, n]``) to one update direction (shape ``[n]``)."""
+
+    kind: ClassVar[str] = "jacobian"
+
+    def forward(self, jacobian: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def aggregate(self, jacobian: Tensor) -> Tensor:
+        return self(jacobian)
+
+
+def as_float64(t: Tensor) -> Tensor:
+    """Small m x m solves run in float64 so that bf16/fp16 training does not upset them."""
+    return t.detach().to(torch.float64)

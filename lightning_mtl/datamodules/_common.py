@@ -1,0 +1,231 @@
+"""Pieces shared by the embedded data modules.
+
+Batch contract of the whole library: a batch is ``(inputs, targets)`` with ``inputs`` a float32
+tensor ``[B, C, H, W]`` and ``targets`` a ``dict[str, Tensor]`` mapping each task name to its labels
+(``torch.long`` for class labels). PyTorch's default collate turns dataset items
+``(x, {"left": y1, "right": y2})`` into exactly that, so no custom ``collate_fn`` is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sized
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    "EpochShuffleSampler",
+    "TensorMultiTaskDataset",
+    "TensorSingleTaskDataset",
+    "check_data_path",
+    "split_indices",
+]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random permutation of ``range(n)`` that depends only on ``seed + epoch``.
+
+    Each call of :meth:`__iter__` draws the permutation from a fresh ``torch.Generator`` seeded with
+    ``seed + epoch``, so the order of an epoch does not depend on what was drawn before it. Lightning
+    calls :meth:`set_epoch` on the sampler at the start of every training epoch, hence a run resumed
+    from a checkpoint at epoch ``k`` sees exactly the same order as an uninterrupted run. Outside
+    Lightning, call ``set_epoch`` yourself; without it every epoch uses the order of epoch 0.
+
+    Under DDP Lightning wraps this sampler in its ``DistributedSamplerWrapper``, which forwards
+    ``set_epoch`` to it and gives each rank its share of this (rank-independent) permutation.
+
+    Args:
+        data_source: the dataset (anything with ``len``) or directly the number of samples.
+        seed: base seed of the permutation.
+        shuffle: if False, yields ``0, 1, ..., n - 1`` (handy to switch shuffling off from a config).
+    """
+
+    def __init__(self, data_source: Sized | int, seed: int = 0, shuffle: bool = True) -> None:
+        n = int(data_source) if isinstance(data_source, (int, np.integer)) else len(data_source)
+        if n < 0:
+            raise ValueError(f"EpochShuffleSampler needs a non-negative number of samples, got {n}")
+        self.num_samples = n
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def permutation(self) -> Tensor:
+        """The indices of the current epoch as a long tensor."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.permutation().tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_samples={self.num_samples}, seed={self.seed}, epoch={self.epoch})"
+
+
+def check_data_path(path: str | os.PathLike[str], dataset_name: str, hint: str) -> None:
+    """Raise a one-sentence ``FileNotFoundError`` if ``path`` does not exist.
+
+    Args:
+        path: file or folder the dataset needs.
+        dataset_name: human-readable name of the dataset, e.g. ``"NpzMultiTaskDataModule"``.
+        hint: what the user should do, e.g. where to get the data or which format is expected.
+    """
+    if not os.path.exists(os.fspath(path)):
+        hint = hint.strip().rstrip(".")
+        raise FileNotFoundError(f"{dataset_name}: data not found at '{os.fspath(path)}'; {hint}.")
+
+
+def split_indices(
+    n: int, fractions: tuple[float, float, float] | list[float], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Seeded split of ``range(n)`` into disjoint, sorted ``train`` / ``val`` / ``test`` index arrays.
+
+    ``fractions`` are the train / val / test shares; they must be non-negative and sum to 1 (up to
+    rounding). The val and test sizes are rounded, the train split takes the rest.
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    n_val = int(round(fractions[1] * n))
+    n_test = int(round(fractions[2] * n))
+    n_train = n - n_val - n_test
+    if n_train <= 0 and fractions[0] > 0:
+        raise ValueError(f"split fractions {fractions} leave no training sample out of {n}")
+    perm = rng.permutation(n)
+    return {
+        "train": np.sort(perm[:n_train]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
+    }
+
+
+class TensorMultiTaskDataset(Dataset):
+    """In-memory multi-task dataset: item ``i`` is ``(inputs[i], {task: targets[task][i]})``."""
+
+    def __init__(self, inputs: Tensor, targets: Mapping[str, Tensor]) -> None:
+        n = len(inputs)
+        for name, values in targets.items():
+            if len(values) != n:
+                raise ValueError(f"target '{name}' has {len(values)} entries but inputs have {n}")
+        self.inputs = inputs
+        self.targets = dict(targets)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.inputs[index], {name: values[index] for name, values in self.targets.items()}
+
+
+class TensorSingleTaskDataset(Dataset):
+    """In-memory single-task dataset: item ``i`` is ``(inputs[i], targets[i])``."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"targets have {len(targets)} entries but inputs have {len(inputs)}")
+        self.inputs = inputs
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+class _TensorDataModule(pl.LightningDataModule):
+    """Base of the in-memory data modules.
+
+    Subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in :meth:`_build`
+    (called once, from :meth:`setup`) and provide :attr:`task_names`, :attr:`num_classes` and
+    :attr:`input_shape`, which are available right after construction (before ``setup``) so that
+    models can be sized from them. The train loader shuffles with :class:`EpochShuffleSampler`;
+    the val / test / predict loaders keep the order (predict uses the test split).
+
+    Args:
+        batch_size: samples per batch, all loaders.
+        num_workers: DataLoader workers; ``persistent_workers`` is switched on when > 0.
+        seed: seed of the data generation / split and of the training order.
+        pin_memory: forwarded to the DataLoaders.
+    """
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.pin_memory = bool(pin_memory)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # --- to be provided by subclasses -----------------------------------------------------------
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one input."""
+        raise NotImplementedError
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self._build()
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: the datasets were not built; call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), seed=self.seed) if train else None,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, train=False)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in dict(self.hparams).items())
+        return f"{type(self).__name__}({args})"

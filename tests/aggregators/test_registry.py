@@ -1,0 +1,152 @@
+"""Shared harness: every registered aggregator, whatever its kind, must pass these checks.
+
+A method registered with ``@register_aggregator`` is tested here the moment it is imported by
+``lightning_mtl.aggregators``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from lightning_mtl.aggregators import create_aggregator, list_aggregators
+from lightning_mtl.aggregators.base import Aggregator
+
+NAMES = list_aggregators()
+N = 20
+
+# Every method file of the gradient-aggregation family must be registered.
+EXPECTED = {
+    "aligned_mtl": "alignedmtl",
+    "cagrad": None,
+    "db_mtl": "dbmtl",
+    "fairgrad": None,
+    "graddrop": None,
+    "gradvac": None,
+    "imtl_g": "imtl",
+    "mgda": None,
+    "nashmtl": "nash_mtl",
+    "pcgrad": None,
+    "upgrad": None,
+}
+
+
+def _make(name: str) -> Aggregator:
+    try:
+        return create_aggregator(name)
+    except TypeError as err:  # a method that cannot be built without arguments
+        pytest.skip(f"{name} cannot be built with default arguments: {err}")
+
+
+def _jacobian(m: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, N, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _call(agg: Aggregator, jac: torch.Tensor) -> torch.Tensor:
+    """The method's raw output for a Jacobian: weights, direction, or scalar objective."""
+    if agg.kind == "gramian":
+        return agg(jac @ jac.T)
+    if agg.kind == "jacobian":
+        return agg(jac)
+    losses = jac.square().mean(1) + 0.1  # positive "losses", one per task
+    return agg(losses)
+
+
+def test_expected_methods_are_registered():
+    from lightning_mtl.aggregators.registry import get_aggregator_class
+
+    for name, alias in EXPECTED.items():
+        assert name in NAMES
+        if alias is not None:
+            assert get_aggregator_class(alias) is get_aggregator_class(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_shape_dtype_and_finite(name, m):
+    agg = _make(name)
+    jac = _jacobian(m, seed=m)
+    if agg.kind == "gramian":
+        for g in (jac @ jac.T, (jac @ jac.T).double(), (jac @ jac.T).bfloat16()):
+            w = copy.deepcopy(agg)(g)
+            assert w.shape == (m,)
+            assert w.dtype == torch.float32
+            assert torch.isfinite(w).all()
+        d = agg.aggregate(jac)
+        assert d.shape == (N,) and d.dtype == jac.dtype and torch.isfinite(d).all()
+    elif agg.kind == "jacobian":
+        for j in (jac, jac.double(), jac.bfloat16()):
+            d = copy.deepcopy(agg)(j)
+            assert d.shape == (N,)
+            assert d.dtype == j.dtype
+            assert torch.isfinite(d.float()).all()
+    else:
+        out = _call(agg, jac)
+        assert out.dim() == 0 and torch.isfinite(out)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("m", [2, 5])
+def test_gramian_methods_only_need_the_gramian(name, m):
+    """``aggregate(J)`` is ``J^T forward(J J^T)``: nothing but the Gramian is used."""
+    agg = _make(name)
+    if agg.kind != "gramian":
+        pytest.skip("not a Gramian weighting")
+    jac = _jacobian(m, seed=10 + m, dtype=torch.float64)
+    twin = copy.deepcopy(agg)  # same state (random generators, EMAs) for both calls
+    direction = agg.aggregate(jac)
+    weights = twin(jac @ jac.T)
+    torch.testing.assert_close(direction, weights.double() @ jac, rtol=1e-6, atol=1e-9)
+    # A rotation of the parameter space changes J but not G: the weights must not change.
+    q, _ = torch.linalg.qr(torch.randn(N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    rotated = jac @ q
+    twin2 = copy.deepcopy(twin)
+    torch.testing.assert_close(copy.deepcopy(twin)(jac @ jac.T), twin2(rotated @ rotated.T), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_zero_jacobian_gives_no_nan(name, m):
+    agg = _make(name)
+    jac = torch.zeros(m, N)
+    out = _call(agg, jac)
+    assert torch.isfinite(out).all()
+    if agg.kind == "gramian":
+        assert torch.isfinite(agg.aggregate(jac)).all()
+        assert torch.count_nonzero(agg.aggregate(jac)) == 0
+    elif agg.kind == "jacobian":
+        assert torch.count_nonzero(out) == 0
+    # a zero row among non-zero ones
+    if m > 1:
+        jac = _jacobian(m, seed=7)
+        jac[0] = 0
+        assert torch.isfinite(_call(_make(name), jac)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name):
+    """After ``state_dict`` -> ``torch.save`` -> ``torch.load`` -> ``load_state_dict`` into a fresh
+    instance, the next output is identical to the original's (random generators, EMAs, warm
+    starts and step counters are all saved)."""
+    m = 4
+    agg = _make(name)
+    for step in range(3):
+        torch.manual_seed(step)
+        _call(agg, _jacobian(m, seed=100 + step))
+    buffer = io.BytesIO()
+    torch.save(agg.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = _make(name)
+    fresh.load_state_dict(state)
+    for step in range(2):
+        jac = _jacobian(m, seed=200 + step)
+        torch.manual_seed(1000 + step)
+        expected = _call(agg, jac)
+        torch.manual_seed(1000 + step)
+        got = _call(fresh, jac)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
