@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_mtl.aggregators._solvers import as_weights
 from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.mgda import as_weights
 from lightning_mtl.aggregators.registry import register_aggregator
 
 __all__ = ["AlignedMTL", "balance_matrix"]

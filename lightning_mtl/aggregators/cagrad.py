@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_mtl.aggregators._solvers import as_weights, barrier_newton, normalized_gramian, solve_small
 from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.mgda import as_weights, barrier_newton, normalized_gramian
 from lightning_mtl.aggregators.registry import register_aggregator
 
 __all__ = ["CAGrad", "cagrad_weights"]
@@ -58,11 +58,12 @@ def _cagrad_support_finisher(gram: Tensor, gb: Tensor, rho: Tensor, tol: float =
     def finish(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         free = x.square() * t[:, None] > 1.0  # slack above its multiplier estimate 1 / (t x)
         both = free[:, :, None] & free[:, None, :]
-        sub = torch.where(both, gram, torch.zeros_like(gram)) + torch.where(free[:, :, None], torch.zeros_like(eye), eye)
-        inv = torch.linalg.pinv(sub, hermitian=True)
+        sub = torch.where(both, gram, torch.zeros_like(gram))
+        sub = sub + torch.where(free[:, :, None], torch.zeros_like(eye), eye)
         ones = free.to(gram.dtype)
-        p = (inv @ ones.unsqueeze(-1)).squeeze(-1) * ones
-        q = (inv @ (gb * ones).unsqueeze(-1)).squeeze(-1) * ones
+        sol = solve_small(sub, torch.stack([ones, gb * ones], dim=-1))  # LU: a singular G_SS fails the test
+        sol = torch.where(torch.isfinite(sol), sol, torch.zeros_like(sol))
+        p, q = sol[..., 0] * ones, sol[..., 1] * ones
         a, b_, c_ = p.sum(-1), q.sum(-1), (q * gb).sum(-1)
         disc = b_.square() - a * (c_ - rho.square())
         root = disc.clamp_min(0).sqrt()
@@ -87,8 +88,8 @@ def cagrad_weights(gramian: Tensor, c: float, rescale: int = 1, smoothing: float
 
     Solves the dual ``min_{w in simplex} g_w . g_0 + sqrt(phi) |g_w|`` with
     ``g_w = J^T w``, ``g_0 = J^T b`` (``b = 1/m``) and ``phi = c^2 |g_0|^2`` by the barrier Newton
-    method of :func:`~lightning_mtl.aggregators.mgda.barrier_newton` (on ``G`` normalised to mean
-    diagonal 1; the solution is scale-invariant), which stops early once the closed-form solution
+    method of :func:`~lightning_mtl.aggregators._solvers.barrier_newton` (on ``G`` normalised to
+    mean diagonal 1; the solution is scale-invariant), which stops early once the closed-form solution
     on the detected support is certified optimal (:func:`_cagrad_support_finisher`), then returns
     ``x = b + (sqrt(phi) / |g_w|) w``, divided by ``1 + c^2`` (``rescale=1``) or ``1 + c``
     (``rescale=2``). ``smoothing`` is added under the square root (the dual is not differentiable
@@ -107,7 +108,7 @@ def cagrad_weights(gramian: Tensor, c: float, rescale: int = 1, smoothing: float
         objective = _CAGradDual(g_n, gb.unsqueeze(0), rho, smoothing)
         x0 = b.unsqueeze(0)
         finish = _cagrad_support_finisher(g_n, gb.unsqueeze(0), rho)
-        w, _ = barrier_newton(objective, x0, torch.zeros_like(x0), simplex=True, check_every=2, finish=finish)
+        w, _, _ = barrier_newton(objective, x0, torch.zeros_like(x0), simplex=True, check_every=2, finish=finish)
         w = w[0]
     norm_w = (w @ g_n @ w + smoothing).sqrt()
     x = b + (rho / norm_w) * w
@@ -132,8 +133,13 @@ class CAGrad(GramianWeighting):
 
     Solver: the official code (and LibMTL) solve the dual with ``scipy.optimize.minimize``
     (SLSQP) on the host. Here it is solved in float64 on the device with a log-barrier Newton
-    method (exact gradient and Hessian of the dual, vectorised line search, duality gap about
-    1e-12 on the normalised Gramian), so no host round trip is needed.
+    method (exact gradient and Hessian of the dual, vectorised line search), which stops as soon as
+    the closed-form solution on the detected support passes the dual's KKT test, or else at a
+    duality gap of about 1e-12 on the normalised Gramian; no host round trip is needed.
+
+    When 0 is in the convex hull of the task gradients (a Pareto-stationary point) the dual optimum
+    can have ``g_w = 0`` and the closed form of ``d`` degenerates; as in the official code (which
+    adds a small constant to ``|g_w|``) the result is then close to the mean gradient.
 
     Args:
         c: radius of the ball relative to ``|g_0|`` (``alpha``/``calpha`` in the official code and

@@ -7,8 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_mtl.aggregators._state import resize_lazy_buffers
 from lightning_mtl.aggregators.base import JacobianAggregator
-from lightning_mtl.aggregators.gradvac import resize_lazy_buffers
 from lightning_mtl.aggregators.registry import register_aggregator
 
 __all__ = ["DBMTL"]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from lightning_mtl.aggregators._solvers import as_weights, normalized_gramian, solve_power_balance
 from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.mgda import as_weights, normalized_gramian
-from lightning_mtl.aggregators.nashmtl import solve_power_balance
 from lightning_mtl.aggregators.registry import register_aggregator
 
 __all__ = ["FairGrad"]
@@ -27,7 +25,7 @@ class FairGrad(GramianWeighting):
     Solver: the official code runs ``scipy.optimize.least_squares`` with bounds ``(0, inf)`` on the
     residual ``G w - w^(-1/alpha)`` from ``w = 1/m`` on the host. Here the equations are the
     stationarity conditions of a strictly convex function, solved by Newton's method with a
-    vectorised line search in float64 on the device (:func:`~lightning_mtl.aggregators.nashmtl.
+    vectorised line search in float64 on the device (:func:`~lightning_mtl.aggregators._solvers.
     solve_power_balance`). It is solved on ``G / s`` (``s`` = mean of the diagonal) and mapped back
     exactly: if ``u`` solves the scaled equations, ``w = s^(-alpha / (alpha + 1)) u`` solves the raw
     ones, so the result matches the official semantics at any gradient scale. A task with a zero

@@ -74,7 +74,8 @@ class GradDrop(JacobianAggregator):
         work = j if j.dtype in (torch.float32, torch.float64) else j.float()
         total = work.sum(0)
         mass = work.abs().sum(0)
-        purity = 0.5 * (1.0 + torch.where(mass > 0, total / torch.where(mass > 0, mass, torch.ones_like(mass)), torch.zeros_like(mass)))
+        ratio = total / torch.where(mass > 0, mass, torch.ones_like(mass))  # 0 where a column is all zero
+        purity = 0.5 * (1.0 + ratio)
         u = torch.rand(n, generator=self._generator(j.device), device=j.device, dtype=work.dtype)
         self.calls += 1
         keep_positive = u < purity  # [n]; otherwise the negative entries are kept

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_mtl.aggregators._solvers import as_weights, normalized_gramian
+from lightning_mtl.aggregators._state import SeededOrders, resize_lazy_buffers
 from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.mgda import as_weights, normalized_gramian
-from lightning_mtl.aggregators.pcgrad import SeededOrders
 from lightning_mtl.aggregators.registry import register_aggregator
 
-__all__ = ["GradVac", "gradvac_coefficients", "resize_lazy_buffers"]
-
-
-def resize_lazy_buffers(module: nn.Module, state_dict: dict[str, Any], prefix: str, names: Iterable[str]) -> None:
-    """Give lazily-shaped buffers the shape stored in a checkpoint before it is copied in.
-
-    Buffers whose shape is only known at the first call (``[m, m]``, ``[m, n]``) are registered as
-    empty placeholders; call this from ``_load_from_state_dict`` so that a fresh module can load a
-    checkpoint of a trained one.
-    """
-    for name in names:
-        key = prefix + name
-        if key not in state_dict:
-            continue
-        saved = state_dict[key]
-        current = module._buffers.get(name)
-        if current is None or current.shape != saved.shape or current.dtype != saved.dtype:
-            device = current.device if current is not None else saved.device
-            module._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=device)
+__all__ = ["GradVac", "gradvac_coefficients"]
 
 
 def gradvac_coefficients(
@@ -41,7 +20,7 @@ def gradvac_coefficients(
 
     Args:
         gramian: float64 ``[m, m]``, normalised to O(1) (``eps`` is absolute).
-        orders: ``[m, m - 1]`` visiting orders (see :func:`~lightning_mtl.aggregators.pcgrad.sample_orders`).
+        orders: ``[m, m - 1]`` visiting orders (see :func:`~lightning_mtl.aggregators._state.sample_orders`).
         phi_hat: float64 ``[m, m]`` EMA targets ``phi_hat[i, j]``; not modified.
         beta: EMA rate.
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_mtl.aggregators._solvers import as_weights, normalized_gramian
 from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.mgda import as_weights, normalized_gramian
 from lightning_mtl.aggregators.registry import register_aggregator
 
 __all__ = ["IMTLG", "imtl_g_weights"]

@@ -27,7 +27,15 @@ class LinearScalarization(LossWeighting):
 
     def __init__(self, weights: Sequence[float] | None = None) -> None:
         super().__init__()
-        self.fixed = None if weights is None else [float(w) for w in weights]
+        self.fixed: list[float] | None = None
+        # a buffer moves with the module, so no host-to-device copy (and no device sync) per step
+        self.register_buffer("weight_vector", torch.ones(0), persistent=False)
+        if weights is not None:
+            self.set_weights(weights)
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        self.fixed = [float(w) for w in weights]
+        self.weight_vector = torch.tensor(self.fixed, device=self.weight_vector.device)
 
     def weights(self, losses: Tensor) -> Tensor:
         if self.fixed is None:
@@ -37,7 +45,7 @@ class LinearScalarization(LossWeighting):
                 f"LinearScalarization has {len(self.fixed)} weights but there are {losses.numel()} tasks; "
                 "give one weight per task, in the order of `tasks`"
             )
-        return torch.tensor(self.fixed, dtype=losses.dtype, device=losses.device)
+        return self.weight_vector.to(losses.dtype)
 
     def hparams_for_repr(self) -> dict[str, object]:
         return {"weights": self.fixed}

@@ -7,93 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mtl.aggregators._solvers import as_weights, solve_power_balance
+from lightning_mtl.aggregators._state import resize_lazy_buffers
 from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.gradvac import resize_lazy_buffers
-from lightning_mtl.aggregators.mgda import as_weights
 from lightning_mtl.aggregators.registry import register_aggregator
 
-__all__ = ["NashMTL", "solve_power_balance"]
-
-
-def _h_delta(w: Tensor, dw: Tensor, steps: Tensor, power: float) -> Tensor:
-    """``sum_i h(w_i + a dw_i) - h(w_i)`` for each step ``a`` (``[K]``), ``h' (w) = -w^-power``."""
-    rel = torch.log1p(steps[:, None] * (dw / w)[None, :])  # log((w + a dw) / w)
-    if power == 1.0:
-        return -rel.sum(-1)
-    return (w.pow(1.0 - power)[None, :] * torch.expm1((1.0 - power) * rel) / (power - 1.0)).sum(-1)
-
-
-def solve_power_balance(
-    gramian: Tensor,
-    power: float,
-    init: Tensor | None = None,
-    max_iter: int = 20,
-    *,
-    zero_tol: float = 1e-20,
-    ridge: float = 1e-14,
-    check_every: int = 5,
-) -> tuple[Tensor, Tensor]:
-    """Solve ``(G w)_i = w_i^(-power)``, ``w > 0`` (float64, ``G`` normalised to O(1)).
-
-    These are the optimality conditions of the strictly convex problem
-    ``min_{w > 0} 1/2 w^T G w + sum_i h(w_i)`` with ``h(w) = -log(w)`` for ``power = 1`` and
-    ``h(w) = w^(1 - power) / (power - 1)`` otherwise (``h'(w) = -w^-power``, ``h'' > 0``), so the
-    solution is unique and Newton's method on that function converges to it from any positive
-    start. Each step solves ``(G + diag(power w^(-power-1))) dw = w^-power - G w`` (diagonally
-    scaled), then takes the best of 30 step lengths (fractions of the largest step that keeps
-    ``w > 0``, all evaluated at once, so there is no data-dependent branching on the device).
-    For ``power = 1`` the function is self-concordant and the method converges quadratically
-    after a few damped steps. The start is rescaled along its ray to the exact 1-D minimiser
-    (closed form), which absorbs changes of scale of ``G`` between warm-started calls.
-
-    Degenerate inputs: a task with a zero gradient (``G_ii <= zero_tol * max_j G_jj``) has no
-    solution (``w_i -> inf``); it is decoupled and gets weight 0. A tiny ``ridge`` on the diagonal
-    keeps the problem bounded when gradients cancel (e.g. ``g_2 = -g_1``); it perturbs regular
-    solutions by about ``ridge * w_i`` in the residual.
-
-    Returns:
-        ``(w, active)``: the solution (0 for inactive tasks) and the boolean mask of active tasks.
-    """
-    m = gramian.shape[0]
-    dtype, device = gramian.dtype, gramian.device
-    sq = gramian.diagonal().clamp_min(0)
-    active = sq > zero_tol * sq.max()
-    both = active[:, None] & active[None, :]
-    g = torch.where(both, gramian, torch.zeros_like(gramian))
-    g = g + torch.diag(torch.where(active, torch.full_like(sq, ridge), torch.ones_like(sq)))
-    w = torch.ones(m, dtype=dtype, device=device) if init is None else init.to(device=device, dtype=dtype)
-    w = torch.where(torch.isfinite(w) & (w > 0), w, torch.ones_like(w))
-    # Exact minimiser along the ray t * w: t^(1 + p) = sum(w^(1 - p)) / (w^T G w).
-    curvature = (w * (g @ w)).sum()
-    w = w * (w.pow(1.0 - power).sum() / curvature).pow(1.0 / (1.0 + power))
-    steps_grid = 0.5 ** torch.arange(30, dtype=dtype, device=device)
-    tiny = torch.finfo(dtype).tiny
-    done = torch.zeros((), dtype=torch.bool, device=device)
-    for it in range(max_iter):
-        gw = g @ w
-        grad = gw - w.pow(-power)
-        hess = g + torch.diag(power * w.pow(-power - 1.0))
-        d = hess.diagonal().clamp_min(tiny).rsqrt()
-        sol, _ = torch.linalg.solve_ex(d[:, None] * hess * d[None, :], (-grad * d).unsqueeze(-1))
-        dw = d * sol.squeeze(-1)
-        dw = torch.where(torch.isfinite(dw), dw, torch.zeros_like(dw))
-        lam2 = -(grad * dw).sum()
-        ratio = torch.where(dw < 0, -w / dw.clamp(max=-tiny), torch.full_like(w, float("inf")))
-        cap = (0.99 * ratio.min()).clamp(max=1.0)
-        steps = cap * steps_grid
-        value = steps * (gw * dw).sum() + 0.5 * steps.square() * (dw * (g @ dw)).sum()
-        value = value + _h_delta(w, dw, steps, power)
-        best = value.argmin(0, keepdim=True)  # gather, not value[best]: indexing with a tensor syncs
-        best_value, best_step = value.gather(0, best)[0], steps.gather(0, best)[0]
-        # Near the solution (Newton decrement < 0.1) the full step is safe and converges
-        # quadratically, while function values no longer resolve the decrease: take it.
-        step = torch.where(lam2 < 1e-2, cap, torch.where(best_value < 0, best_step, torch.zeros_like(cap)))
-        step = torch.where(done, torch.zeros_like(step), step)
-        w = w + step * dw
-        done = done | (lam2 < 1e-26) | (step == 0)
-        if (it + 1) % check_every == 0 and bool(done):
-            break
-    return torch.where(active, w, torch.zeros_like(w)), active
+__all__ = ["NashMTL"]
 
 
 @register_aggregator("nashmtl", "nash_mtl")

@@ -2,55 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from lightning_mtl.aggregators._solvers import as_weights, normalized_gramian
+from lightning_mtl.aggregators._state import SeededOrders
 from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.mgda import as_weights, normalized_gramian
 from lightning_mtl.aggregators.registry import register_aggregator
 
-__all__ = ["PCGrad", "pcgrad_coefficients", "sample_orders"]
-
-
-def sample_orders(m: int, generator: torch.Generator) -> Tensor:
-    """For every task ``i`` a uniformly random order of the other tasks: a ``[m, m - 1]`` tensor.
-
-    Row ``i`` is a random permutation of ``{0..m-1} \\ {i}`` (drawn on the CPU generator; ``m`` is
-    small).
-    """
-    keys = torch.rand(m, m, generator=generator, dtype=torch.float64)
-    keys.fill_diagonal_(2.0)  # task i sorts last and is cut off
-    return keys.argsort(dim=1)[:, : m - 1]
-
-
-class SeededOrders:
-    """Mixin: a seedable CPU generator for the random task orders, saved in ``state_dict``.
-
-    The generator state travels as module "extra state" (``get_extra_state``/``set_extra_state``),
-    so a run resumed from a checkpoint draws the same orders as an uninterrupted one. With
-    ``seed=None`` the seed is drawn from torch's global generator at construction, so
-    ``seed_everything`` makes the run reproducible too.
-    """
-
-    def _init_generator(self, seed: int | None) -> None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.seed = int(seed)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.seed)
-
-    def sample_orders(self, m: int) -> Tensor:
-        """Draw the next ``[m, m - 1]`` visiting orders (advances the generator)."""
-        return sample_orders(m, self.generator)
-
-    def get_extra_state(self) -> Any:
-        return {"seed": self.seed, "rng_state": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.seed = int(state["seed"])
-        self.generator.set_state(state["rng_state"])
+__all__ = ["PCGrad", "pcgrad_coefficients"]
 
 
 def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
@@ -77,7 +37,8 @@ def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
         inner = (coef * gramian.index_select(1, j).T).sum(1)
         d_jj = diag.index_select(0, j)
         conflict = (inner < 0) & (d_jj > 0)
-        step = torch.where(conflict, inner / torch.where(d_jj > 0, d_jj, torch.ones_like(d_jj)), torch.zeros_like(inner))
+        step = inner / torch.where(d_jj > 0, d_jj, torch.ones_like(d_jj))
+        step = torch.where(conflict, step, torch.zeros_like(inner))
         coef = coef.index_put((rows, j), -step, accumulate=True)
     return coef
 

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_mtl.aggregators.base import GramianWeighting
-from lightning_mtl.aggregators.mgda import (
+from lightning_mtl.aggregators._solvers import (
     Quadratic,
     as_weights,
     barrier_newton,
     polish_quadratic,
     quadratic_finisher,
 )
+from lightning_mtl.aggregators.base import GramianWeighting
 from lightning_mtl.aggregators.registry import register_aggregator
 
 __all__ = ["UPGrad", "dual_cone_projection_weights"]
@@ -39,16 +39,18 @@ def dual_cone_projection_weights(gramian: Tensor, u: Tensor) -> Tensor:
     projection; ``v*`` itself is unique when ``G`` is positive definite.
 
     Each of the ``K`` QPs is solved in float64 on the device by the batched log-barrier Newton
-    method of :func:`~lightning_mtl.aggregators.mgda.barrier_newton`, all ``K`` problems at once;
-    every few steps the KKT system on the detected active set is solved exactly and a problem stops
-    as soon as that solution is certified optimal (:func:`~lightning_mtl.aggregators.mgda.
+    method of :func:`~lightning_mtl.aggregators._solvers.barrier_newton`, all ``K`` problems at
+    once; every few steps the KKT system on the detected active set is solved exactly and a problem
+    stops as soon as that solution is certified optimal (:func:`~lightning_mtl.aggregators._solvers.
     quadratic_finisher`); a last exact polish runs on the problems that reached ``t_max``.
     """
     k, m = u.shape
     q = gramian.unsqueeze(0).expand(k, m, m)
     c = torch.zeros_like(u)
     finish = quadratic_finisher(q, c, u, simplex=False)
-    x, t = barrier_newton(Quadratic(q, c), u + 1.0, u, simplex=False, finish=finish)
+    x, t, certified = barrier_newton(Quadratic(q, c), u + 1.0, u, simplex=False, finish=finish)
+    if bool(certified.all()):
+        return x
     return polish_quadratic(q, c, u, x, t, simplex=False)
 
 
@@ -79,7 +81,9 @@ class UPGrad(GramianWeighting):
         norm_eps: below this trace the Gramian is treated as zero (the weights are then ``p``).
     """
 
-    def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-10, norm_eps: float = 1e-30) -> None:
+    def __init__(
+        self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-10, norm_eps: float = 1e-30
+    ) -> None:
         super().__init__()
         if pref_vector is not None and any(p < 0 for p in pref_vector):
             raise ValueError("UPGrad pref_vector must be non-negative")

@@ -12,8 +12,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_mtl.aggregators import Aggregator, LinearScalarization, LossWeighting, create_aggregator
+from lightning_mtl.aggregators import (
+    Aggregator,
+    GramianWeighting,
+    LinearScalarization,
+    LossWeighting,
+    create_aggregator,
+)
 from lightning_mtl.multitask.delta_m import delta_m
+from lightning_mtl.multitask.engine import add_to_grads, flat_jacobian
 from lightning_mtl.multitask.tasks import ClassificationTask, Task, TaskError
 
 _STAGES = ("val", "test")
@@ -46,6 +53,20 @@ class MultiTaskModule(pl.LightningModule):
             ``num_features``) when not given.
         on_nonfinite_loss: ``"raise"`` stops with an error naming the task and step; ``"skip"``
             warns and skips that optimizer step (on every DDP rank alike).
+        gradient_mode: for gradient aggregators: ``"parameter"`` aggregates the Jacobian of the task
+            losses w.r.t. the encoder's parameters; ``"representation"`` (MGDA-UB style, Gramian
+            weightings only) computes the weights from the gradients w.r.t. the shared
+            representation and back-propagates the weighted loss once.
+        jacobian_batched: one batched backward for the Jacobian (``True``) or a loop of m backward
+            passes (``False``); ``None`` batches on GPUs and loops on CPUs, where batching buys nothing.
+        jacobian_chunk_size: at most this many Jacobian rows per batched backward (memory bound).
+
+    Gradient aggregators under the Trainer's flags: precision ``32-true``, ``bf16-mixed`` and
+    ``16-mixed`` (the aggregator sees unscaled gradients; the direction is scaled back, so
+    GradScaler's unscale and its skip of non-finite steps apply as usual); ``gradient_clip_val``
+    clips the aggregated gradient; ``strategy="ddp"`` averages the Jacobian (parameter level) or
+    sums the m x m Gramian (representation level) over ranks, which equals the single-process
+    update on the concatenated batch. ``accumulate_grad_batches > 1`` is refused at setup.
     """
 
     def __init__(
@@ -58,6 +79,9 @@ class MultiTaskModule(pl.LightningModule):
         baselines: dict[str, dict[str, float]] | None = None,
         feature_dim: int | None = None,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
+        gradient_mode: Literal["parameter", "representation"] = "parameter",
+        jacobian_batched: bool | None = None,
+        jacobian_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -69,6 +93,8 @@ class MultiTaskModule(pl.LightningModule):
                 raise ValueError(f"task name {name!r} must be a Python identifier (letters, digits, underscores)")
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
+        if gradient_mode not in ("parameter", "representation"):
+            raise ValueError(f"gradient_mode must be 'parameter' or 'representation', got {gradient_mode!r}")
         self.save_hyperparameters(ignore=["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler"], logger=False)
 
         self.encoder = encoder
@@ -90,6 +116,17 @@ class MultiTaskModule(pl.LightningModule):
         self.on_nonfinite_loss = on_nonfinite_loss
         self.metric_directions: dict[str, bool] = {"val/loss": False, "val/delta_m": False}
         self._labels_checked: set[str] = set()
+        self.gradient_mode = gradient_mode
+        self.jacobian_batched = jacobian_batched
+        self.jacobian_chunk_size = jacobian_chunk_size
+        if self.aggregator.kind != "loss" and gradient_mode == "representation":
+            if not isinstance(self.aggregator, GramianWeighting):
+                raise ValueError(
+                    f"gradient_mode='representation' needs a Gramian weighting; {type(self.aggregator).__name__} "
+                    "works on the full Jacobian: use gradient_mode='parameter'"
+                )
+        self._stash: tuple[Tensor, Tensor] | None = None
+        self._task_weights: Tensor | None = None
         self._finite_host: Tensor | None = None
         self._pending_check: tuple[Any, Tensor, tuple[int, int, int]] | None = None
 
@@ -98,13 +135,15 @@ class MultiTaskModule(pl.LightningModule):
         if isinstance(aggregator, str):
             aggregator = create_aggregator(aggregator)
         if isinstance(aggregator, LinearScalarization) and aggregator.fixed is None:
-            aggregator.fixed = [task.weight for task in self.tasks.values()]
-        if not isinstance(aggregator, LossWeighting):
-            raise ValueError(
-                f"aggregator {type(aggregator).__name__} combines task gradients, which MultiTaskModule "
-                "cannot compute yet; use a loss weighting such as 'ls'"
-            )
+            aggregator.set_weights([task.weight for task in self.tasks.values()])
+        if not isinstance(aggregator, Aggregator):
+            raise TypeError(f"aggregator must be an Aggregator or a registered name, got {type(aggregator).__name__}")
         return aggregator
+
+    @property
+    def uses_gradients(self) -> bool:
+        """Whether the aggregator combines per-task gradients (else it weights the losses)."""
+        return not isinstance(self.aggregator, LossWeighting)
 
     def _check_baselines(self) -> None:
         for task, values in self.baselines.items():
@@ -119,6 +158,8 @@ class MultiTaskModule(pl.LightningModule):
                     )
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and stage == "fit" and self.uses_gradients:
+            self._check_trainer_for_gradient_methods()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         provided = getattr(datamodule, "task_names", None)
         if provided is not None:
@@ -128,6 +169,23 @@ class MultiTaskModule(pl.LightningModule):
                     f"unknown task name(s) {unknown} in model tasks: {type(datamodule).__name__} provides "
                     f"labels for {', '.join(provided)}"
                 )
+
+    def _check_trainer_for_gradient_methods(self) -> None:
+        name = type(self.aggregator).__name__
+        if self.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"accumulate_grad_batches={self.trainer.accumulate_grad_batches} is not supported with {name}: it "
+                "aggregates the task gradients of each batch, so micro-batches would be aggregated one by one. "
+                "Use a larger data batch_size instead (or a loss weighting such as 'ls')"
+            )
+        strategy = type(self.trainer.strategy).__name__
+        if self.trainer.world_size > 1 and "DDP" not in strategy:
+            raise ValueError(
+                f"strategy {strategy} is not supported with {name}: per-task gradients need the full shared "
+                "parameters on every rank; use strategy='ddp'"
+            )
+        if not self.automatic_optimization:
+            raise ValueError(f"{name} writes the gradients in backward(); keep automatic_optimization=True")
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, inputs: Tensor) -> dict[str, Tensor]:
@@ -170,10 +228,17 @@ class MultiTaskModule(pl.LightningModule):
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         inputs, targets = self.unpack_batch(batch)
-        losses, _ = self.task_losses(self(inputs), targets, "train")
+        features = self.encoder(inputs)
+        preds = {name: head(features) for name, head in self.heads.items()}
+        losses, _ = self.task_losses(preds, targets, "train")
         if not self._losses_finite(losses, batch_idx):
             return None
-        loss = self.aggregator(losses)
+        if self.uses_gradients:
+            # backward() computes and aggregates the per-task gradients; the closure's loss is the sum
+            self._stash = (losses, features)
+            loss = losses.sum()
+        else:
+            loss = self.aggregator(losses)
         batch_size = inputs.shape[0]
         detached = losses.detach()
         logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
@@ -203,7 +268,72 @@ class MultiTaskModule(pl.LightningModule):
             self._nonfinite(detached, where)
         return all_finite
 
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.uses_gradients or self._stash is None:
+            return super().backward(loss, *args, **kwargs)
+        losses, features = self._stash
+        self._stash = None
+        # `loss` is the closure's sum of task losses times the precision plugin's loss scale (1 unless
+        # 16-mixed); differentiate the scaled losses (fp16 gradients need the scale) and show the
+        # aggregator the unscaled gradients
+        total = losses.detach().sum()
+        scale = torch.where(total != 0, loss.detach() / total, torch.ones_like(total))
+        objective = torch.log(losses) if getattr(self.aggregator, "uses_log_losses", False) else losses
+        scaled = objective * scale
+        batched = self.jacobian_batched if self.jacobian_batched is not None else losses.is_cuda
+        ddp = self._ddp_model()
+        if self.gradient_mode == "representation":
+            jac = flat_jacobian(scaled, [features], batched, self.jacobian_chunk_size).float() / scale
+            gramian = jac @ jac.T
+            if ddp is not None:
+                # the full batch's loss is the mean of the per-rank means: its representation Jacobian
+                # is the per-rank ones / world side by side, so its Gramian is their sum / world^2
+                torch.distributed.all_reduce(gramian)
+                gramian = gramian / torch.distributed.get_world_size() ** 2
+            weights = self.aggregator(gramian).to(scaled.dtype)
+            (weights.detach() * scaled).sum().backward(*args, **kwargs)
+            self._task_weights = weights.detach()
+            return None
+        shared = [p for p in self.encoder.parameters() if p.requires_grad]
+        others = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+        jac = flat_jacobian(scaled, shared, batched, self.jacobian_chunk_size).float() / scale
+        # heads (and any other parameter of the module) take their own tasks' ordinary gradients
+        if others:
+            torch.autograd.backward(scaled.sum(), inputs=others)
+        if ddp is not None:  # J of the mean loss over ranks = mean of the per-rank Jacobians
+            world = torch.distributed.get_world_size()
+            jac = jac / world
+            torch.distributed.all_reduce(jac)
+            for p in others:
+                if p.grad is not None:
+                    p.grad.div_(world)
+                    torch.distributed.all_reduce(p.grad)
+        if isinstance(self.aggregator, GramianWeighting):
+            weights = self.aggregator(jac @ jac.T)
+            direction = weights.to(jac.dtype) @ jac
+            self._task_weights = weights.detach()
+        else:
+            direction = self.aggregator.aggregate(jac)
+        add_to_grads(shared, direction * scale)
+        return None
+
+    def _ddp_model(self) -> Any:
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        return self.trainer.strategy.model
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        ddp = self._ddp_model()
+        if ddp is not None and self.uses_gradients and self.gradient_mode == "parameter":
+            # the engine averages the Jacobian itself; DDP's own gradient hooks must stay quiet
+            ddp.require_backward_grad_sync = False
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._task_weights is not None:
+            weights = self._task_weights.float()
+            self._task_weights = None
+            self.log_dict({f"train/weight/{name}": weights[i] for i, name in enumerate(self.task_names)},
+                          on_step=True, on_epoch=False)  # fmt: skip
         if self._pending_check is not None:
             event, detached, where = self._pending_check
             self._pending_check = None

@@ -26,7 +26,8 @@ def test_matches_direct_svd_in_parameter_space(m):
     aligned = s.min() * u @ vh  # closest matrix with orthogonal rows of norm sigma_min (Procrustes)
     torch.testing.assert_close(AlignedMTL().aggregate(jac), aligned.sum(0), rtol=1e-5, atol=1e-6)
     pref = torch.arange(1, m + 1, dtype=torch.float64)
-    torch.testing.assert_close(AlignedMTL(pref_vector=pref.tolist()).aggregate(jac), pref @ aligned, rtol=1e-5, atol=1e-6)
+    got = AlignedMTL(pref_vector=pref.tolist()).aggregate(jac)
+    torch.testing.assert_close(got, pref @ aligned, rtol=1e-5, atol=1e-6)
 
 
 def test_rank_deficient_jacobian():

@@ -18,8 +18,8 @@ def _reference(jacobians, beta=0.9, beta_sigma=0.5, eps=1e-8):
 
 def test_matches_hand_written_steps():
     gen = torch.Generator().manual_seed(0)
-    jacobians = [torch.randn(3, 7, generator=gen, dtype=torch.float64) * torch.tensor([[1.0], [5.0], [0.2]], dtype=torch.float64)
-                 for _ in range(4)]
+    scales = torch.tensor([[1.0], [5.0], [0.2]], dtype=torch.float64)
+    jacobians = [torch.randn(3, 7, generator=gen, dtype=torch.float64) * scales for _ in range(4)]
     agg = DBMTL()
     for got, expected in zip([agg(j) for j in jacobians], _reference(jacobians)):
         torch.testing.assert_close(got, expected)

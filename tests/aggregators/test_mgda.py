@@ -92,7 +92,8 @@ def test_degenerate_inputs():
 
 def test_l2_normalization_is_mgda_on_unit_gradients():
     gen = torch.Generator().manual_seed(5)
-    jac = torch.randn(4, 7, generator=gen, dtype=torch.float64) * torch.tensor([[1.0], [10.0], [0.1], [3.0]], dtype=torch.float64)
+    scales = torch.tensor([[1.0], [10.0], [0.1], [3.0]], dtype=torch.float64)
+    jac = torch.randn(4, 7, generator=gen, dtype=torch.float64) * scales
     unit = jac / jac.norm(dim=1, keepdim=True)
     expected = min_norm_weights(unit @ unit.T)
     got = MGDA(normalization="l2")(jac @ jac.T).double()

@@ -4,6 +4,7 @@ the concatenated batch; validation metrics are the metrics of the whole validati
 from __future__ import annotations
 
 import copy
+import functools
 
 import lightning.pytorch as pl
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
+from lightning_mtl.aggregators import create_aggregator
 from tests.helpers import tiny_multidigits, tiny_trainer
 
 
@@ -21,36 +23,56 @@ class _RanksAgree(pl.Callback):
         assert torch.equal(gathered[0], gathered[1]), "parameters differ between ranks"
 
 
-def _module():
+class _SaveBatch(pl.Callback):
+    """Records the batch each rank trains on, for the single-process replay."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.save(batch, self.folder / f"batch_rank{trainer.global_rank}.pt")
+
+
+def _module(aggregator="ls", gradient_mode="parameter"):
+    if aggregator == "pcgrad":
+        aggregator = create_aggregator("pcgrad", seed=0)  # the same random order on every rank
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(100, 16), nn.Tanh())  # no BatchNorm: per-rank statistics
     return MultiTaskModule(
         encoder=encoder,
         feature_dim=16,
         tasks={"left": ClassificationTask(10, weight=0.7), "right": ClassificationTask(10)},
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+        aggregator=aggregator,
+        gradient_mode=gradient_mode,
     )
 
 
 @pytest.mark.slow
-def test_ddp_step_equals_single_process_step_on_concatenated_batch():
+@pytest.mark.parametrize(
+    "aggregator, mode", [("ls", "parameter"), ("pcgrad", "parameter"), ("nashmtl", "parameter"),
+                         ("nashmtl", "representation")],
+)  # fmt: skip
+def test_ddp_step_equals_single_process_step_on_concatenated_batch(tmp_path, aggregator, mode):
+    """Loss weighting: DDP's own gradient averaging. Parameter level: the engine averages the
+    Jacobian over ranks. Representation level: the m x m Gramian is reduced over ranks."""
     dm = tiny_multidigits(batch_size=8)
-    module = _module()
+    module = _module(aggregator, mode)
     start = copy.deepcopy(module)
     trainer = tiny_trainer(
-        strategy="ddp_spawn", devices=2, max_steps=1, limit_val_batches=1.0, num_sanity_val_steps=0,
-        callbacks=[_RanksAgree()],
+        strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
+        callbacks=[_RanksAgree(), _SaveBatch(tmp_path)],
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
     ddp_val_acc = float(trainer.callback_metrics["val/left/acc"])
 
-    # single process: the first 16 samples of epoch 0's order are what the two ranks saw (8 each)
-    dm.setup("fit")
-    order = dm.train_dataloader().sampler.permutation()[:16]
-    x = torch.stack([dm.train_set[i][0] for i in order])
-    y = {t: torch.stack([dm.train_set[i][1][t] for i in order]) for t in ("left", "right")}
+    # single process, one step on the two ranks' batches (8 samples each) put together
+    parts = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]
+    assert not torch.equal(parts[0][0], parts[1][0]), "both ranks saw the same samples"
+    x = torch.cat([p[0] for p in parts])
+    y = {t: torch.cat([p[1][t] for p in parts]) for t in ("left", "right")}
     optimizer = torch.optim.SGD(start.parameters(), lr=0.5)
-    start.training_step((x, y), 0).backward()
+    start.backward(start.training_step((x, y), 0))
     optimizer.step()
     for (name, p_ddp), p_single in zip(module.named_parameters(), start.parameters()):
         assert torch.allclose(p_ddp, p_single, atol=1e-6), name
@@ -61,6 +83,25 @@ def test_ddp_step_equals_single_process_step_on_concatenated_batch():
     assert float(single.callback_metrics["val/left/acc"]) == pytest.approx(ddp_val_acc)
 
 
+class _AsRegression(pl.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_multidigits(batch_size=16)
+        self.task_names = ("left", "right")
+
+    def setup(self, stage):
+        self.inner.setup(stage)
+
+    def _wrap(self, loader):
+        return [(x, {"left": y["left"], "right": y["right"].float()}) for x, y in loader]
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self._wrap(self.inner.train_dataloader()), batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self._wrap(self.inner.val_dataloader()), batch_size=None)
+
+
 @pytest.mark.slow
 def test_ddp_regression_task_trains_and_ranks_agree():
     torch.manual_seed(0)
@@ -69,24 +110,6 @@ def test_ddp_regression_task_trains_and_ranks_agree():
         tasks={"left": ClassificationTask(10), "right": RegressionTask()},
     )  # fmt: skip
 
-    class _AsRegression(pl.LightningDataModule):
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny_multidigits(batch_size=16)
-            self.task_names = ("left", "right")
-
-        def setup(self, stage):
-            self.inner.setup(stage)
-
-        def _wrap(self, loader):
-            return [(x, {"left": y["left"], "right": y["right"].float()}) for x, y in loader]
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(self._wrap(self.inner.train_dataloader()), batch_size=None)
-
-        def val_dataloader(self):
-            return torch.utils.data.DataLoader(self._wrap(self.inner.val_dataloader()), batch_size=None)
-
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_steps=3, callbacks=[_RanksAgree()])
+    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=3, callbacks=[_RanksAgree()])
     trainer.fit(module, datamodule=_AsRegression())
     assert "val/right/mae" in trainer.callback_metrics
