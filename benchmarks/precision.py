@@ -25,11 +25,11 @@ from _timing import emit  # noqa: E402
 from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule  # noqa: E402
 
 
-def run(precision: str, epochs: int, accelerator: str, num_train: int) -> dict[str, float]:
+def run(precision: str, epochs: int, accelerator: str, num_train: int, aggregator: str, mode: str) -> dict[str, float]:
     pl.seed_everything(0, verbose=False)
     model = MultiTaskModule(
         encoder=DigitsCNN(), tasks={"left": ClassificationTask(10), "right": ClassificationTask(10)},
-        optimizer=lambda p: torch.optim.Adam(p, lr=2e-3),
+        optimizer=lambda p: torch.optim.Adam(p, lr=2e-3), aggregator=aggregator, gradient_mode=mode,
     )  # fmt: skip
     data = MultiDigits(num_train=num_train, batch_size=256)
     trainer = pl.Trainer(
@@ -48,19 +48,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--num-train", type=int, default=20000)
+    parser.add_argument("--aggregator", default="ls", help="a registered aggregator name, e.g. nashmtl")
+    parser.add_argument("--gradient-mode", default="parameter", choices=["parameter", "representation"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precisions = ["32-true", "bf16-mixed"] + (["16-mixed"] if accelerator == "gpu" else [])
     if args.quick:
-        args.epochs, args.num_train = 1, 1024
-    results = {p: run(p, args.epochs, accelerator, args.num_train) for p in precisions}
+        args.epochs, args.num_train = 1, 512
+    results = {
+        p: run(p, args.epochs, accelerator, args.num_train, args.aggregator, args.gradient_mode) for p in precisions
+    }
     base = results["32-true"]["s_per_epoch"]
-    print(f"{accelerator}, {args.epochs} epochs of {args.num_train} pairs, batch 256")
+    print(f"{accelerator}, {args.aggregator} ({args.gradient_mode}), {args.epochs} epochs of {args.num_train} pairs, batch 256")
     for p, r in results.items():
         print(f"{p:11s} test acc left {r['left']:.4f} right {r['right']:.4f}  "
               f"{r['s_per_epoch']:.2f} s/epoch ({r['s_per_epoch'] / base:.2f}x of 32-true)")  # fmt: skip
-    emit({"benchmark": "precision", "device": accelerator, "epochs": args.epochs, "results": results})
+    emit({"benchmark": "precision", "device": accelerator, "aggregator": args.aggregator, "mode": args.gradient_mode,
+          "epochs": args.epochs, "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":

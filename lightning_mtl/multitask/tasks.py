@@ -69,6 +69,24 @@ class Task:
         """Mean loss over the present labels; zero (still attached to the graph) if none is present."""
         raise NotImplementedError
 
+    def _check_same_shape(self, name: str, pred: Tensor, target: Tensor, size_arg: str) -> Tensor:
+        """For tasks with one target per output: ``[batch, out_features]`` predictions and targets (a
+        flat ``[batch]`` target is accepted for one output)."""
+        n = self.out_features
+        if pred.ndim != 2 or pred.shape[1] != n:
+            raise TaskError(
+                f"task {name!r}: the head outputs shape {tuple(pred.shape)} but a {type(self).__name__} with "
+                f"{size_arg}={n} needs [batch, {n}]; fix {size_arg} or the head"
+            )
+        if target.ndim == 1 and n == 1:
+            target = target.unsqueeze(1)
+        if target.shape != pred.shape:
+            raise TaskError(
+                f"task {name!r}: labels of shape {tuple(target.shape)} do not match predictions of shape "
+                f"{tuple(pred.shape)} (one label per output)"
+            )
+        return target
+
     def update_metrics(self, metrics: dict[str, Metric], pred: Tensor, target: Tensor) -> None:
         raise NotImplementedError
 
@@ -174,19 +192,7 @@ class MultiLabelTask(Task):
         return {"acc": MultilabelAccuracy(average="micro", **kwargs), "f1": MultilabelF1Score(average="macro", **kwargs)}
 
     def check(self, name: str, pred: Tensor, target: Tensor) -> Tensor:
-        if pred.ndim != 2 or pred.shape[1] != self.num_labels:
-            raise TaskError(
-                f"task {name!r}: the head outputs shape {tuple(pred.shape)} but a {type(self).__name__} with "
-                f"num_labels={self.num_labels} needs [batch, {self.num_labels}]; fix num_labels or the head"
-            )
-        if target.ndim == 1 and self.num_labels == 1:
-            target = target.unsqueeze(1)
-        if target.shape != pred.shape:
-            raise TaskError(
-                f"task {name!r}: labels of shape {tuple(target.shape)} do not match predictions of shape "
-                f"{tuple(pred.shape)} (one 0/1 label per output)"
-            )
-        return target
+        return self._check_same_shape(name, pred, target, "num_labels")
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         mask = self.valid_mask(target)
@@ -245,18 +251,7 @@ class RegressionTask(Task):
         return {"mae": MeanAbsoluteError(), "mse": MeanSquaredError()}
 
     def check(self, name: str, pred: Tensor, target: Tensor) -> Tensor:
-        if pred.ndim != 2 or pred.shape[1] != self.out_features:
-            raise TaskError(
-                f"task {name!r}: the head outputs shape {tuple(pred.shape)} but a RegressionTask with "
-                f"out_features={self.out_features} needs [batch, {self.out_features}]; fix out_features or the head"
-            )
-        if target.ndim == 1 and self.out_features == 1:
-            target = target.unsqueeze(1)
-        if target.shape != pred.shape:
-            raise TaskError(
-                f"task {name!r}: targets of shape {tuple(target.shape)} do not match predictions of shape "
-                f"{tuple(pred.shape)}"
-            )
+        target = self._check_same_shape(name, pred, target, "out_features")
         if not target.is_floating_point():
             target = target.float()
         return target
