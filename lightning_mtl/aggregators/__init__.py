@@ -1,7 +1,12 @@
 """Multi-task loss weightings and gradient aggregators, one file per method, registered by name."""
 
 from lightning_mtl.aggregators.base import Aggregator, GramianWeighting, JacobianAggregator, LossWeighting
+from lightning_mtl.aggregators.dwa import DynamicWeightAverage
+from lightning_mtl.aggregators.famo import FAMO
+from lightning_mtl.aggregators.gradnorm import GradNorm
 from lightning_mtl.aggregators.linear import LinearScalarization
+from lightning_mtl.aggregators.rlw import RandomLossWeighting
+from lightning_mtl.aggregators.uncertainty import UncertaintyWeighting
 from lightning_mtl.aggregators.registry import (
     create_aggregator,
     get_aggregator_class,
@@ -13,7 +18,12 @@ __all__ = [
     "Aggregator",
     "GramianWeighting",
     "JacobianAggregator",
+    "DynamicWeightAverage",
+    "FAMO",
+    "GradNorm",
     "LinearScalarization",
+    "RandomLossWeighting",
+    "UncertaintyWeighting",
     "LossWeighting",
     "create_aggregator",
     "get_aggregator_class",

@@ -14,6 +14,7 @@ task losses with respect to the shared parameters, or only its m x m Gramian ``G
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -21,9 +22,28 @@ from torch import Tensor, nn
 
 
 class Aggregator(nn.Module):
-    """Base class of all methods. ``kind`` tells the engine what the method consumes."""
+    """Base class of all methods. ``kind`` tells the engine what the method consumes.
+
+    Hooks that :class:`~lightning_mtl.multitask.MultiTaskModule` calls (all optional):
+
+    * :meth:`bind_tasks` once, at construction, with the task names (to size learnable state before
+      the optimizer is built);
+    * :meth:`after_step` after every optimizer step; with ``needs_losses_after_step`` it gets the
+      task losses of the same batch before and after the step (FAMO), reduced over DDP ranks;
+    * :meth:`on_train_epoch_end` with a function that averages a tensor over DDP ranks (DWA).
+    """
 
     kind: ClassVar[str] = ""
+    needs_losses_after_step: ClassVar[bool] = False
+
+    def bind_tasks(self, names: tuple[str, ...]) -> None:
+        """Called once with the task names, before the optimizer is created."""
+
+    def after_step(self, losses_before: Tensor | None = None, losses_after: Tensor | None = None) -> None:
+        """Called after each optimizer step."""
+
+    def on_train_epoch_end(self, reduce_mean: Callable[[Tensor], Tensor]) -> None:
+        """Called at the end of every training epoch."""
 
     def extra_repr(self) -> str:  # short, readable reprs in logs and the CLI
         return ", ".join(f"{k}={v}" for k, v in self.hparams_for_repr().items())

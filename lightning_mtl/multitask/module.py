@@ -126,6 +126,7 @@ class MultiTaskModule(pl.LightningModule):
                     "works on the full Jacobian: use gradient_mode='parameter'"
                 )
         self._stash: tuple[Tensor, Tensor] | None = None
+        self._losses_before: Tensor | None = None
         self._task_weights: Tensor | None = None
         self._finite_host: Tensor | None = None
         self._pending_check: tuple[Any, Tensor, tuple[int, int, int]] | None = None
@@ -138,6 +139,7 @@ class MultiTaskModule(pl.LightningModule):
             aggregator.set_weights([task.weight for task in self.tasks.values()])
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be an Aggregator or a registered name, got {type(aggregator).__name__}")
+        aggregator.bind_tasks(self.task_names)
         return aggregator
 
     @property
@@ -237,8 +239,17 @@ class MultiTaskModule(pl.LightningModule):
             # backward() computes and aggregates the per-task gradients; the closure's loss is the sum
             self._stash = (losses, features)
             loss = losses.sum()
+        elif getattr(self.aggregator, "needs_grad_norms", False):
+            last = self.last_shared_parameters()
+            batched = self.jacobian_batched if self.jacobian_batched is not None else losses.is_cuda
+            norms = flat_jacobian(losses, last, batched, self.jacobian_chunk_size).norm(dim=1)
+            loss = self.aggregator(losses, grad_norms=norms)
         else:
             loss = self.aggregator(losses)
+        if self.aggregator.needs_losses_after_step:
+            self._losses_before = losses.detach()
+        if isinstance(self.aggregator, LossWeighting) and not isinstance(self.aggregator, LinearScalarization):
+            self._task_weights = self.aggregator.weights(losses.detach()).detach()
         batch_size = inputs.shape[0]
         detached = losses.detach()
         logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
@@ -317,6 +328,16 @@ class MultiTaskModule(pl.LightningModule):
         add_to_grads(shared, direction * scale)
         return None
 
+    def last_shared_parameters(self) -> list[Tensor]:
+        """Parameters of the encoder's last module that has any (GradNorm's "last shared layer")."""
+        leaves = [
+            m for m in self.encoder.modules()
+            if not any(True for _ in m.children()) and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]  # fmt: skip
+        if not leaves:
+            raise ValueError("the encoder has no trainable parameters for a last-shared-layer method")
+        return [p for p in leaves[-1].parameters(recurse=False) if p.requires_grad]
+
     def _ddp_model(self) -> Any:
         if self._trainer is None or self.trainer.world_size <= 1:
             return None
@@ -329,6 +350,8 @@ class MultiTaskModule(pl.LightningModule):
             ddp.require_backward_grad_sync = False
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if outputs is not None:  # a step was taken (not skipped for a non-finite loss)
+            self._aggregator_after_step(batch)
         if self._task_weights is not None:
             weights = self._task_weights.float()
             self._task_weights = None
@@ -340,6 +363,26 @@ class MultiTaskModule(pl.LightningModule):
             event.synchronize()
             if not bool(self._finite_host):
                 self._nonfinite(detached, where)
+
+    def _aggregator_after_step(self, batch: Any) -> None:
+        if not self.aggregator.needs_losses_after_step:
+            self.aggregator.after_step()
+            return
+        before, self._losses_before = self._losses_before, None
+        if before is None:
+            return
+        with torch.no_grad():  # the same batch at the updated parameters (FAMO's extra forward)
+            inputs, targets = self.unpack_batch(batch)
+            after, _ = self.task_losses(self(inputs), targets, "train")
+        self.aggregator.after_step(self._reduce_mean(before), self._reduce_mean(after))
+
+    def _reduce_mean(self, tensor: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
+
+    def on_train_epoch_end(self) -> None:
+        self.aggregator.on_train_epoch_end(self._reduce_mean)
 
     def _nonfinite(self, losses: Tensor, where: tuple[int, int, int]) -> None:
         """Raise (or, with ``on_nonfinite_loss="skip"``, warn) naming the tasks and the step."""

@@ -40,13 +40,24 @@ def _jacobian(m: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Te
     return torch.randn(m, N, generator=gen, dtype=torch.float64).to(dtype)
 
 
+def _bind(agg: Aggregator, m: int) -> Aggregator:
+    """Size the method's per-task state for m tasks, as MultiTaskModule does at construction."""
+    if getattr(agg, "_bound_tasks", None) != m:
+        agg.bind_tasks(tuple(f"task{i}" for i in range(m)))
+        agg._bound_tasks = m
+    return agg
+
+
 def _call(agg: Aggregator, jac: torch.Tensor) -> torch.Tensor:
     """The method's raw output for a Jacobian: weights, direction, or scalar objective."""
+    _bind(agg, jac.shape[0])
     if agg.kind == "gramian":
         return agg(jac @ jac.T)
     if agg.kind == "jacobian":
         return agg(jac)
     losses = jac.square().mean(1) + 0.1  # positive "losses", one per task
+    if getattr(agg, "needs_grad_norms", False):
+        return agg(losses, grad_norms=jac.norm(dim=1))
     return agg(losses)
 
 
@@ -148,7 +159,7 @@ def test_state_dict_round_trip(name):
     torch.save(agg.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    fresh = create_aggregator(name)
+    fresh = _bind(create_aggregator(name), m)
     fresh.load_state_dict(state)
     for step in range(2):
         jac = _jacobian(m, seed=200 + step)

@@ -17,8 +17,11 @@ from tests.helpers import tiny_multidigits, tiny_trainer
 
 
 class _RanksAgree(pl.Callback):
+    """Parameters and floating-point state (aggregator buffers included) are equal on both ranks."""
+
     def on_train_end(self, trainer, pl_module):
-        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        state = [t for t in pl_module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        flat = torch.cat([t.detach().float().flatten() for t in state])
         gathered = pl_module.all_gather(flat)
         assert torch.equal(gathered[0], gathered[1]), "parameters differ between ranks"
 
@@ -100,6 +103,17 @@ class _AsRegression(pl.LightningDataModule):
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self._wrap(self.inner.val_dataloader()), batch_size=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregator", ["famo", "gradnorm", "uw", "dwa"])
+def test_ddp_stateful_loss_weightings_stay_identical_on_every_rank(aggregator):
+    """Their updates use per-rank losses averaged over ranks (FAMO, DWA) or DDP-averaged gradients
+    (GradNorm, UW): every rank holds the same weights after training."""
+    module = _module(aggregator)
+    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=2, limit_train_batches=3,
+                           limit_val_batches=1, callbacks=[_RanksAgree()])  # fmt: skip
+    trainer.fit(module, datamodule=tiny_multidigits(batch_size=8))
 
 
 @pytest.mark.slow

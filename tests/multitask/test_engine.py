@@ -14,6 +14,7 @@ from lightning_mtl.multitask.engine import flat_jacobian
 from tests.helpers import tiny_multidigits, tiny_trainer
 
 GRADIENT_METHODS = [n for n in list_aggregators() if create_aggregator(n).kind != "loss"]
+LOSS_WEIGHTINGS = [n for n in list_aggregators() if create_aggregator(n).kind == "loss" and n != "ls"]
 GRAMIAN_METHODS = [n for n in GRADIENT_METHODS if isinstance(create_aggregator(n), GramianWeighting)]
 
 
@@ -172,3 +173,19 @@ def test_loss_scale_is_undone_for_the_aggregator(mode):
         module.backward(module.training_step((x, y), 0) * scale)
         grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]))
     assert torch.allclose(grads[1], 1024.0 * grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", LOSS_WEIGHTINGS)
+def test_every_loss_weighting_trains_and_logs_its_weights(name):
+    module = _module(name)
+    trainer = tiny_trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, datamodule=_SumData())
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert {"train/weight/left", "train/weight/right", "train/weight/sum"} <= set(trainer.callback_metrics)
+    if name == "gradnorm":  # renormalized after every step
+        assert module.aggregator.loss_weights.sum().item() == pytest.approx(3.0, rel=1e-5)
+
+
+def test_last_shared_layer_is_the_encoders_last_parametrized_module():
+    module = _module("gradnorm")
+    assert module.last_shared_parameters() == list(module.encoder[1].parameters())

@@ -1,0 +1,432 @@
+"""Cost of a multi-task training step under each aggregator: ours against a plain step, LibMTL's loop and torchjd.
+
+One process, one model (a shared encoder and m linear classification heads, cross-entropy on random
+labels), one batch, the same initial weights on every side. Each side times forward + backward +
+aggregation, up to the gradients sitting in ``.grad`` (no optimizer step on any side; the gradients
+are set to ``None`` between steps, outside the clock):
+
+* ``plain``: one backward of the sum of the task losses (the floor);
+* ``loop``: LibMTL's way: m backward passes ``loss_i.backward(retain_graph=True)``, each task's
+  gradient of the shared parameters copied into an ``[m, n]`` buffer parameter by parameter, the
+  aggregation, and the direction written back parameter by parameter. All on the device (LibMTL
+  keeps the buffer on its device too, so there is no host round trip to penalize it). The aggregation
+  is *our* aggregator's math, so that this side and ours differ only in the gradient engine;
+* ``torchjd``: ``torchjd.autojac.mtl_backward(losses, features=...)`` then
+  ``jac_to_grad(shared_params, aggregator)`` with torchjd's own aggregator of the same name, where
+  the installed torchjd has one (``pip install "lightning-mtl[bench]"``, i.e. ``torchjd[full]``);
+* ``ours``: ``MultiTaskModule(aggregator=...)`` timed as ``module.backward(module.training_step(batch, 0))``
+  without a Trainer (the engine itself), at the parameter level and, for Gramian weightings, at
+  the representation level (``gradient_mode="representation"``).
+
+For each (encoder, m, method) the sides alternate, round after round in a rotating order, so that a
+drift of the machine hits them alike; the figure of a side is the median of its timed steps. The
+plain step is timed again beside every method, and each method's ratios use that figure.
+
+Targets of the issue, printed beside the ratios (met / missed):
+
+* CPU: gradient methods (parameter level) no slower than the loop and than torchjd (<= 1.0x);
+  representation level <= 1.5x plain at m = 10; loss weighting <= 1.05x plain;
+* GPU: gradient methods <= 0.8x the loop at m = 10 and <= 1.0x torchjd; representation level
+  <= 3x plain at m = 40.
+
+    python benchmarks/aggregation.py --quick                      # CPU, about a minute on 2 cores
+    python benchmarks/aggregation.py --device cpu --encoders resnet18 --tasks 10 --methods upgrad mgda
+    python benchmarks/aggregation.py                              # GPU: both encoders, m in {2, 10, 40}
+    python benchmarks/aggregation.py --precision bf16             # bf16 autocast around the forward
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import emit, median, now  # noqa: E402
+
+from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule  # noqa: E402
+from lightning_mtl.aggregators import GramianWeighting, create_aggregator, list_aggregators  # noqa: E402
+
+NUM_CLASSES = 10
+QUICK_METHODS = ["ls", "upgrad", "mgda", "imtl_g", "graddrop"]
+CPU_TARGETS = {"param_vs_loop": 1.0, "param_vs_torchjd": 1.0, "rep_vs_plain_m10": 1.5, "loss_vs_plain": 1.05}
+GPU_TARGETS = {"param_vs_loop_m10": 0.8, "param_vs_torchjd": 1.0, "rep_vs_plain_m40": 3.0}
+
+
+# -- model and data ---------------------------------------------------------------------------------
+def build_encoder(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The shared encoder and the shape of one input."""
+    if name == "digits":
+        return DigitsCNN(), (1, 10, 10)
+    if name == "resnet18":
+        import timm
+
+        net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # CIFAR stem
+        net.maxpool = nn.Identity()
+        return net, (3, 32, 32)
+    raise ValueError(f"unknown encoder {name!r}")
+
+
+def task_names(m: int) -> list[str]:
+    return [f"t{i}" for i in range(m)]
+
+
+def make_batch(m: int, shape: tuple[int, ...], batch_size: int, device: torch.device) -> tuple[Tensor, dict]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch_size, *shape, generator=gen)
+    ys = {name: torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen) for name in task_names(m)}
+    return x.to(device), {k: v.to(device) for k, v in ys.items()}
+
+
+def reference_losses(encoder: nn.Module, heads: nn.ModuleDict, batch, amp) -> tuple[Tensor, list[Tensor]]:
+    """Forward of the reference sides: the features and one cross-entropy per task (as users write it)."""
+    x, ys = batch
+    with amp():
+        z = encoder(x)
+        losses = [F.cross_entropy(head(z).float(), ys[name]) for name, head in heads.items()]
+    return z, losses
+
+
+# -- the sides ------------------------------------------------------------------------------------
+class Side:
+    """One way of computing a training step's gradients; ``step`` is timed, ``zero`` is not."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+
+    def zero(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class Plain(Side):
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, batch, amp) -> None:
+        super().__init__(list(encoder.parameters()) + list(heads.parameters()))
+        self.encoder, self.heads, self.batch, self.amp = encoder, heads, batch, amp
+
+    def step(self) -> None:
+        _, losses = reference_losses(self.encoder, self.heads, self.batch, self.amp)
+        torch.stack(losses).sum().backward()
+
+
+class LibMTLLoop(Side):
+    """m backward passes, per-task gradients gathered into a flat buffer, aggregation, write-back."""
+
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, batch, amp, aggregator) -> None:
+        super().__init__(list(encoder.parameters()) + list(heads.parameters()))
+        self.encoder, self.heads, self.batch, self.amp, self.aggregator = encoder, heads, batch, amp, aggregator
+        self.shared = [p for p in encoder.parameters() if p.requires_grad]
+        self.sizes = [p.numel() for p in self.shared]
+        self.grad_dim = sum(self.sizes)
+
+    def step(self) -> None:
+        _, losses = reference_losses(self.encoder, self.heads, self.batch, self.amp)
+        if getattr(self.aggregator, "uses_log_losses", False):  # DB-MTL: LibMTL differentiates log(l_i + 1e-8)
+            losses = [torch.log(loss + 1e-8) for loss in losses]
+        device = losses[0].device
+        grads = torch.zeros(len(losses), self.grad_dim, device=device)
+        for i, loss in enumerate(losses):
+            loss.backward(retain_graph=True)  # heads collect their own task's gradient on the way
+            start = 0
+            for p, size in zip(self.shared, self.sizes):
+                if p.grad is not None:
+                    grads[i, start : start + size].copy_(p.grad.reshape(-1))
+                    p.grad.zero_()
+                start += size
+        direction = self.aggregator.aggregate(grads)
+        start = 0
+        for p, size in zip(self.shared, self.sizes):
+            p.grad = direction[start : start + size].reshape(p.shape).to(p.dtype).clone()
+            start += size
+
+
+class TorchJD(Side):
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, batch, amp, aggregator, chunk: int | None) -> None:
+        super().__init__(list(encoder.parameters()) + list(heads.parameters()))
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        self.mtl_backward, self.jac_to_grad = mtl_backward, jac_to_grad
+        self.encoder, self.heads, self.batch, self.amp, self.aggregator = encoder, heads, batch, amp, aggregator
+        self.shared = [p for p in encoder.parameters() if p.requires_grad]
+        self.task_params = [list(head.parameters()) for head in heads.values()]
+        self.chunk = chunk
+
+    def step(self) -> None:
+        z, losses = reference_losses(self.encoder, self.heads, self.batch, self.amp)
+        self.mtl_backward(
+            losses, features=z, tasks_params=self.task_params, shared_params=self.shared,
+            parallel_chunk_size=self.chunk,
+        )  # fmt: skip
+        self.jac_to_grad(self.shared, self.aggregator)
+
+
+class Ours(Side):
+    def __init__(self, module: MultiTaskModule, batch, amp) -> None:
+        super().__init__(list(module.parameters()))
+        self.module, self.batch, self.amp = module, batch, amp
+
+    def step(self) -> None:
+        with self.amp():
+            loss = self.module.training_step(self.batch, 0)
+        self.module.backward(loss)
+
+
+# -- torchjd's counterparts -----------------------------------------------------------------------
+def torchjd_aggregator(name: str, ours: Any, m: int) -> tuple[Any, str]:
+    """torchjd's aggregator of the same method (same hyper-parameters where both have them), or a reason."""
+    try:
+        import torchjd.aggregation as tja
+    except ImportError:
+        return None, "torchjd not installed"
+    makers: dict[str, Callable[[], Any]] = {
+        "upgrad": lambda: tja.UPGrad(),
+        "mgda": lambda: tja.MGDA(),
+        "pcgrad": lambda: tja.PCGrad(),
+        "cagrad": lambda: tja.CAGrad(c=getattr(ours, "c", 0.4)),
+        "imtl_g": lambda: tja.IMTLG(),
+        "nashmtl": lambda: tja.NashMTL(
+            n_tasks=m, update_weights_every=getattr(ours, "update_weights_every", 1),
+            optim_niter=getattr(ours, "optim_niter", 20),
+        ),  # fmt: skip
+        "aligned_mtl": lambda: tja.AlignedMTL(scale_mode=getattr(ours, "scale_mode", "min")),
+        "graddrop": lambda: tja.GradDrop(),
+        "gradvac": lambda: tja.GradVac(beta=getattr(ours, "beta", 0.5)),
+        "fairgrad": lambda: tja.FairGrad(alpha=getattr(ours, "alpha", 1.0)),
+    }
+    if name not in makers:
+        return None, "no torchjd counterpart"
+    try:
+        return makers[name](), ""
+    except (ImportError, AttributeError) as err:  # an optional dependency of torchjd, or an older torchjd
+        return None, f"torchjd: {err}".splitlines()[0][:80]
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def measure(sides: dict[str, Side], rounds: int, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median ms per step of each side; the sides alternate in a rotating order, round after round."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            side = sides[name]
+            for i in range(warmup + steps):
+                side.zero()
+                start = now(device)
+                side.step()
+                stop = now(device)
+                if i >= warmup:
+                    times[name].append(stop - start)
+            side.zero()
+    return {name: 1000 * median(values) for name, values in times.items()}
+
+
+def max_rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    num = max(float((x.grad - y.grad).abs().max()) for x, y in zip(a, b))
+    den = max(float(x.grad.abs().max()) for x in a) or 1.0
+    return num / den
+
+
+# -- one (encoder, m) --------------------------------------------------------------------------------
+def run_config(encoder_name: str, m: int, methods: list[str], args, device: torch.device, amp) -> list[dict]:
+    torch.manual_seed(0)
+    encoder, shape = build_encoder(encoder_name)
+    tasks = {name: ClassificationTask(NUM_CLASSES) for name in task_names(m)}
+    template = MultiTaskModule(encoder=encoder, tasks=tasks).to(device)
+    batch = make_batch(m, shape, args.batch_size, device)
+    n_shared = sum(p.numel() for p in template.encoder.parameters())
+
+    def fresh() -> tuple[nn.Module, nn.ModuleDict]:
+        return copy.deepcopy(template.encoder).train(), copy.deepcopy(template.heads).train()
+
+    def ours(method: str, mode: str) -> Ours:
+        module = MultiTaskModule(
+            encoder=copy.deepcopy(template.encoder), tasks=tasks, aggregator=method, gradient_mode=mode,
+            jacobian_batched=args.jacobian_batched, jacobian_chunk_size=args.jacobian_chunk_size,
+        )  # fmt: skip
+        module.heads = copy.deepcopy(template.heads)
+        return Ours(module.to(device).train(), batch, amp)
+
+    rows = []
+    for method in methods:
+        probe = create_aggregator(method)
+        kind = probe.kind
+        sides: dict[str, Side] = {"plain": Plain(*fresh(), batch, amp), "param": ours(method, "parameter")}
+        tjd_note = ""
+        if kind != "loss":
+            sides["loop"] = LibMTLLoop(*fresh(), batch, amp, create_aggregator(method).to(device))
+            tjd, tjd_note = torchjd_aggregator(method, probe, m) if not args.no_torchjd else (None, "--no-torchjd")
+            if tjd is not None:
+                sides["torchjd"] = TorchJD(*fresh(), batch, amp, tjd, args.torchjd_chunk)
+            if isinstance(probe, GramianWeighting):
+                sides["rep"] = ours(method, "representation")
+        check = None
+        if args.check and "loop" in sides:  # one step from the same weights: the loop and ours must agree
+            for side in sides.values():
+                side.zero()
+            sides["loop"].step()
+            sides["param"].step()
+            loop_shared = sides["loop"].shared
+            ours_shared = [p for p in sides["param"].module.encoder.parameters() if p.requires_grad]
+            check = max_rel_diff(loop_shared, ours_shared)
+        ms = measure(sides, args.rounds, args.steps, args.warmup, device)
+        row: dict[str, Any] = {"encoder": encoder_name, "m": m, "method": method, "kind": kind,
+                               "shared_params": n_shared}  # fmt: skip
+        row.update({f"{name}_ms": round(value, 3) for name, value in ms.items()})
+        for ours_side in ("param", "rep"):
+            if ours_side in ms:
+                for ref in ("plain", "loop", "torchjd"):
+                    if ref in ms:
+                        row[f"{ours_side}_vs_{ref}"] = round(ms[ours_side] / ms[ref], 4)
+        if "torchjd" in ms and "loop" in ms:
+            row["torchjd_vs_loop"] = round(ms["torchjd"] / ms["loop"], 4)
+        if tjd_note and kind != "loss":
+            row["torchjd_note"] = tjd_note
+        if check is not None:
+            row["loop_vs_param_max_rel_diff"] = check
+        row["targets"] = targets_for(row, device)
+        rows.append(row)
+        print_row(row)
+        del sides
+    return rows
+
+
+def targets_for(row: dict, device: torch.device) -> dict[str, dict]:
+    """The issue's targets that apply to this row on this device: ratio, limit, met."""
+    out: dict[str, dict] = {}
+
+    def put(key: str, ratio_key: str, limit: float) -> None:
+        if ratio_key in row:
+            out[key] = {"ratio": row[ratio_key], "limit": limit, "met": row[ratio_key] <= limit}
+
+    m, kind = row["m"], row["kind"]
+    if device.type == "cpu":
+        if kind == "loss":
+            put("loss_vs_plain", "param_vs_plain", CPU_TARGETS["loss_vs_plain"])
+        else:
+            put("param_vs_loop", "param_vs_loop", CPU_TARGETS["param_vs_loop"])
+            put("param_vs_torchjd", "param_vs_torchjd", CPU_TARGETS["param_vs_torchjd"])
+            if m == 10:
+                put("rep_vs_plain_m10", "rep_vs_plain", CPU_TARGETS["rep_vs_plain_m10"])
+    elif kind != "loss":
+        if m == 10:
+            put("param_vs_loop_m10", "param_vs_loop", GPU_TARGETS["param_vs_loop_m10"])
+        put("param_vs_torchjd", "param_vs_torchjd", GPU_TARGETS["param_vs_torchjd"])
+        if m == 40:
+            put("rep_vs_plain_m40", "rep_vs_plain", GPU_TARGETS["rep_vs_plain_m40"])
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------------
+HEADER = (f"{'encoder':9s} {'m':>3s} {'method':12s} {'kind':8s} {'plain':>8s} {'loop':>8s} {'torchjd':>8s} | "
+          f"{'param':>8s} {'/plain':>7s} {'/loop':>6s} {'/tjd':>6s} | {'rep':>8s} {'/plain':>7s} {'/loop':>6s} "
+          f"{'/tjd':>6s} | targets")  # fmt: skip
+
+
+def print_row(row: dict) -> None:
+    def ms(key: str) -> str:
+        return f"{row[key]:8.2f}" if key in row else f"{'-':>8s}"
+
+    def ratio(key: str, width: int) -> str:
+        return f"{row[key]:{width}.2f}" if key in row else f"{'-':>{width}s}"
+
+    marks = " ".join(f"{k}:{'ok' if v['met'] else 'MISSED'}" for k, v in row["targets"].items())
+    note = f" ({row['torchjd_note']})" if "torchjd_note" in row else ""
+    print(f"{row['encoder']:9s} {row['m']:3d} {row['method']:12s} {row['kind']:8s} {ms('plain_ms')} {ms('loop_ms')} "
+          f"{ms('torchjd_ms')} | {ms('param_ms')} {ratio('param_vs_plain', 7)} {ratio('param_vs_loop', 6)} "
+          f"{ratio('param_vs_torchjd', 6)} | {ms('rep_ms')} {ratio('rep_vs_plain', 7)} {ratio('rep_vs_loop', 6)} "
+          f"{ratio('rep_vs_torchjd', 6)} | {marks}{note}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU, DigitsCNN, m in {2, 10}, a handful of methods, few repeats (about a minute)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", "--dtype", dest="precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: autocast around the forward of every side (meant for GPUs)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
+    parser.add_argument("--encoders", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
+    parser.add_argument("--tasks", nargs="+", type=int, default=[2, 10, 40], help="numbers of tasks m")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"default: all, i.e. {' '.join(list_aggregators())}")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the sides")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side and round")
+    parser.add_argument("--torchjd-chunk", type=int, default=None,
+                        help="torchjd's parallel_chunk_size (default None: all m rows in one vmapped backward)")
+    parser.add_argument("--jacobian-batched", type=lambda s: {"auto": None, "yes": True, "no": False}[s],
+                        default=None, help="ours: auto (batched on GPUs, loop on CPUs), yes or no")
+    parser.add_argument("--jacobian-chunk-size", type=int, default=None)
+    parser.add_argument("--no-torchjd", action="store_true", help="skip the torchjd side")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--check", action="store_true",
+                        help="before timing, check that the loop and ours give the same gradients")
+    args = parser.parse_args()
+    if args.quick:
+        args.device, args.encoders, args.tasks = "cpu", ["digits"], [2, 10]
+        args.methods = args.methods or QUICK_METHODS
+        args.rounds, args.steps, args.warmup = 3, 5, 1
+    methods = args.methods or list_aggregators()
+    unknown = [name for name in methods if name not in list_aggregators()]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known: {', '.join(list_aggregators())}")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size is None:
+        args.batch_size = 256 if device.type == "cuda" else 32
+    warnings.filterwarnings("ignore")
+    bf16 = args.precision == "bf16"
+
+    def amp() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    try:
+        import torchjd
+
+        tjd_version = getattr(torchjd, "__version__", None)
+        if tjd_version is None:
+            from importlib.metadata import version
+
+            tjd_version = version("torchjd")
+    except ImportError:
+        tjd_version = None
+    ours_batched = args.jacobian_batched if args.jacobian_batched is not None else device.type == "cuda"
+    print(f"device {device.type}, {args.precision}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} "
+          f"steps ({args.warmup} warm-up), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"torchjd {tjd_version or 'not installed'}, our Jacobian {'batched' if ours_batched else 'loop'}")  # fmt: skip
+    print("ms/step (median); param/rep = ours at the parameter/representation level; ratios < 1 = ours faster")
+    print(HEADER)
+    rows = []
+    for encoder_name in args.encoders:
+        for m in args.tasks:
+            rows += run_config(encoder_name, m, methods, args, device, amp)
+    targets = CPU_TARGETS if device.type == "cpu" else GPU_TARGETS
+    checked = [(f"{r['encoder']}/m={r['m']}/{r['method']}/{k}", v) for r in rows for k, v in r["targets"].items()]
+    missed = [name for name, v in checked if not v["met"]]
+    print(f"targets on {device.type}: {targets}")
+    print(f"  met {len(checked) - len(missed)} of {len(checked)}" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    other = ("GPU", GPU_TARGETS) if device.type == "cpu" else ("CPU", CPU_TARGETS)
+    print(f"{other[0]} targets (not measured here): {other[1]}")
+    emit({"benchmark": "aggregation", "device": device.type, "precision": args.precision,
+          "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+          "threads": torch.get_num_threads(), "torch": torch.__version__, "torchjd": tjd_version,
+          "ours_jacobian": "batched" if ours_batched else "loop", "targets": targets,
+          "targets_met": len(checked) - len(missed), "targets_checked": len(checked), "results": rows})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
