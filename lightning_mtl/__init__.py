@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from lightning_mtl.aggregators import create_aggregator, list_aggregators  # noqa: E402
 from lightning_mtl.architectures import DigitsCNN, TimmEncoder, timm_encoder  # noqa: E402
-from lightning_mtl.callbacks import BestMetricsSummary  # noqa: E402
+from lightning_mtl.callbacks import BestMetricsSummary, GradientConflictMonitor  # noqa: E402
 from lightning_mtl.datamodules import Digits, MultiDigits, NpzMultiTaskDataModule  # noqa: E402
 from lightning_mtl.multitask import (  # noqa: E402
     MISSING_LABEL,
@@ -28,6 +28,7 @@ __all__ = [
     "ClassificationTask",
     "Digits",
     "DigitsCNN",
+    "GradientConflictMonitor",
     "MultiDigits",
     "MultiLabelTask",
     "MultiTaskModule",
