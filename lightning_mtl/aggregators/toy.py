@@ -228,6 +228,7 @@ def optimize(
     log: bool | None = None,
     lr_final: float | None = None,
     method_lr: float = 0.025,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> Tensor:
     """Adam on the toy problem driven by ``aggregator``; returns the trajectory.
 
@@ -259,6 +260,10 @@ def optimize(
             a cosine schedule (not in the papers; it lets short runs settle, e.g. in tests).
         method_lr: learning rate of the method's own parameters (the Nash-MTL/FAMO toy
             scripts' ``--method-params-lr`` default).
+        betas: Adam's betas (PyTorch's defaults in the papers). The gradients of the logarithmic
+            valleys above the axis can reach ``1e5``; with ``beta2 = 0.999`` such a spike slows
+            the following steps down for thousands of iterations, one reason the papers need
+            35,000 to 100,000 steps. A short run (a test) can use a smaller ``beta2``.
 
     Returns:
         float64 trajectory ``[steps + 1, 2]`` (``[steps + 1, B, 2]`` for a batch of start points),
@@ -281,7 +286,7 @@ def optimize(
     method_params = [p for agg in copies for p in agg.parameters() if p.requires_grad]
     if method_params:
         groups.append({"params": method_params, "lr": method_lr})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam(groups, betas=betas)
     trajectory = torch.empty(steps + 1, batch, 2, dtype=torch.float64)
     trajectory[0] = x.detach()
     for step in range(steps):

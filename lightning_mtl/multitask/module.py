@@ -289,8 +289,7 @@ class MultiTaskModule(pl.LightningModule):
         # aggregator the unscaled gradients
         total = losses.detach().sum()
         scale = torch.where(total != 0, loss.detach() / total, torch.ones_like(total))
-        objective = torch.log(losses) if getattr(self.aggregator, "uses_log_losses", False) else losses
-        scaled = objective * scale
+        scaled = losses * scale
         batched = self.jacobian_batched if self.jacobian_batched is not None else losses.is_cuda
         ddp = self._ddp_model()
         if self.gradient_mode == "representation":
@@ -308,17 +307,22 @@ class MultiTaskModule(pl.LightningModule):
         shared = [p for p in self.encoder.parameters() if p.requires_grad]
         others = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
         jac = flat_jacobian(scaled, shared, batched, self.jacobian_chunk_size).float() / scale
-        # heads (and any other parameter of the module) take their own tasks' ordinary gradients
-        if others:
-            torch.autograd.backward(scaled.sum(), inputs=others)
         if ddp is not None:  # J of the mean loss over ranks = mean of the per-rank Jacobians
-            world = torch.distributed.get_world_size()
-            jac = jac / world
-            torch.distributed.all_reduce(jac)
-            for p in others:
-                if p.grad is not None:
-                    p.grad.div_(world)
-                    torch.distributed.all_reduce(p.grad)
+            jac = _all_mean(jac)
+        head_objective = scaled
+        if getattr(self.aggregator, "uses_log_losses", False):
+            # grad log L = grad L / L, with L the loss averaged over ranks: exact under DDP as well
+            mean_losses = losses.detach().float()
+            mean_losses = _all_mean(mean_losses) if ddp is not None else mean_losses
+            jac = jac / mean_losses[:, None]
+            head_objective = scaled / mean_losses.to(scaled.dtype)
+        if others:  # heads (and any other parameter) take their own tasks' ordinary gradients
+            torch.autograd.backward(head_objective.sum(), inputs=others)
+            grads = [p for p in others if p.grad is not None]
+            if ddp is not None and grads:
+                flat = _all_mean(torch.cat([p.grad.flatten() for p in grads]))
+                for p, g in zip(grads, torch.split(flat, [p.numel() for p in grads])):
+                    p.grad.copy_(g.view_as(p))
         if isinstance(self.aggregator, GramianWeighting):
             weights = self.aggregator(jac @ jac.T)
             direction = weights.to(jac.dtype) @ jac
@@ -463,6 +467,13 @@ class MultiTaskModule(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _all_mean(tensor: Tensor) -> Tensor:
+    """Mean over the DDP ranks (one all-reduce)."""
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor)
+    return tensor / torch.distributed.get_world_size()
 
 
 def _infer_feature_dim(encoder: nn.Module) -> int:

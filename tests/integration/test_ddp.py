@@ -4,6 +4,7 @@ the concatenated batch; validation metrics are the metrics of the whole validati
 from __future__ import annotations
 
 import copy
+import inspect
 import functools
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
-from lightning_mtl.aggregators import create_aggregator
+from lightning_mtl.aggregators import create_aggregator, get_aggregator_class, list_aggregators
 from tests.helpers import tiny_multidigits, tiny_trainer
 
 
@@ -36,9 +37,13 @@ class _SaveBatch(pl.Callback):
         torch.save(batch, self.folder / f"batch_rank{trainer.global_rank}.pt")
 
 
+GRADIENT_METHODS = [n for n in list_aggregators() if create_aggregator(n).kind != "loss"]
+GRAMIAN_METHODS = [n for n in GRADIENT_METHODS if create_aggregator(n).kind == "gramian"]
+
+
 def _module(aggregator="ls", gradient_mode="parameter"):
-    if aggregator == "pcgrad":
-        aggregator = create_aggregator("pcgrad", seed=0)  # the same random order on every rank
+    if "seed" in inspect.signature(get_aggregator_class(aggregator)).parameters:
+        aggregator = create_aggregator(aggregator, seed=0)  # the same random draws on every rank
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(100, 16), nn.Tanh())  # no BatchNorm: per-rank statistics
     return MultiTaskModule(
@@ -53,9 +58,11 @@ def _module(aggregator="ls", gradient_mode="parameter"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "aggregator, mode", [("ls", "parameter"), ("pcgrad", "parameter"), ("nashmtl", "parameter"),
-                         ("nashmtl", "representation")],
-)  # fmt: skip
+    "aggregator, mode",
+    [("ls", "parameter"), ("uw", "parameter"), ("rlw", "parameter"), ("dwa", "parameter")]
+    + [(name, "parameter") for name in GRADIENT_METHODS]
+    + [(name, "representation") for name in ("mgda", "nashmtl", "upgrad")],
+)
 def test_ddp_step_equals_single_process_step_on_concatenated_batch(tmp_path, aggregator, mode):
     """Loss weighting: DDP's own gradient averaging. Parameter level: the engine averages the
     Jacobian over ranks. Representation level: the m x m Gramian is reduced over ranks."""
