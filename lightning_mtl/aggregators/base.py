@@ -61,12 +61,15 @@ class LossWeighting(Aggregator):
     """
 
     kind: ClassVar[str] = "loss"
+    last_weights: Tensor | None = None
+    """The weights of the last :meth:`forward` (for logging; drawing them again could differ)."""
 
     def weights(self, losses: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, losses: Tensor) -> Tensor:
-        return (self.weights(losses).detach() * losses).sum()
+        weights = self.last_weights = self.weights(losses).detach()
+        return (weights * losses).sum()
 
 
 class GramianWeighting(Aggregator):

@@ -65,7 +65,7 @@ class FAMO(LossWeighting):
 
     def forward(self, losses: Tensor) -> Tensor:
         # c z_i log D_i: the weights are constants, the log makes it rate-balancing
-        weights = self.weights(losses)
+        weights = self.last_weights = self.weights(losses)
         return (weights * self._log_gap(losses).to(losses.dtype)).sum()
 
     @torch.no_grad()

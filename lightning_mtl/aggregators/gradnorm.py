@@ -51,7 +51,8 @@ class GradNorm(LossWeighting):
         detached = losses.detach().float()
         if self.initial_losses.numel() == 0:
             self.initial_losses = detached.clone()
-        objective = (self.weights(losses) * losses).sum()
+        weights = self.last_weights = self.weights(losses)
+        objective = (weights * losses).sum()
         norms = self.loss_weights * grad_norms.detach().float()
         ratio = detached / self.initial_losses.clamp_min(1e-12)
         target = (norms.mean() * (ratio / ratio.mean()) ** self.alpha).detach()

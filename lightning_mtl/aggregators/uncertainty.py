@@ -43,6 +43,7 @@ class UncertaintyWeighting(LossWeighting):
         if self.log_vars.numel() != losses.numel():
             raise ValueError(f"UncertaintyWeighting was bound to {self.log_vars.numel()} tasks, got {losses.numel()}")
         log_vars = self.log_vars.to(losses.dtype)
+        self.last_weights = torch.exp(-log_vars.detach())
         return (torch.exp(-log_vars) * losses + log_vars).sum()
 
     def hparams_for_repr(self) -> dict[str, object]:

@@ -241,15 +241,14 @@ class MultiTaskModule(pl.LightningModule):
             loss = losses.sum()
         elif getattr(self.aggregator, "needs_grad_norms", False):
             last = self.last_shared_parameters()
-            batched = self.jacobian_batched if self.jacobian_batched is not None else losses.is_cuda
-            norms = flat_jacobian(losses, last, batched, self.jacobian_chunk_size).norm(dim=1)
+            norms = flat_jacobian(losses, last, self._batched(losses), self.jacobian_chunk_size).norm(dim=1)
             loss = self.aggregator(losses, grad_norms=norms)
         else:
             loss = self.aggregator(losses)
         if self.aggregator.needs_losses_after_step:
             self._losses_before = losses.detach()
         if isinstance(self.aggregator, LossWeighting) and not isinstance(self.aggregator, LinearScalarization):
-            self._task_weights = self.aggregator.weights(losses.detach()).detach()
+            self._task_weights = self.aggregator.last_weights
         batch_size = inputs.shape[0]
         detached = losses.detach()
         logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
@@ -290,7 +289,7 @@ class MultiTaskModule(pl.LightningModule):
         total = losses.detach().sum()
         scale = torch.where(total != 0, loss.detach() / total, torch.ones_like(total))
         scaled = losses * scale
-        batched = self.jacobian_batched if self.jacobian_batched is not None else losses.is_cuda
+        batched = self._batched(losses)
         ddp = self._ddp_model()
         if self.gradient_mode == "representation":
             jac = flat_jacobian(scaled, [features], batched, self.jacobian_chunk_size).float() / scale
@@ -331,6 +330,10 @@ class MultiTaskModule(pl.LightningModule):
             direction = self.aggregator.aggregate(jac)
         add_to_grads(shared, direction * scale)
         return None
+
+    def _batched(self, losses: Tensor) -> bool:
+        # one batched backward pays on a GPU; on a CPU a loop of backward passes is as fast and lighter
+        return self.jacobian_batched if self.jacobian_batched is not None else losses.is_cuda
 
     def last_shared_parameters(self) -> list[Tensor]:
         """Parameters of the encoder's last module that has any (GradNorm's "last shared layer")."""

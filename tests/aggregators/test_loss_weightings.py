@@ -129,3 +129,12 @@ def test_gradnorm_weight_gradient_and_renormalization():
     agg.after_step()
     assert agg.loss_weights.sum().item() == pytest.approx(3.0)
     assert math.isclose(float(agg.loss_weights[1] / agg.loss_weights[0]), 0.5, rel_tol=1e-6)
+
+
+def test_logged_weights_are_the_ones_used():
+    """RLW draws new weights at every call: the module logs ``last_weights``, not a second draw."""
+    agg = _bound(RandomLossWeighting(seed=0), 3)
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    objective = agg(losses)
+    assert torch.allclose(objective, (agg.last_weights * losses).sum())
+    assert agg.calls == 1
