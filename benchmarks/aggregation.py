@@ -18,9 +18,11 @@ are set to ``None`` between steps, outside the clock):
   without a Trainer (the engine itself), at the parameter level and, for Gramian weightings, at
   the representation level (``gradient_mode="representation"``).
 
-For each (encoder, m, method) the sides alternate, round after round in a rotating order, so that a
+For each (encoder, m, method) the sides take turns step by step, in an order that rotates, so that a
 drift of the machine hits them alike; the figure of a side is the median of its timed steps. The
-plain step is timed again beside every method, and each method's ratios use that figure.
+plain step is timed again beside every method, and each method's ratios use that figure. On a
+shared CPU, measure when it is quiet: torch's threads wait badly for cores another job holds
+(``--threads 1`` is steadier there).
 
 Targets of the issue, printed beside the ratios (met / missed):
 
@@ -216,21 +218,26 @@ def torchjd_aggregator(name: str, ours: Any, m: int) -> tuple[Any, str]:
 
 # -- timing ---------------------------------------------------------------------------------------
 def measure(sides: dict[str, Side], rounds: int, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median ms per step of each side; the sides alternate in a rotating order, round after round."""
+    """Median ms per step of each side. The sides take turns step by step, in an order that rotates
+    from step to step, so that a drift of the machine hits them alike; each round starts with
+    ``warmup`` untimed steps of every side."""
     times: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            side = sides[name]
-            for i in range(warmup + steps):
+    turn = 0
+    for _ in range(rounds):
+        for i in range(warmup + steps):
+            k = turn % len(names)
+            turn += 1
+            for name in names[k:] + names[:k]:
+                side = sides[name]
                 side.zero()
                 start = now(device)
                 side.step()
                 stop = now(device)
                 if i >= warmup:
                     times[name].append(stop - start)
-            side.zero()
+    for side in sides.values():
+        side.zero()
     return {name: 1000 * median(values) for name, values in times.items()}
 
 

@@ -6,6 +6,7 @@ from lightning_mtl.aggregators.famo import FAMO
 from lightning_mtl.aggregators.gradnorm import GradNorm
 from lightning_mtl.aggregators.linear import LinearScalarization
 from lightning_mtl.aggregators.rlw import RandomLossWeighting
+from lightning_mtl.aggregators.scale_invariant import ScaleInvariantLS
 from lightning_mtl.aggregators.uncertainty import UncertaintyWeighting
 from lightning_mtl.aggregators.registry import (
     create_aggregator,
@@ -23,6 +24,7 @@ __all__ = [
     "GradNorm",
     "LinearScalarization",
     "RandomLossWeighting",
+    "ScaleInvariantLS",
     "UncertaintyWeighting",
     "LossWeighting",
     "create_aggregator",

@@ -138,3 +138,16 @@ def test_logged_weights_are_the_ones_used():
     objective = agg(losses)
     assert torch.allclose(objective, (agg.last_weights * losses).sum())
     assert agg.calls == 1
+
+
+def test_scale_invariant_ls_gradient_does_not_see_loss_scales():
+    from lightning_mtl.aggregators import ScaleInvariantLS
+
+    theta = torch.nn.Parameter(torch.tensor([0.7, -1.3]))
+    grads = []
+    for scales in ([1.0, 1.0], [1000.0, 0.01]):
+        losses = torch.tensor(scales) * (theta - torch.tensor([1.0, 2.0])).pow(2)
+        objective = ScaleInvariantLS(eps=0.0)(losses)
+        assert torch.allclose(objective, losses.log().sum())
+        grads.append(torch.autograd.grad(objective, theta)[0])
+    assert torch.allclose(grads[0], grads[1])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,25 @@ EXPECTED = {
     "pcgrad": None,
     "upgrad": None,
 }
+
+
+# ... and every loss weighting.
+EXPECTED_LOSS_WEIGHTINGS = {"ls": "ew", "si_ls": "log_ls", "uw": "uncertainty", "dwa": None, "rlw": "random",
+                            "gradnorm": None, "famo": None}  # fmt: skip
+
+
+def test_expected_loss_weightings_are_registered():
+    for name, alias in EXPECTED_LOSS_WEIGHTINGS.items():
+        cls = get_aggregator_class(name)
+        assert cls.kind == "loss", name
+        if alias is not None:
+            assert get_aggregator_class(alias) is cls
+
+
+def test_every_method_has_a_multidigits_config():
+    configs = Path(__file__).resolve().parents[2] / "configs" / "multidigits"
+    missing = [name for name in list_aggregators() if not (configs / f"{name}.yaml").is_file()]
+    assert not missing, f"no configs/multidigits/<name>.yaml for {missing}"
 
 
 def _jacobian(m: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
