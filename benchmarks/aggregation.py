@@ -10,7 +10,10 @@ are set to ``None`` between steps, outside the clock):
   gradient of the shared parameters copied into an ``[m, n]`` buffer parameter by parameter, the
   aggregation, and the direction written back parameter by parameter. All on the device (LibMTL
   keeps the buffer on its device too, so there is no host round trip to penalize it). The aggregation
-  is *our* aggregator's math, so that this side and ours differ only in the gradient engine;
+  is *our* aggregator's math, so that this side and ours differ only in the gradient engine. By
+  default each ``loss_i`` is its own tensor, so its backward runs only its own head; LibMTL's trainer
+  writes the losses into one ``[m]`` tensor, whose ``losses[i].backward()`` runs every head
+  (``--loop-losses tensor`` for that);
 * ``torchjd``: ``torchjd.autojac.mtl_backward(losses, features=...)`` then
   ``jac_to_grad(shared_params, aggregator)`` with torchjd's own aggregator of the same name, where
   the installed torchjd has one (``pip install "lightning-mtl[bench]"``, i.e. ``torchjd[full]``);
@@ -127,9 +130,10 @@ class Plain(Side):
 class LibMTLLoop(Side):
     """m backward passes, per-task gradients gathered into a flat buffer, aggregation, write-back."""
 
-    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, batch, amp, aggregator) -> None:
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, batch, amp, aggregator, loss_tensor: bool) -> None:
         super().__init__(list(encoder.parameters()) + list(heads.parameters()))
         self.encoder, self.heads, self.batch, self.amp, self.aggregator = encoder, heads, batch, amp, aggregator
+        self.loss_tensor = loss_tensor
         self.shared = [p for p in encoder.parameters() if p.requires_grad]
         self.sizes = [p.numel() for p in self.shared]
         self.grad_dim = sum(self.sizes)
@@ -139,6 +143,11 @@ class LibMTLLoop(Side):
         if getattr(self.aggregator, "uses_log_losses", False):  # DB-MTL: LibMTL differentiates log(l_i + 1e-8)
             losses = [torch.log(loss + 1e-8) for loss in losses]
         device = losses[0].device
+        if self.loss_tensor:  # LibMTL's trainer writes the losses into a tensor: train_losses[tn] = ...
+            written = torch.zeros(len(losses), device=device)
+            for i, loss in enumerate(losses):
+                written[i] = loss
+            losses = [written[i] for i in range(len(losses))]
         grads = torch.zeros(len(losses), self.grad_dim, device=device)
         for i, loss in enumerate(losses):
             loss.backward(retain_graph=True)  # heads collect their own task's gradient on the way
@@ -274,7 +283,8 @@ def run_config(encoder_name: str, m: int, methods: list[str], args, device: torc
         sides: dict[str, Side] = {"plain": Plain(*fresh(), batch, amp), "param": ours(method, "parameter")}
         tjd_note = ""
         if kind != "loss":
-            sides["loop"] = LibMTLLoop(*fresh(), batch, amp, create_aggregator(method).to(device))
+            loop_aggregator = create_aggregator(method).to(device)
+            sides["loop"] = LibMTLLoop(*fresh(), batch, amp, loop_aggregator, args.loop_losses == "tensor")
             tjd, tjd_note = torchjd_aggregator(method, probe, m) if not args.no_torchjd else (None, "--no-torchjd")
             if tjd is not None:
                 sides["torchjd"] = TorchJD(*fresh(), batch, amp, tjd, args.torchjd_chunk)
@@ -377,6 +387,9 @@ def main() -> None:
     parser.add_argument("--jacobian-batched", type=lambda s: {"auto": None, "yes": True, "no": False}[s],
                         default=None, help="ours: auto (batched on GPUs, loop on CPUs), yes or no")
     parser.add_argument("--jacobian-chunk-size", type=int, default=None)
+    parser.add_argument("--loop-losses", default="list", choices=["list", "tensor"],
+                        help="the loop's losses: separate tensors (each backward runs only its own head) or, as "
+                        "LibMTL's trainer does, written into one [m] tensor (each backward runs every head)")
     parser.add_argument("--no-torchjd", action="store_true", help="skip the torchjd side")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--check", action="store_true",
@@ -414,7 +427,8 @@ def main() -> None:
     ours_batched = args.jacobian_batched if args.jacobian_batched is not None else device.type == "cuda"
     print(f"device {device.type}, {args.precision}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} "
           f"steps ({args.warmup} warm-up), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"torchjd {tjd_version or 'not installed'}, our Jacobian {'batched' if ours_batched else 'loop'}")  # fmt: skip
+          f"torchjd {tjd_version or 'not installed'}, our Jacobian {'batched' if ours_batched else 'loop'}, "
+          f"loop losses as a {args.loop_losses}")  # fmt: skip
     print("ms/step (median); param/rep = ours at the parameter/representation level; ratios < 1 = ours faster")
     print(HEADER)
     rows = []
@@ -425,13 +439,13 @@ def main() -> None:
     checked = [(f"{r['encoder']}/m={r['m']}/{r['method']}/{k}", v) for r in rows for k, v in r["targets"].items()]
     missed = [name for name, v in checked if not v["met"]]
     print(f"targets on {device.type}: {targets}")
-    print(f"  met {len(checked) - len(missed)} of {len(checked)}" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    print(f"  met {len(checked) - len(missed)} of {len(checked)}" + (f"; missed: {', '.join(missed)}" * bool(missed)))
     other = ("GPU", GPU_TARGETS) if device.type == "cpu" else ("CPU", CPU_TARGETS)
     print(f"{other[0]} targets (not measured here): {other[1]}")
     emit({"benchmark": "aggregation", "device": device.type, "precision": args.precision,
           "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
           "threads": torch.get_num_threads(), "torch": torch.__version__, "torchjd": tjd_version,
-          "ours_jacobian": "batched" if ours_batched else "loop", "targets": targets,
+          "ours_jacobian": "batched" if ours_batched else "loop", "loop_losses": args.loop_losses, "targets": targets,
           "targets_met": len(checked) - len(missed), "targets_checked": len(checked), "results": rows})  # fmt: skip
 
 

@@ -1,13 +1,19 @@
 """The CAGrad / Nash-MTL two-objective toy problem: its Pareto set, and methods that reach it.
 
 Protocol: :data:`~lightning_mtl.aggregators.toy.QUICK_PROTOCOL` (150 Adam steps, learning rate
-0.6 decayed to 1e-3, betas (0.5, 0.9)), **not** the papers' (lr 1e-3, 35,000-100,000 steps),
-which would take hours on a CPU for five methods. All start points run as one batch of
-independent problems. A run "ends on the Pareto set" when every final point is within
-``TOL`` of it; the methods end within 0.01, and the controls (a sign error, a transposed
-Jacobian, the same runs stopped a third of the way) fail the same check by a margin of 5x or
-more. Gradient descent on one task alone is *not* a control: it converges to that task's
-minimum, an end point of the Pareto set.
+0.8 decayed to 1e-3, betas (0.5, 0.9)), **not** the papers' (lr 1e-3, 35,000-100,000 steps),
+which would take hours on a CPU for five methods. The start points of the official CAGrad and
+Nash-MTL scripts (six in all) run as one batch of independent problems. A run "ends on the Pareto set"
+when every final point is within ``TOL`` of it; the methods end within 0.002, and the controls (a
+sign error, a transposed Jacobian, the same runs stopped a third of the way) fail the same check
+by a margin of 5x or more. Gradient descent on one task alone is *not* a control: it converges
+to that task's minimum, an end point of the Pareto set.
+
+UPGrad costs about 30 ms per call on a 2 x 2 problem on this CPU (its barrier solver needs many
+Newton steps when the two gradients are nearly opposite), too slow for 900 calls here: the fast
+test checks that its direction is exactly half PCGrad's for two tasks (so that Adam follows the
+same path); the full run, and the Nash-MTL variant (``scale = 0.1``) of the problem, are
+``long``-marked (run them with ``pytest -m long``).
 """
 
 from __future__ import annotations
@@ -17,11 +23,19 @@ import torch
 
 from lightning_mtl.aggregators import create_aggregator, toy
 from lightning_mtl.aggregators.base import GramianWeighting, JacobianAggregator
-from lightning_mtl.aggregators.mgda import MGDA
 
 TOL = 0.05
-STARTS = torch.tensor(toy.ALL_START_POINTS, dtype=torch.float64)
+STARTS = torch.tensor(toy.ALL_START_POINTS, dtype=torch.float64)  # CAGrad's 3 and Nash-MTL's 5
 METHODS = {"mgda": {}, "pcgrad": {"seed": 0}, "cagrad": {"c": 0.5}, "nashmtl": {}}  # c = 0.5: CAGrad's toy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """2 x 2 problems: intra-op threads only add synchronisation (about 2x slower with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def ends_on_pareto_set(trajectory: torch.Tensor, tol: float = TOL) -> bool:
@@ -29,17 +43,18 @@ def ends_on_pareto_set(trajectory: torch.Tensor, tol: float = TOL) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[tuple[str, float], torch.Tensor]:
-    """Trajectories ``[151, 6, 2]`` per (method, scale), computed once for the module."""
-    cache: dict[tuple[str, float], torch.Tensor] = {}
+def runs():
+    """``runs(name, scale, starts)``: the trajectory ``[151, B, 2]``, computed once per module."""
+    cache: dict[tuple, torch.Tensor] = {}
 
-    def get(name: str, scale: float) -> torch.Tensor:
-        if (name, scale) not in cache:
+    def get(name: str, scale: float = 1.0, starts: tuple = toy.ALL_START_POINTS) -> torch.Tensor:
+        key = (name, scale, starts)
+        if key not in cache:
             agg = create_aggregator(name, **METHODS[name])
-            cache[name, scale] = toy.optimize(agg, STARTS, scale=scale, **toy.QUICK_PROTOCOL)
-        return cache[name, scale]
+            cache[key] = toy.optimize(agg, torch.tensor(starts, dtype=torch.float64), scale=scale, **toy.QUICK_PROTOCOL)
+        return cache[key]
 
-    return get  # type: ignore[return-value]
+    return get
 
 
 # --- the problem itself ---------------------------------------------------------------------
@@ -101,18 +116,19 @@ def test_distance_to_pareto_set():
     shifted = curve + torch.tensor([0.0, 0.5], dtype=torch.float64)
     torch.testing.assert_close(toy.distance_to_pareto_set(shifted[3:4]), torch.tensor([0.5], dtype=torch.float64))
     far = torch.tensor([[10.0, -8.4345]], dtype=torch.float64)  # beyond the end point (7, -8.4345)
-    torch.testing.assert_close(toy.distance_to_pareto_set(far), torch.tensor([3.0], dtype=torch.float64), atol=1e-4, rtol=0)
+    expected = torch.tensor([3.0], dtype=torch.float64)
+    torch.testing.assert_close(toy.distance_to_pareto_set(far), expected, atol=1e-4, rtol=0)
 
 
 # --- the optimiser --------------------------------------------------------------------------
 
 
 def test_batched_run_equals_separate_runs():
-    agg = create_aggregator("nashmtl")
-    batch = toy.optimize(agg, STARTS[:3], 20, lr=0.1)
+    agg = create_aggregator("nashmtl")  # stateful: warm start from the previous weights
+    batch = toy.optimize(agg, STARTS[:3], 10, lr=0.1)
     for i in range(3):
-        torch.testing.assert_close(toy.optimize(agg, STARTS[i], 20, lr=0.1), batch[:, i])
-    assert batch.shape == (21, 3, 2) and agg.step_count == 0  # the caller's instance is untouched
+        torch.testing.assert_close(toy.optimize(agg, STARTS[i], 10, lr=0.1), batch[:, i])
+    assert batch.shape == (11, 3, 2) and agg.step_count == 0  # the caller's instance is untouched
 
 
 def test_loss_weighting_follows_the_gradient_of_the_mean_loss():
@@ -125,14 +141,34 @@ def test_loss_weighting_follows_the_gradient_of_the_mean_loss():
 # --- the methods ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scale", [1.0, toy.NASH_MTL_SCALE], ids=["cagrad_toy", "nashmtl_toy"])
-@pytest.mark.parametrize("name", list(METHODS))
-def test_method_ends_on_the_pareto_set(runs, name, scale):
-    trajectory = runs(name, scale)
+# Fast suite: MGDA and PCGrad from all six start points, CAGrad and Nash-MTL from those of their
+# own paper's toy script (3 and 5; their solvers cost about 10 ms per call on these nearly opposite
+# gradients); the slow suite runs all four from all six, on both variants of the problem.
+FAST_STARTS = {
+    "mgda": toy.ALL_START_POINTS,
+    "pcgrad": toy.ALL_START_POINTS,
+    "cagrad": toy.START_POINTS["cagrad"],
+    "nashmtl": toy.START_POINTS["nashmtl"],
+}
+
+
+def _check(trajectory: torch.Tensor, name: str) -> None:
     distances = toy.distance_to_pareto_set(trajectory[-1])
     assert ends_on_pareto_set(trajectory), f"{name}: final distances {distances.tolist()}"
     # control: the same run stopped a third of the way is not there yet
     assert not ends_on_pareto_set(trajectory[:51]), f"{name} converged too early for the check to mean much"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_ends_on_the_pareto_set(runs, name):
+    _check(runs(name, 1.0, FAST_STARTS[name]), name)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("scale", [1.0, toy.NASH_MTL_SCALE], ids=["cagrad_toy", "nashmtl_toy"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_ends_on_the_pareto_set_from_every_start_point(runs, name, scale):
+    _check(runs(name, scale), name)
 
 
 def test_upgrad_is_pcgrad_for_two_tasks(runs):
@@ -144,18 +180,19 @@ def test_upgrad_is_pcgrad_for_two_tasks(runs):
     are PCGrad's; running them costs about 30 ms per call on this CPU, see the slow test below.
     """
     upgrad, pcgrad = create_aggregator("upgrad"), create_aggregator("pcgrad", seed=0)
-    points = runs("pcgrad", 1.0)[::10].reshape(-1, 2).clone().requires_grad_(True)  # 96 points
+    points = runs("pcgrad")[::25].reshape(-1, 2).clone().requires_grad_(True)  # 42 points
     values = toy.losses(points)
     rows = [torch.autograd.grad(values[:, i].sum(), points, retain_graph=True)[0] for i in range(2)]
     jacobians = torch.stack(rows, dim=1)
     conflicts = 0
     for jac in jacobians:
         conflicts += int(jac[0] @ jac[1] < 0)
-        torch.testing.assert_close(upgrad.aggregate(jac), 0.5 * pcgrad.aggregate(jac), rtol=1e-5, atol=1e-9)
-    assert conflicts > 20  # the comparison covers the projections, not only the plain mean
+        # float32 weights: agreement to ~1e-7 of |J| (the direction itself is tiny near the set)
+        torch.testing.assert_close(upgrad.aggregate(jac), 0.5 * pcgrad.aggregate(jac), rtol=0, atol=1e-6 * jac.norm())
+    assert conflicts > 10  # the comparison covers the projections, not only the plain mean
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_upgrad_ends_on_the_pareto_set():
     trajectory = toy.optimize(create_aggregator("upgrad"), STARTS, **toy.QUICK_PROTOCOL)
     assert ends_on_pareto_set(trajectory), toy.distance_to_pareto_set(trajectory[-1]).tolist()
@@ -168,15 +205,11 @@ class _SignError(GramianWeighting):
         return torch.tensor([1.0, -1.0])
 
 
-class _TransposedMGDA(JacobianAggregator):
-    """MGDA's weights applied to ``J^T`` instead of ``J`` (shape-compatible when m = n = 2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mgda = MGDA()
+class _Transposed(JacobianAggregator):
+    """The mean of the rows of ``J^T`` instead of ``J`` (a shape-compatible bug when m = n = 2)."""
 
     def forward(self, jacobian: torch.Tensor) -> torch.Tensor:
-        return self.mgda(jacobian @ jacobian.T).to(jacobian.dtype) @ jacobian.T
+        return 0.5 * jacobian.sum(1)
 
 
 class _TaskOneOnly(GramianWeighting):
@@ -184,7 +217,7 @@ class _TaskOneOnly(GramianWeighting):
         return torch.tensor([1.0, 0.0])
 
 
-@pytest.mark.parametrize("broken", [_SignError, _TransposedMGDA], ids=["sign_error", "transposed_jacobian"])
+@pytest.mark.parametrize("broken", [_SignError, _Transposed], ids=["sign_error", "transposed_jacobian"])
 def test_broken_directions_fail_the_check(broken):
     trajectory = toy.optimize(broken(), STARTS, **toy.QUICK_PROTOCOL)
     assert not ends_on_pareto_set(trajectory)
