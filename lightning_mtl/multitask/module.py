@@ -305,23 +305,19 @@ class MultiTaskModule(pl.LightningModule):
             return None
         shared = [p for p in self.encoder.parameters() if p.requires_grad]
         others = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
-        jac = flat_jacobian(scaled, shared, batched, self.jacobian_chunk_size).float() / scale
+        # one pass per task for the shared Jacobian and the heads' (and any other parameter's) gradients
+        jac = flat_jacobian(scaled, shared + others, batched, self.jacobian_chunk_size).float() / scale
         if ddp is not None:  # J of the mean loss over ranks = mean of the per-rank Jacobians
             jac = _all_mean(jac)
-        head_objective = scaled
         if getattr(self.aggregator, "uses_log_losses", False):
             # grad log L = grad L / L, with L the loss averaged over ranks: exact under DDP as well
             mean_losses = losses.detach().float()
             mean_losses = _all_mean(mean_losses) if ddp is not None else mean_losses
             jac = jac / mean_losses[:, None]
-            head_objective = scaled / mean_losses.to(scaled.dtype)
-        if others:  # heads (and any other parameter) take their own tasks' ordinary gradients
-            torch.autograd.backward(head_objective.sum(), inputs=others)
-            grads = [p for p in others if p.grad is not None]
-            if ddp is not None and grads:
-                flat = _all_mean(torch.cat([p.grad.flatten() for p in grads]))
-                for p, g in zip(grads, torch.split(flat, [p.numel() for p in grads])):
-                    p.grad.copy_(g.view_as(p))
+        n_shared = sum(p.numel() for p in shared)
+        jac, head_jac = jac[:, :n_shared].contiguous(), jac[:, n_shared:]
+        if others:  # heads take their own tasks' ordinary gradients: the sum of their rows
+            add_to_grads(others, head_jac.sum(0) * scale)
         if isinstance(self.aggregator, GramianWeighting):
             weights = self.aggregator(jac @ jac.T)
             direction = weights.to(jac.dtype) @ jac
