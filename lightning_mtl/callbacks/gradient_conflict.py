@@ -71,12 +71,12 @@ class GradientConflictMonitor(pl.Callback):
                 inputs, targets = pl_module.unpack_batch(batch)
                 features = pl_module.encoder(inputs)
                 preds = {name: head(features) for name, head in pl_module.heads.items()}
-                losses, _ = pl_module.task_losses(preds, targets, "train")
+                terms, _ = pl_module.task_loss_terms(preds, targets, "train")
                 if self.level == "parameter":
                     wrt = [p for p in pl_module.encoder.parameters() if p.requires_grad]
                 else:
                     wrt = [features]
-                return flat_jacobian(losses, wrt, batched=losses.is_cuda).float().detach()
+                return flat_jacobian(terms, wrt, batched=features.is_cuda).float().detach()
         finally:
             with torch.no_grad():  # the extra forward must not move BatchNorm statistics
                 for name, b in pl_module.named_buffers():

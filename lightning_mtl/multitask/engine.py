@@ -18,14 +18,21 @@ import torch
 from torch import Tensor
 
 
-def flat_jacobian(losses: Tensor, inputs: Sequence[Tensor], batched: bool, chunk_size: int | None = None) -> Tensor:
-    """Jacobian ``[m, n]`` of the vector ``losses`` w.r.t. ``inputs`` (flattened and concatenated).
+def flat_jacobian(
+    losses: Tensor | Sequence[Tensor], inputs: Sequence[Tensor], batched: bool, chunk_size: int | None = None
+) -> Tensor:
+    """Jacobian ``[m, n]`` of the task losses w.r.t. ``inputs`` (flattened and concatenated).
 
-    The graph is kept (``retain_graph``), so a backward pass can follow. Inputs that a loss does not
-    reach get zero rows. ``chunk_size`` bounds how many rows one batched backward computes.
+    ``losses`` is the vector of task losses or, better for the loop, the list of the m scalar losses
+    themselves: each backward pass then visits only its own task's head, where a row of a stacked
+    vector would send (zero) cotangents through every head. The graph is kept (``retain_graph``),
+    so a backward pass can follow. Inputs that a loss does not reach get zero rows. ``chunk_size``
+    bounds how many rows one batched backward computes.
     """
-    m = losses.numel()
+    terms = list(losses) if not isinstance(losses, Tensor) else [losses[i] for i in range(losses.numel())]
+    m = len(terms)
     if batched:
+        losses = torch.stack(terms) if not isinstance(losses, Tensor) else losses
         rows = []
         eye = torch.eye(m, device=losses.device, dtype=losses.dtype)
         step = chunk_size or m
@@ -37,8 +44,8 @@ def flat_jacobian(losses: Tensor, inputs: Sequence[Tensor], batched: bool, chunk
             rows.append(_flatten(grads, inputs, leading=cotangents.shape[0]))
         return torch.cat(rows) if len(rows) > 1 else rows[0]
     rows = []
-    for i in range(m):
-        grads = torch.autograd.grad(losses[i], inputs, retain_graph=True, allow_unused=True)
+    for term in terms:
+        grads = torch.autograd.grad(term, inputs, retain_graph=True, allow_unused=True)
         rows.append(_flatten(grads, inputs, leading=None))
     return torch.stack(rows)
 

@@ -125,7 +125,7 @@ class MultiTaskModule(pl.LightningModule):
                     f"gradient_mode='representation' needs a Gramian weighting; {type(self.aggregator).__name__} "
                     "works on the full Jacobian: use gradient_mode='parameter'"
                 )
-        self._stash: tuple[Tensor, Tensor] | None = None
+        self._stash: tuple[list[Tensor], Tensor] | None = None
         self._losses_before: Tensor | None = None
         self._task_weights: Tensor | None = None
         self._finite_host: Tensor | None = None
@@ -214,6 +214,13 @@ class MultiTaskModule(pl.LightningModule):
         self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The vector ``[m]`` of task losses, in the order of ``tasks``, and the checked targets."""
+        terms, checked = self.task_loss_terms(preds, targets, stage)
+        return torch.stack(terms), checked
+
+    def task_loss_terms(
+        self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """The m scalar task losses (unstacked: per-task backward passes then skip the other heads)."""
         losses, checked = [], {}
         for name, task in self.tasks.items():
             if name not in targets:
@@ -225,23 +232,24 @@ class MultiTaskModule(pl.LightningModule):
                 task.check_values(name, target)  # a device sync: first batch of each stage only
             losses.append(task.loss(preds[name], target))
         self._labels_checked.add(stage)
-        return torch.stack(losses), checked
+        return losses, checked
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         inputs, targets = self.unpack_batch(batch)
         features = self.encoder(inputs)
         preds = {name: head(features) for name, head in self.heads.items()}
-        losses, _ = self.task_losses(preds, targets, "train")
+        terms, _ = self.task_loss_terms(preds, targets, "train")
+        losses = torch.stack(terms)
         if not self._losses_finite(losses, batch_idx):
             return None
         if self.uses_gradients:
             # backward() computes and aggregates the per-task gradients; the closure's loss is the sum
-            self._stash = (losses, features)
+            self._stash = (terms, features)
             loss = losses.sum()
         elif getattr(self.aggregator, "needs_grad_norms", False):
             last = self.last_shared_parameters()
-            norms = flat_jacobian(losses, last, self._batched(losses), self.jacobian_chunk_size).norm(dim=1)
+            norms = flat_jacobian(terms, last, self._batched(losses), self.jacobian_chunk_size).norm(dim=1)
             loss = self.aggregator(losses, grad_norms=norms)
         else:
             loss = self.aggregator(losses)
@@ -281,32 +289,33 @@ class MultiTaskModule(pl.LightningModule):
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         if not self.uses_gradients or self._stash is None:
             return super().backward(loss, *args, **kwargs)
-        losses, features = self._stash
+        terms, features = self._stash
         self._stash = None
+        losses = torch.stack(terms)
         # `loss` is the closure's sum of task losses times the precision plugin's loss scale (1 unless
         # 16-mixed); differentiate the scaled losses (fp16 gradients need the scale) and show the
         # aggregator the unscaled gradients
         total = losses.detach().sum()
         scale = torch.where(total != 0, loss.detach() / total, torch.ones_like(total))
-        scaled = losses * scale
+        scaled_terms = [term * scale for term in terms]
         batched = self._batched(losses)
         ddp = self._ddp_model()
         if self.gradient_mode == "representation":
-            jac = flat_jacobian(scaled, [features], batched, self.jacobian_chunk_size).float() / scale
+            jac = flat_jacobian(scaled_terms, [features], batched, self.jacobian_chunk_size).float() / scale
             gramian = jac @ jac.T
             if ddp is not None:
                 # the full batch's loss is the mean of the per-rank means: its representation Jacobian
                 # is the per-rank ones / world side by side, so its Gramian is their sum / world^2
                 torch.distributed.all_reduce(gramian)
                 gramian = gramian / torch.distributed.get_world_size() ** 2
-            weights = self.aggregator(gramian).to(scaled.dtype)
-            (weights.detach() * scaled).sum().backward(*args, **kwargs)
+            weights = self.aggregator(gramian).to(losses.dtype)
+            (weights.detach() * torch.stack(scaled_terms)).sum().backward(*args, **kwargs)
             self._task_weights = weights.detach()
             return None
         shared = [p for p in self.encoder.parameters() if p.requires_grad]
         others = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
         # one pass per task for the shared Jacobian and the heads' (and any other parameter's) gradients
-        jac = flat_jacobian(scaled, shared + others, batched, self.jacobian_chunk_size).float() / scale
+        jac = flat_jacobian(scaled_terms, shared + others, batched, self.jacobian_chunk_size).float() / scale
         if ddp is not None:  # J of the mean loss over ranks = mean of the per-rank Jacobians
             jac = _all_mean(jac)
         if getattr(self.aggregator, "uses_log_losses", False):
