@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from lightning_mtl.datamodules._common import (
     TensorMultiTaskDataset,
@@ -64,6 +68,13 @@ class Digits(_TensorDataModule):
     Batches are ``(x, {task_name: y})`` with ``x`` float32 ``[B, channels, image_size, image_size]``
     and ``y`` long, or ``(x, y)`` when ``as_dict=False``.
 
+    With ``train_transform`` / ``eval_transform`` (e.g. the two-view augmentation of
+    :class:`~lightning_mtl.ssl.TwoViews` for self-supervised learning), each training / evaluation item
+    is ``transform(image)`` instead: the transform receives the float32 ``[channels, image_size,
+    image_size]`` image in [0, 1] (before normalization) and the standardization, if ``normalize``, is
+    applied to what it returns (to each view of a tuple or list). Without them the images are
+    preprocessed once, as before.
+
     Note that the data set has no writer ids, so the same writer can appear in several splits.
 
     Args:
@@ -78,6 +89,8 @@ class Digits(_TensorDataModule):
         num_workers: DataLoader workers.
         seed: seed of the split and of the training order.
         pin_memory: forwarded to the DataLoaders.
+        train_transform: applied to every training image on each access (see above).
+        eval_transform: applied to every validation / test image on each access.
     """
 
     def __init__(
@@ -92,8 +105,15 @@ class Digits(_TensorDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        train_transform: Callable[[Tensor], Any] | None = None,
+        eval_transform: Callable[[Tensor], Any] | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        for label, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
+            if transform is not None and not callable(transform):
+                raise TypeError(f"{label} must be callable, got {type(transform).__name__}")
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if image_size < 1:
@@ -107,7 +127,7 @@ class Digits(_TensorDataModule):
         self.pools: dict[str, np.ndarray] = {}
         self.mean: float = 0.0
         self.std: float = 1.0
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -133,12 +153,46 @@ class Digits(_TensorDataModule):
         if self.normalize:
             self.mean = float(inputs["train"].mean())
             self.std = float(inputs["train"].std())
-        datasets = {}
+        datasets: dict[str, Dataset] = {}
         for split, x in inputs.items():
-            x = ((x - self.mean) / self.std).expand(-1, self.channels, -1, -1).contiguous().float()
             y = torch.from_numpy(labels[self.pools[split]].copy())
+            transform = self.train_transform if split == "train" else self.eval_transform
+            if transform is not None:
+                raw = x.expand(-1, self.channels, -1, -1).contiguous().float()
+                target = {self.task_name: y} if self.as_dict else y
+                datasets[split] = _TransformedImages(raw, target, transform, self.mean, self.std)
+                continue
+            x = ((x - self.mean) / self.std).expand(-1, self.channels, -1, -1).contiguous().float()
             if self.as_dict:
                 datasets[split] = TensorMultiTaskDataset(x, {self.task_name: y})
             else:
                 datasets[split] = TensorSingleTaskDataset(x, y)
         self.train_set, self.val_set, self.test_set = datasets["train"], datasets["val"], datasets["test"]
+
+
+class _TransformedImages(Dataset):
+    """Items ``(standardize(transform(images[i])), targets[i])``; ``targets`` a tensor or ``{task: tensor}``."""
+
+    def __init__(
+        self, images: Tensor, targets: Tensor | dict[str, Tensor], transform: Callable[[Tensor], Any], mean: float, std: float
+    ) -> None:
+        self.images, self.targets, self.transform = images, targets, transform
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _standardize(self, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return ((value - self.mean) / self.std).float()
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._standardize(v) for v in value)
+        return value
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        target = (
+            {name: values[index] for name, values in self.targets.items()}
+            if isinstance(self.targets, dict)
+            else self.targets[index]
+        )
+        return self._standardize(self.transform(self.images[index])), target
