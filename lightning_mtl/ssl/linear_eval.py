@@ -92,16 +92,16 @@ class LinearEvaluation(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         top_k = (1, 5) if num_classes >= 10 else (1,)
-        self.metrics = nn.ModuleDict(
-            {
-                stage: nn.ModuleDict(
-                    {_acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro", ignore_index=-1) for k in top_k}
-                )
-                for stage in ("train", "val", "test")
-            }
-        )
+
+        def accuracies() -> nn.ModuleDict:
+            return nn.ModuleDict(
+                {_acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro", ignore_index=-1) for k in top_k}
+            )
+
+        # (a ModuleDict keyed by stage cannot hold "train": that name is nn.Module.train)
+        self.train_metrics, self.val_metrics, self.test_metrics = accuracies(), accuracies(), accuracies()
         self.metric_directions: dict[str, bool] = {
-            f"{stage}/{name}": True for stage in ("val", "test") for name in self.metrics["val"]
+            f"{stage}/{name}": True for stage in ("val", "test") for name in self.val_metrics
         } | {"val/loss": False, "test/loss": False}
 
     def train(self, mode: bool = True) -> LinearEvaluation:
@@ -124,8 +124,9 @@ class LinearEvaluation(pl.LightningModule):
         loss = F.cross_entropy(logits, labels, ignore_index=-1) if bool(valid.any()) else logits.sum() * 0
         size = int(valid.sum())
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage == "val", batch_size=size, sync_dist=not on_step)
-        for name, metric in self.metrics[stage].items():
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage == "val", batch_size=size,
+                 sync_dist=not on_step)  # fmt: skip
+        for name, metric in getattr(self, f"{stage}_metrics").items():
             metric(logits, labels)
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage != "train" and name == "acc")
         return loss
