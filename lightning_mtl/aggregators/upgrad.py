@@ -9,6 +9,7 @@ from torch import Tensor
 
 from lightning_mtl.aggregators._solvers import (
     Quadratic,
+    active_set_box_qp,
     as_weights,
     barrier_newton,
     polish_quadratic,
@@ -38,20 +39,22 @@ def dual_cone_projection_weights(gramian: Tensor, u: Tensor) -> Tensor:
     variables and simple bounds. Strong duality holds (linear constraints), so ``J^T v*`` is the
     projection; ``v*`` itself is unique when ``G`` is positive definite.
 
-    Each of the ``K`` QPs is solved in float64 on the device by the batched log-barrier Newton
-    method of :func:`~lightning_mtl.aggregators._solvers.barrier_newton`, all ``K`` problems at
-    once; every few steps the KKT system on the detected active set is solved exactly and a problem
-    stops as soon as that solution is certified optimal (:func:`~lightning_mtl.aggregators._solvers.
-    quadratic_finisher`); a last exact polish runs on the problems that reached ``t_max``.
+    The ``K`` QPs are solved in float64 on the device, all at once, by the primal-dual active-set
+    method (:func:`~lightning_mtl.aggregators._solvers.active_set_box_qp`, a few small linear solves);
+    a problem whose result is not KKT-certified falls back to the batched log-barrier Newton method
+    of :func:`~lightning_mtl.aggregators._solvers.barrier_newton` with its exact finish and polish.
     """
     k, m = u.shape
     q = gramian.unsqueeze(0).expand(k, m, m)
     c = torch.zeros_like(u)
+    x_as, certified_as = active_set_box_qp(gramian, c, u)
+    if bool(certified_as.all()):
+        return x_as
     finish = quadratic_finisher(q, c, u, simplex=False)
     x, t, certified = barrier_newton(Quadratic(q, c), u + 1.0, u, simplex=False, finish=finish)
-    if bool(certified.all()):
-        return x
-    return polish_quadratic(q, c, u, x, t, simplex=False)
+    if not bool(certified.all()):
+        x = polish_quadratic(q, c, u, x, t, simplex=False)
+    return torch.where(certified_as[:, None], x_as, x)
 
 
 @register_aggregator("upgrad")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -20,10 +22,23 @@ from lightning_mtl.aggregators import (
     create_aggregator,
 )
 from lightning_mtl.multitask.delta_m import delta_m
-from lightning_mtl.multitask.engine import add_to_grads, flat_jacobian
+from lightning_mtl.multitask.engine import add_to_grads, flat_jacobian, set_grads, task_gradients
 from lightning_mtl.multitask.tasks import ClassificationTask, Task, TaskError
+from lightning_mtl.sharpness.fmtl import FMTL
 
 _STAGES = ("val", "test")
+
+
+class _Stash(NamedTuple):
+    """What training_step leaves for backward() on the gradient path."""
+
+    terms: list[Tensor]  # the m task losses
+    losses: Tensor  # their stack, as the aggregator saw it
+    features: Tensor
+    closure_loss: Tensor  # the loss handed to Lightning (the sum of the terms)
+    objective: Tensor | None  # a loss weighting's objective (F-MTL with a loss weighting)
+    inputs: Tensor
+    targets: dict[str, Tensor]
 
 
 class MultiTaskModule(pl.LightningModule):
@@ -60,6 +75,8 @@ class MultiTaskModule(pl.LightningModule):
         jacobian_batched: one batched backward for the Jacobian (``True``) or a loop of m backward
             passes (``False``); ``None`` batches on GPUs and loops on CPUs, where batching buys nothing.
         jacobian_chunk_size: at most this many Jacobian rows per batched backward (memory bound).
+        fmtl: an :class:`~lightning_mtl.sharpness.FMTL` to seek task-based flat regions (F-MTL) with
+            the aggregator, whatever its kind (parameter level only).
 
     Gradient aggregators under the Trainer's flags: precision ``32-true``, ``bf16-mixed`` and
     ``16-mixed`` (the aggregator sees unscaled gradients; the direction is scaled back, so
@@ -82,6 +99,7 @@ class MultiTaskModule(pl.LightningModule):
         gradient_mode: Literal["parameter", "representation"] = "parameter",
         jacobian_batched: bool | None = None,
         jacobian_chunk_size: int | None = None,
+        fmtl: FMTL | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -95,7 +113,9 @@ class MultiTaskModule(pl.LightningModule):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
         if gradient_mode not in ("parameter", "representation"):
             raise ValueError(f"gradient_mode must be 'parameter' or 'representation', got {gradient_mode!r}")
-        self.save_hyperparameters(ignore=["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler"], logger=False)
+        self.save_hyperparameters(
+            ignore=["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler", "fmtl"], logger=False
+        )
 
         self.encoder = encoder
         self.tasks = dict(tasks)
@@ -125,7 +145,14 @@ class MultiTaskModule(pl.LightningModule):
                     f"gradient_mode='representation' needs a Gramian weighting; {type(self.aggregator).__name__} "
                     "works on the full Jacobian: use gradient_mode='parameter'"
                 )
-        self._stash: tuple[list[Tensor], Tensor] | None = None
+        if fmtl is not None and gradient_mode != "parameter":
+            raise ValueError(
+                "fmtl perturbs the shared parameters task by task, so it needs gradient_mode='parameter'"
+            )
+        self.fmtl = fmtl
+        if fmtl is not None and fmtl.variant == "flat" and not isinstance(self.aggregator, LossWeighting):
+            self.flat_aggregator = copy.deepcopy(self.aggregator)  # its own state, saved in checkpoints
+        self._stash: _Stash | None = None
         self._losses_before: Tensor | None = None
         self._task_weights: Tensor | None = None
         self._finite_host: Tensor | None = None
@@ -144,8 +171,8 @@ class MultiTaskModule(pl.LightningModule):
 
     @property
     def uses_gradients(self) -> bool:
-        """Whether the aggregator combines per-task gradients (else it weights the losses)."""
-        return not isinstance(self.aggregator, LossWeighting)
+        """Whether backward() works on per-task gradients: a gradient aggregator, or F-MTL."""
+        return not isinstance(self.aggregator, LossWeighting) or self.fmtl is not None
 
     def _check_baselines(self) -> None:
         for task, values in self.baselines.items():
@@ -239,20 +266,18 @@ class MultiTaskModule(pl.LightningModule):
         inputs, targets = self.unpack_batch(batch)
         features = self.encoder(inputs)
         preds = {name: head(features) for name, head in self.heads.items()}
-        terms, _ = self.task_loss_terms(preds, targets, "train")
+        terms, checked = self.task_loss_terms(preds, targets, "train")
         losses = torch.stack(terms)
         if not self._losses_finite(losses, batch_idx):
             return None
         if self.uses_gradients:
             # backward() computes and aggregates the per-task gradients; the closure's loss is the sum
-            self._stash = (terms, features)
-            loss = losses.sum()
-        elif getattr(self.aggregator, "needs_grad_norms", False):
-            last = self.last_shared_parameters()
-            norms = flat_jacobian(terms, last, self._batched(losses), self.jacobian_chunk_size).norm(dim=1)
-            loss = self.aggregator(losses, grad_norms=norms)
+            objective = self._weighted_objective(terms, losses) if isinstance(self.aggregator, LossWeighting) else None
+            closure_loss = losses.sum()
+            self._stash = _Stash(terms, losses, features, closure_loss, objective, inputs, checked)
+            loss = closure_loss if objective is None else objective
         else:
-            loss = self.aggregator(losses)
+            loss = self._weighted_objective(terms, losses)
         if self.aggregator.needs_losses_after_step:
             self._losses_before = losses.detach()
         if isinstance(self.aggregator, LossWeighting) and not isinstance(self.aggregator, LinearScalarization):
@@ -262,7 +287,15 @@ class MultiTaskModule(pl.LightningModule):
         logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
         logged["train/loss"] = loss.detach()
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
-        return loss
+        return closure_loss if self.uses_gradients else loss
+
+    def _weighted_objective(self, terms: list[Tensor], losses: Tensor) -> Tensor:
+        """A loss weighting's objective (GradNorm also gets the task gradient norms it needs)."""
+        if getattr(self.aggregator, "needs_grad_norms", False):
+            last = self.last_shared_parameters()
+            norms = flat_jacobian(terms, last, self._batched(losses), self.jacobian_chunk_size).norm(dim=1)
+            return self.aggregator(losses, grad_norms=norms)
+        return self.aggregator(losses)
 
     def _losses_finite(self, losses: Tensor, batch_idx: int) -> bool:
         """Whether to take this step. On one GPU with ``on_nonfinite_loss="raise"`` the check is deferred
@@ -289,56 +322,140 @@ class MultiTaskModule(pl.LightningModule):
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         if not self.uses_gradients or self._stash is None:
             return super().backward(loss, *args, **kwargs)
-        terms, features = self._stash
-        self._stash = None
-        losses = torch.stack(terms)
-        # `loss` is the closure's sum of task losses times the precision plugin's loss scale (1 unless
-        # 16-mixed); differentiate the scaled losses (fp16 gradients need the scale) and show the
+        stash, self._stash = self._stash, None
+        terms = stash.terms
+        # `loss` is the closure's sum of task losses, times GradScaler's scale under 16-mixed (then a
+        # new tensor): differentiate the scaled losses (fp16 gradients need the scale) and show the
         # aggregator the unscaled gradients
-        total = losses.detach().sum()
-        scale = torch.where(total != 0, loss.detach() / total, torch.ones_like(total))
-        scaled_terms = [term * scale for term in terms]
-        batched = self._batched(losses)
+        scale = None
+        if loss is not stash.closure_loss:
+            total = stash.losses.detach().sum()
+            scale = torch.where(total != 0, loss.detach() / total, torch.ones_like(total))
+            terms = [term * scale for term in terms]
+        batched = self._batched(terms[0])
         ddp = self._ddp_model()
         if self.gradient_mode == "representation":
-            jac = flat_jacobian(scaled_terms, [features], batched, self.jacobian_chunk_size).float() / scale
+            jac = flat_jacobian(terms, [stash.features], batched, self.jacobian_chunk_size)
+            jac = jac if scale is None else jac / scale
             gramian = jac @ jac.T
             if ddp is not None:
                 # the full batch's loss is the mean of the per-rank means: its representation Jacobian
                 # is the per-rank ones / world side by side, so its Gramian is their sum / world^2
                 torch.distributed.all_reduce(gramian)
                 gramian = gramian / torch.distributed.get_world_size() ** 2
-            weights = self.aggregator(gramian).to(losses.dtype)
-            (weights.detach() * torch.stack(scaled_terms)).sum().backward(*args, **kwargs)
+            weights = self.aggregator(gramian).to(terms[0].dtype)
+            (weights.detach() * torch.stack(terms)).sum().backward(*args, **kwargs)
             self._task_weights = weights.detach()
             return None
+        divisors = None
+        if getattr(self.aggregator, "uses_log_losses", False):
+            # grad log L = grad L / L (heads included), with L the loss averaged over ranks: exact
+            # under DDP as well
+            divisors = stash.losses.detach().clone()
+            divisors = _all_mean(divisors) if ddp is not None else divisors
+            terms = [term / divisors[i] for i, term in enumerate(terms)]
         shared = [p for p in self.encoder.parameters() if p.requires_grad]
         others = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
-        # one pass per task for the shared Jacobian and the heads' (and any other parameter's) gradients
-        jac = flat_jacobian(scaled_terms, shared + others, batched, self.jacobian_chunk_size).float() / scale
+        loss_weights = None
+        if stash.objective is not None:  # F-MTL with a loss weighting: its weights, and its own parameters' grads
+            loss_weights = self._loss_weighting_gradients(stash, scale, ddp)
+        # one pass per task gives the shared Jacobian and the heads' (summed, ordinary) gradients
+        jac, other_grads = task_gradients(
+            terms, shared, batched, self.jacobian_chunk_size, summed=others, retain_graph=False
+        )
+        if scale is not None:
+            jac = jac.div_(scale)
         if ddp is not None:  # J of the mean loss over ranks = mean of the per-rank Jacobians
             jac = _all_mean(jac)
-        if getattr(self.aggregator, "uses_log_losses", False):
-            # grad log L = grad L / L, with L the loss averaged over ranks: exact under DDP as well
-            mean_losses = losses.detach().float()
-            mean_losses = _all_mean(mean_losses) if ddp is not None else mean_losses
-            jac = jac / mean_losses[:, None]
-        n_shared = sum(p.numel() for p in shared)
-        jac, head_jac = jac[:, :n_shared].contiguous(), jac[:, n_shared:]
-        if others:  # heads take their own tasks' ordinary gradients: the sum of their rows
-            add_to_grads(others, head_jac.sum(0) * scale)
-        if isinstance(self.aggregator, GramianWeighting):
-            weights = self.aggregator(jac @ jac.T)
-            direction = weights.to(jac.dtype) @ jac
-            self._task_weights = weights.detach()
+            other_grads = _all_mean_grads(others, other_grads)
+        if self.fmtl is not None:
+            direction = self._fmtl_direction(stash, jac, others, other_grads, loss_weights, scale, divisors, ddp)
         else:
-            direction = self.aggregator.aggregate(jac)
-        add_to_grads(shared, direction * scale)
+            direction = self._aggregate(jac)
+        set_grads(others, other_grads)  # already carry the loss scale
+        add_to_grads(shared, direction if scale is None else direction * scale)
         return None
 
-    def _batched(self, losses: Tensor) -> bool:
+    def _aggregate(self, jac: Tensor, aggregator: Aggregator | None = None, log: bool = True) -> Tensor:
+        """The aggregator's direction for a Jacobian (logging a Gramian weighting's weights)."""
+        aggregator = aggregator or self.aggregator
+        if isinstance(aggregator, GramianWeighting):
+            weights = aggregator(jac @ jac.T)
+            if log:
+                self._task_weights = weights.detach()
+            return weights.to(jac.dtype) @ jac
+        return aggregator.aggregate(jac)
+
+    def _loss_weighting_gradients(self, stash: _Stash, scale: Tensor | None, ddp: Any) -> Tensor:
+        """A loss weighting's weights ``d objective / d losses`` (F-MTL applies them to its gradients);
+        the weighting's own parameters (uncertainty weighting) take their gradients of the objective."""
+        own = [p for p in self.aggregator.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(stash.objective, [stash.losses, *own], retain_graph=True, allow_unused=True)
+        weights = grads[0].detach().float()
+        if ddp is not None:
+            weights = _all_mean(weights)
+        own_grads = [None if g is None else (g if scale is None else g * scale) for g in grads[1:]]
+        set_grads(own, _all_mean_grads(own, own_grads) if ddp is not None else own_grads)
+        return weights
+
+    def _fmtl_direction(
+        self,
+        stash: _Stash,
+        jac: Tensor,
+        others: list[Tensor],
+        other_grads: list[Tensor | None],
+        loss_weights: Tensor | None,
+        scale: Tensor | None,
+        divisors: Tensor | None,
+        ddp: Any,
+    ) -> Tensor:
+        """F-MTL's shared direction; each head's entry of ``other_grads`` becomes its SAM gradient."""
+        assert self.fmtl is not None
+        index = {id(p): k for k, p in enumerate(others)}
+        heads = [[p for p in self.heads[name].parameters() if p.requires_grad] for name in self.task_names]
+        head_grads = [[other_grads[index[id(p)]] for p in own] for own in heads]
+        forward_context = (
+            self.trainer.precision_plugin.forward_context if self._trainer is not None else contextlib.nullcontext
+        )
+
+        def task_loss(i: int, pred: Tensor) -> Tensor:
+            name = self.task_names[i]
+            term = self.tasks[name].loss(pred, stash.targets[name])
+            term = term if divisors is None else term / divisors[i]
+            return term if scale is None else term * scale
+
+        jac_sam, head_sam = self.fmtl.perturbed_gradients(
+            jac, head_grads, self.encoder, [self.heads[name] for name in self.task_names], stash.inputs, task_loss,
+            forward_context,
+        )  # fmt: skip
+        if scale is not None:
+            jac_sam = jac_sam.div_(scale)
+        flat_heads = [p for own in heads for p in own]
+        head_sam_flat = [g for grads in head_sam for g in grads]
+        if ddp is not None:
+            jac_sam = _all_mean(jac_sam)
+            head_sam_flat = _all_mean_grads(flat_heads, head_sam_flat)
+        k = 0
+        for i, own in enumerate(heads):  # head i takes its own SAM gradient (weighted for a loss weighting)
+            for p in own:
+                grad = head_sam_flat[k]
+                k += 1
+                if grad is not None and loss_weights is not None:
+                    grad = grad * loss_weights[i].to(grad.dtype)
+                other_grads[index[id(p)]] = grad
+        if loss_weights is not None:  # linear in the gradients: both variants give w^T g^SAM
+            self._task_weights = loss_weights
+            return loss_weights @ jac_sam
+        if self.fmtl.variant == "direct":
+            return self._aggregate(jac_sam)
+        direction = self._aggregate(jac)
+        # the flat gradients get an aggregator of their own, so a stateful method (GradVac's targets,
+        # Nash-MTL's warm start) keeps one state per stream
+        return direction + self._aggregate(jac_sam.sub_(jac), self.flat_aggregator, log=False)
+
+    def _batched(self, like: Tensor) -> bool:
         # one batched backward pays on a GPU; on a CPU a loop of backward passes is as fast and lighter
-        return self.jacobian_batched if self.jacobian_batched is not None else losses.is_cuda
+        return self.jacobian_batched if self.jacobian_batched is not None else like.is_cuda
 
     def last_shared_parameters(self) -> list[Tensor]:
         """Parameters of the encoder's last module that has any (GradNorm's "last shared layer")."""
@@ -377,6 +494,8 @@ class MultiTaskModule(pl.LightningModule):
                 self._nonfinite(detached, where)
 
     def _aggregator_after_step(self, batch: Any) -> None:
+        if hasattr(self, "flat_aggregator"):
+            self.flat_aggregator.after_step()
         if not self.aggregator.needs_losses_after_step:
             self.aggregator.after_step()
             return
@@ -478,10 +597,19 @@ class MultiTaskModule(pl.LightningModule):
 
 
 def _all_mean(tensor: Tensor) -> Tensor:
-    """Mean over the DDP ranks (one all-reduce)."""
-    tensor = tensor.clone()
+    """Mean over the DDP ranks (one all-reduce, in place)."""
     torch.distributed.all_reduce(tensor)
-    return tensor / torch.distributed.get_world_size()
+    return tensor.div_(torch.distributed.get_world_size())
+
+
+def _all_mean_grads(params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+    """The gradients averaged over the ranks, in one all-reduce of their concatenation (a parameter no
+    loss reached on this rank counts as zero: another rank's batch may have reached it)."""
+    if not params:
+        return []
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+    flat = _all_mean(flat)
+    return [v.view_as(p) for p, v in zip(params, torch.split(flat, [p.numel() for p in params]))]
 
 
 def _infer_feature_dim(encoder: nn.Module) -> int:

@@ -41,7 +41,7 @@ GRADIENT_METHODS = [n for n in list_aggregators() if create_aggregator(n).kind !
 GRAMIAN_METHODS = [n for n in GRADIENT_METHODS if create_aggregator(n).kind == "gramian"]
 
 
-def _module(aggregator="ls", gradient_mode="parameter"):
+def _module(aggregator="ls", gradient_mode="parameter", fmtl=None):
     if "seed" in inspect.signature(get_aggregator_class(aggregator)).parameters:
         aggregator = create_aggregator(aggregator, seed=0)  # the same random draws on every rank
     torch.manual_seed(0)
@@ -53,6 +53,7 @@ def _module(aggregator="ls", gradient_mode="parameter"):
         optimizer=functools.partial(torch.optim.SGD, lr=0.5),
         aggregator=aggregator,
         gradient_mode=gradient_mode,
+        fmtl=fmtl,
     )
 
 
@@ -66,8 +67,21 @@ def _module(aggregator="ls", gradient_mode="parameter"):
 def test_ddp_step_equals_single_process_step_on_concatenated_batch(tmp_path, aggregator, mode):
     """Loss weighting: DDP's own gradient averaging. Parameter level: the engine averages the
     Jacobian over ranks. Representation level: the m x m Gramian is reduced over ranks."""
+    _check_ddp_step(tmp_path, _module(aggregator, mode))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregator", ["ls", "uw", "pcgrad", "nashmtl"])
+def test_fmtl_ddp_step_equals_single_process_step_on_concatenated_batch(tmp_path, aggregator):
+    """F-MTL perturbs with the rank-averaged gradients and averages the perturbed ones: the DDP step is
+    the single-process step on the concatenated batch (no m-sharpness)."""
+    from lightning_mtl.sharpness.fmtl import FMTL
+
+    _check_ddp_step(tmp_path, _module(aggregator, fmtl=FMTL(rho=0.3, adaptive=aggregator == "pcgrad")))
+
+
+def _check_ddp_step(tmp_path, module):
     dm = tiny_multidigits(batch_size=8)
-    module = _module(aggregator, mode)
     start = copy.deepcopy(module)
     trainer = tiny_trainer(
         strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
