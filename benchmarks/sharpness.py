@@ -1,0 +1,325 @@
+"""Sharpness-aware training steps against hand-written baselines, same process, model and batches.
+
+``--methods sam`` (the default): the ``SharpnessAwareMinimization`` callback on a plain LightningModule
+against a hand-written two-pass SAM loop in plain PyTorch (the structure of the reference code: a
+forward/backward, ``e = rho g / |g|`` added in place, BatchNorm momentum set to 0, a second
+forward/backward, ``e`` subtracted, the base step). Target: ratio <= 1.05. A plain step under Lightning
+and by hand are timed too, so Lightning's own floor is visible.
+
+Two measurements. Rounds: each side runs ``--steps`` steps alone (the first ``--warmup`` untimed), the
+sides alternate for ``--repeats`` rounds; a side's time is the median of its step durations, then the
+median over rounds. Paired (the headline figure on a shared machine): one Lightning run in which,
+after every step, the hand-written side takes one step on the same batch; the ratio of the median step
+durations, median over ``--repeats`` runs. Both sides then meet the same moment's load. Every side
+starts from the same weights and sees the same batches (materialized once). ``--quick`` uses one torch
+thread, which keeps the figures stable on a loaded 2-core machine. New methods (F-MTL and its official
+step structure) plug in as another entry of ``METHODS``: the sides, the ratios and the pairs.
+
+    python benchmarks/sharpness.py                   # full run
+    python benchmarks/sharpness.py --quick           # about a minute on a 2-core CPU
+    python benchmarks/sharpness.py --methods sam --batch-size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import emit, median, now  # noqa: E402
+
+from lightning_mtl import DigitsCNN  # noqa: E402
+from lightning_mtl.datamodules import Digits  # noqa: E402
+from lightning_mtl.sharpness import SharpnessAwareMinimization  # noqa: E402
+
+# -- the shared pieces --------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What every side gets: the template model, the batches, the device and the hyperparameters."""
+
+    template: nn.Module
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    device: torch.device
+    precision: str
+    lr: float = 0.05
+    rho: float = 0.05
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _StepClock(pl.Callback):
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.stamps.append(now(self.device))
+
+
+class PlainClassifier(pl.LightningModule):
+    """A user's plain module; SAM comes only from the callback."""
+
+    def __init__(self, net: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.net, self.lr = net, lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _autocast(setup: Setup) -> Any:
+    if setup.precision == "bf16-mixed":
+        return torch.autocast(setup.device.type, dtype=torch.bfloat16)
+    return torch.autocast(setup.device.type, enabled=False)
+
+
+def _lightning(setup: Setup, callbacks: list[pl.Callback]) -> list[float]:
+    clock = _StepClock(setup.device)
+    trainer = pl.Trainer(
+        accelerator=setup.device.type, devices=1, max_steps=len(setup.batches), limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[*callbacks, clock], precision=setup.precision, num_sanity_val_steps=0,
+    )  # fmt: skip
+    module = PlainClassifier(copy.deepcopy(setup.template), setup.lr)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(setup.batches, batch_size=None))
+    return clock.stamps
+
+
+# -- the sides ----------------------------------------------------------------------------------
+# A hand-written side is a factory: setup -> step(x, y), so that it can run alone (a loop over the
+# batches) or interleaved step by step with a Lightning run (the paired measurement).
+
+
+def plain_hand_step(setup: Setup) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    net = copy.deepcopy(setup.template).to(setup.device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=setup.lr, momentum=0.9)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(setup):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def sam_hand_step(setup: Setup) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """Two-pass SAM written out, as in the reference implementation."""
+    net = copy.deepcopy(setup.template).to(setup.device).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    optimizer = torch.optim.SGD(params, lr=setup.lr, momentum=0.9)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(setup):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        with torch.no_grad():
+            grad_norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
+            scale = setup.rho / (grad_norm + 1e-12)
+            perturbation = [p.grad * scale for p in params]
+            for p, e in zip(params, perturbation):
+                p.add_(e)
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = 0.0  # BatchNorm statistics from the first pass only
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(setup):
+            second = F.cross_entropy(net(x), y)
+        second.backward()
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        with torch.no_grad():
+            for p, e in zip(params, perturbation):
+                p.sub_(e)
+        optimizer.step()
+
+    return step
+
+
+HandStep = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _hand_loop(factory: Callable[[Setup], HandStep]) -> Callable[[Setup], list[float]]:
+    def run(setup: Setup) -> list[float]:
+        step, stamps = factory(setup), []
+        for x, y in setup.batches:
+            step(x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True))
+            stamps.append(now(setup.device))
+        return stamps
+
+    return run
+
+
+def plain_lightning(setup: Setup) -> list[float]:
+    return _lightning(setup, [])
+
+
+def sam_callback_callbacks(setup: Setup) -> list[pl.Callback]:
+    return [SharpnessAwareMinimization(rho=setup.rho)]
+
+
+def sam_callback(setup: Setup) -> list[float]:
+    return _lightning(setup, sam_callback_callbacks(setup))
+
+
+class _Interleave(pl.Callback):
+    """After each Lightning step, one hand-written step on the same batch: both sides meet the same
+    moment's load, and the per-step durations pair up."""
+
+    def __init__(self, setup: Setup, hand_step: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        self.setup, self.hand_step = setup, hand_step
+        self.ours: list[float] = []
+        self.hand: list[float] = []
+        self._resume: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        end = now(self.setup.device)
+        if self._resume is not None:
+            self.ours.append(end - self._resume)
+        x, y = self.setup.batches[batch_idx]
+        start = now(self.setup.device)
+        self.hand_step(x.to(self.setup.device), y.to(self.setup.device))
+        self.hand.append(now(self.setup.device) - start)
+        self._resume = now(self.setup.device)
+
+
+def paired(setup: Setup, callbacks: list[pl.Callback], hand_factory: Callable[[Setup], Any]) -> tuple[float, float]:
+    """Median per-step time of the Lightning side and of the hand-written side, interleaved step by step."""
+    interleave = _Interleave(setup, hand_factory(setup))
+    _lightning(setup, [*callbacks, interleave])
+    # the Lightning duration of step i runs from the end of hand step i-1 to the end of Lightning step i
+    warm = max(1, len(interleave.ours) // 5)
+    return median(interleave.ours[warm:]), median(interleave.hand[warm + 1 :])
+
+
+@dataclass
+class Method:
+    """The sides of one method, timed alone in alternating rounds, and the pairs timed interleaved."""
+
+    sides: dict[str, Callable[[Setup], list[float]]]
+    ratios: dict[str, tuple[str, str]]  # name -> (ours, baseline), from the rounds
+    paired: dict[str, tuple[Callable[[Setup], list[pl.Callback]], Callable[[Setup], Any]]]  # name -> (ours, hand)
+    targets: dict[str, float]
+    floor_pair: tuple[str, str] | None = None  # (ours, Lightning's floor): the method's own overhead in ms
+
+
+METHODS: dict[str, Method] = {
+    "sam": Method(
+        sides={"plain_hand": _hand_loop(plain_hand_step), "plain_lightning": plain_lightning,
+               "sam_hand": _hand_loop(sam_hand_step), "sam_callback": sam_callback},  # fmt: skip
+        ratios={"sam_callback_vs_hand": ("sam_callback", "sam_hand"),
+                "lightning_floor": ("plain_lightning", "plain_hand"),
+                "sam_cost": ("sam_hand", "plain_hand")},  # fmt: skip
+        paired={"sam_callback_vs_hand_paired": (sam_callback_callbacks, sam_hand_step),
+                "lightning_floor_paired": (lambda setup: [], plain_hand_step)},  # fmt: skip
+        targets={"sam_callback_vs_hand": 1.05, "sam_callback_vs_hand_paired": 1.05},
+        floor_pair=("sam_callback_vs_hand_paired", "lightning_floor_paired"),
+    ),
+}
+
+
+def per_step(stamps: list[float], warmup: int) -> float:
+    """Median of the step durations after the warm-up: robust to bursts from other jobs on the machine."""
+    timed = stamps[warmup:]
+    return median([b - a for a, b in zip(timed, timed[1:])])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short run (about a minute on a 2-core CPU)")
+    parser.add_argument("--methods", nargs="+", default=["sam"], choices=sorted(METHODS))
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="widths of the DigitsCNN stages")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.repeats, args.batch_size = 16, 3, 3, 128
+        args.channels, args.threads = (16, 32), args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+
+    data = Digits(as_dict=False, batch_size=args.batch_size, seed=0)
+    data.setup("fit")
+    available = list(data.train_dataloader())
+    available = [b for b in available if len(b[1]) == args.batch_size] or available
+    batches = [available[i % len(available)] for i in range(args.steps)]
+    if device.type == "cuda":
+        batches = [(x.to(device), y.to(device)) for x, y in batches]
+    torch.manual_seed(0)
+    template = nn.Sequential(DigitsCNN(channels=tuple(args.channels)), nn.Linear(128, 10))
+    setup = Setup(template, batches, device, args.precision, rho=args.rho)
+
+    figures: dict[str, Any] = {"benchmark": "sharpness", "device": device.type, "batch_size": args.batch_size,
+                               "steps": args.steps, "precision": args.precision}  # fmt: skip
+    print(f"device {device.type}, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), "
+          f"{args.repeats} rounds, {args.precision}, torch threads {torch.get_num_threads()}")  # fmt: skip
+    for name in args.methods:
+        method = METHODS[name]
+        times: dict[str, list[float]] = {side: [] for side in method.sides}
+        for _ in range(args.repeats):  # alternate, so drifts of the machine hit all sides alike
+            for side, run in method.sides.items():
+                times[side].append(per_step(run(setup), args.warmup))
+        ms = {side: 1000 * median(values) for side, values in times.items()}
+        for side, value in ms.items():
+            print(f"  {name}/{side:<28}{value:9.2f} ms/step")
+            figures[f"{name}_{side}_ms"] = round(value, 3)
+        excess: dict[str, float] = {}
+        for pair_name, (callbacks, hand_factory) in method.paired.items():
+            values = [paired(setup, callbacks(setup), hand_factory) for _ in range(args.repeats)]
+            ratio = median([ours / hand for ours, hand in values])
+            excess[pair_name] = 1000 * median([ours - hand for ours, hand in values])
+            target = method.targets.get(pair_name)
+            note = f"  (target <= {target})" if target else ""
+            ours_ms, hand_ms = (1000 * median([v[i] for v in values]) for i in (0, 1))
+            print(f"  {name}/{pair_name:<28}{ratio:9.3f}{note}  (ours {ours_ms:.2f} ms, hand {hand_ms:.2f} ms)")
+            figures[f"{name}_{pair_name}"] = round(ratio, 4)
+            if target:
+                figures[f"{name}_{pair_name}_target"] = target
+        if method.floor_pair is not None:
+            ours_pair, floor_pair = method.floor_pair
+            own = excess[ours_pair] - excess[floor_pair]
+            print(f"  {name}/{'own overhead':<28}{own:9.2f} ms/step  (paired excess over the hand-written step, "
+                  f"minus Lightning's own: {excess[ours_pair]:.2f} - {excess[floor_pair]:.2f} ms)")
+            figures[f"{name}_own_overhead_ms"] = round(own, 3)
+        for ratio_name, (ours, base) in method.ratios.items():
+            ratio = ms[ours] / ms[base]
+            target = method.targets.get(ratio_name)
+            note = f"  (target <= {target})" if target else ""
+            print(f"  {name}/{ratio_name:<28}{ratio:9.3f}{note}")
+            figures[f"{name}_{ratio_name}"] = round(ratio, 4)
+            if target:
+                figures[f"{name}_{ratio_name}_target"] = target
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()
