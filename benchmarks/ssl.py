@@ -16,16 +16,20 @@
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
 import sys
-import warnings
-from types import SimpleNamespace
 
-import torch
+# This file shares its name with the standard library's ssl module, which torch imports: keep its folder
+# behind the standard library on the path (Python puts it first when the script runs).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
 
-sys.path.insert(0, os.path.dirname(__file__))
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import warnings  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
 from _timing import emit, median, now  # noqa: E402
 
 from lightning_mtl.architectures.resnet_cifar import ResNet18  # noqa: E402

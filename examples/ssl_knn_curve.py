@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot(*zip(*knn), marker="o", markersize=3, color=colour, label=f"{label}: weighted kNN")
         if probe:
             ax.plot(*zip(*probe), linestyle="--", color=colour, alpha=0.6, label=f"{label}: online linear probe")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_title(args.title, fontsize=10)

@@ -151,3 +151,15 @@ def test_bad_arguments_are_clear_errors():
         MixedBarlowTwins(_backbone(), mix_beta=(0.0, 1.0))
     with pytest.raises(ValueError, match="feature_dim"):
         BarlowTwins(nn.Flatten())
+
+
+@pytest.mark.parametrize("precision, accumulate", [("bf16-mixed", 1), ("32-true", 2)])
+def test_mixed_precision_and_accumulation(precision, accumulate):
+    """bf16 autocast: the loss is still computed in float32; accumulation: each micro-batch is its own
+    Barlow Twins batch (standardized on its own, its own alpha and permutation)."""
+    module = MixedBarlowTwins(_backbone(), embedding_dim=16, projector_hidden=(16,), warmup_epochs=0)
+    trainer = tiny_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, precision=precision,
+                           accumulate_grad_batches=accumulate)  # fmt: skip
+    trainer.fit(module, datamodule=_digits())
+    assert trainer.global_step == 4 // accumulate
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
