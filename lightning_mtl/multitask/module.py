@@ -54,7 +54,9 @@ class MultiTaskModule(pl.LightningModule):
     is better); the same under ``test/``.
 
     Args:
-        encoder: the shared encoder, any ``nn.Module`` mapping inputs to ``[batch, features]``.
+        encoder: the shared encoder, any ``nn.Module`` mapping inputs to ``[batch, features]``, or a
+            multi-task architecture of :mod:`lightning_mtl.architectures` (its task-specific parts then
+            wrap each task's head; gradient methods aggregate over the encoder's shared parameters).
         tasks: task name -> :class:`~lightning_mtl.multitask.tasks.Task`; names must match the keys of
             the labels the data module yields.
         aggregator: how task losses are combined: a registered name (``"ls"``) or an
@@ -116,6 +118,16 @@ class MultiTaskModule(pl.LightningModule):
         self.save_hyperparameters(
             ignore=["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler", "fmtl"], logger=False
         )
+        if callable(getattr(encoder, "attach", None)):
+            # a multi-task architecture (MTAN, MMoE, PLE, cross-stitch, ...; lightning_mtl.architectures):
+            # the encoder holds the shared parameters, its task-specific parts wrap each task's head
+            if gradient_mode == "representation" and not getattr(encoder, "returns_tensor", True):
+                raise ValueError(
+                    f"gradient_mode='representation' needs one shared representation; {type(encoder).__name__} "
+                    "has task-specific representations: use gradient_mode='parameter'"
+                )
+            tasks = encoder.attach(dict(tasks))
+            feature_dim = feature_dim or encoder.out_features
 
         self.encoder = encoder
         self.tasks = dict(tasks)

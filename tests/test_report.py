@@ -1,0 +1,107 @@
+"""The report: CSV-logger and W&B offline run folders -> Markdown / CSV table with Delta m %, and a chart."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_mtl.report import build_rows, find_runs, main
+from tests.helpers import tiny_module, tiny_multidigits, tiny_trainer
+
+
+def _csv_run(folder, rows):
+    """A CSV logger's metrics.csv: sparse rows, one per log call, blanks elsewhere."""
+    folder.mkdir(parents=True)
+    keys = sorted({k for r in rows for k in r})
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _wandb_run(folder, summary):
+    files = folder / "wandb" / "offline-run-20250101_000000-abc123" / "files"
+    files.mkdir(parents=True)
+    (files / "wandb-summary.json").write_text(json.dumps(summary))
+
+
+def _fixture(tmp_path):
+    # a multi-task run logged by the CSV logger: validation twice, test once at the end
+    _csv_run(tmp_path / "pcgrad" / "version_0", [
+        {"epoch": 0, "step": 9, "train/seg/loss": 1.0},
+        {"epoch": 0, "step": 9, "val/seg/miou": 0.30, "val/depth/abs_err": 0.70},
+        {"epoch": 1, "step": 19, "val/seg/miou": 0.36, "val/depth/abs_err": 0.62},
+        {"epoch": 1, "step": 19, "test/seg/miou": 0.40, "test/depth/abs_err": 0.55, "test/seg/loss": 0.9,
+         "test/mean/loss": 0.8},
+    ])  # fmt: skip
+    # a multi-task run from W&B offline
+    _wandb_run(tmp_path / "mgda", {"test/seg/miou": 0.35, "test/depth/abs_err": 0.50, "_step": 20,
+                                   "test/seg/pixel_acc": 0.6, "best": {"nested": 1}})  # fmt: skip
+    _csv_run(tmp_path / "single_seg" / "version_0", [{"test/seg/miou": 0.38, "test/seg/pixel_acc": 0.7}])
+    _csv_run(tmp_path / "single_depth" / "version_0", [{"test/depth/abs_err": 0.60}])
+
+
+def test_rows_and_delta_m_by_hand(tmp_path):
+    _fixture(tmp_path)
+    runs = find_runs(tmp_path / "pcgrad") + find_runs(tmp_path / "mgda")
+    assert [r.name for r in runs] == ["pcgrad/version_0", "mgda/wandb/offline-run-20250101_000000-abc123"]
+    baselines = find_runs(tmp_path / "single_seg") + find_runs(tmp_path / "single_depth")
+    columns, rows = build_rows(runs, baselines)
+    assert columns == ["seg/miou", "seg/pixel_acc", "depth/abs_err", "delta_m"]
+    pcgrad, mgda = rows[2], rows[3]
+    assert pcgrad["seg/miou"] == 0.40 and pcgrad["depth/abs_err"] == 0.55  # test values, losses left out
+    # seg: -(0.40 - 0.38) / 0.38 (pixel_acc not logged by this run); depth: (0.55 - 0.60) / 0.60
+    assert pcgrad["delta_m"] == pytest.approx(100 * (-(0.02 / 0.38) + (-0.05 / 0.60)) / 2)
+    # seg: mean of miou and pixel_acc terms; depth: (0.50 - 0.60) / 0.60
+    seg = (-(0.35 - 0.38) / 0.38 - (0.6 - 0.7) / 0.7) / 2
+    assert mgda["delta_m"] == pytest.approx(100 * (seg + (-0.1 / 0.6)) / 2)
+    assert rows[0]["kind"] == "single-task" and "delta_m" not in rows[0]
+    # --stage val reads the last validation values
+    _, val_rows = build_rows(find_runs(tmp_path / "pcgrad"), stage="val")
+    assert val_rows[0]["seg/miou"] == 0.36 and val_rows[0]["stage"] == "val"
+
+
+def test_command_writes_markdown_csv_and_png(tmp_path):
+    _fixture(tmp_path)
+    out = tmp_path / "report"
+    paths = main([str(tmp_path / "pcgrad"), str(tmp_path / "mgda"), "--baselines", str(tmp_path / "single_seg"),
+                  str(tmp_path / "single_depth"), "--out", str(out)])  # fmt: skip
+    markdown = paths["md"].read_text().splitlines()
+    assert markdown[0].startswith("| run | kind | stage | seg/miou") and "Delta m %" in markdown[0]
+    assert len(markdown) == 2 + 4 and "| pcgrad/version_0 | multi-task | test | 0.4000 |" in markdown[4]
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert float(table[3]["delta_m"]) == pytest.approx(100 * (((0.03 / 0.38) + (0.1 / 0.7)) / 2 - 0.1 / 0.6) / 2)
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_report_on_a_real_csv_logger_run(tmp_path):
+    trainer = tiny_trainer(max_steps=2, limit_val_batches=1, limit_test_batches=1,
+                           logger=CSVLogger(tmp_path, name="real"))  # fmt: skip
+    model, data = tiny_module(), tiny_multidigits()
+    trainer.fit(model, data)
+    trainer.test(model, data)
+    _csv_run(tmp_path / "single" / "version_0", [{"test/left/acc": 0.5, "test/right/acc": 0.5}])
+    columns, rows = build_rows(find_runs(tmp_path / "real"), find_runs(tmp_path / "single"))
+    real = rows[-1]
+    assert columns == ["left/acc", "right/acc", "delta_m"]
+    expected = 100 * ((-(real["left/acc"] - 0.5) / 0.5) + (-(real["right/acc"] - 0.5) / 0.5)) / 2
+    assert real["delta_m"] == pytest.approx(expected)
+
+
+def test_errors_and_help(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="metrics.csv or a W&B offline run"):
+        find_runs(tmp_path)
+    _csv_run(tmp_path / "odd", [{"test/t/sharpness": 1.0}])
+    _csv_run(tmp_path / "odd_single", [{"test/t/sharpness": 2.0}])
+    with pytest.raises(ValueError, match="--higher sharpness"):
+        build_rows(find_runs(tmp_path / "odd"), find_runs(tmp_path / "odd_single"))
+    _, rows = build_rows(find_runs(tmp_path / "odd"), find_runs(tmp_path / "odd_single"), extra_higher=["sharpness"])
+    assert rows[1]["delta_m"] == pytest.approx(50.0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--baselines" in capsys.readouterr().out
