@@ -12,12 +12,18 @@ median over rounds. Paired (the headline figure on a shared machine): one Lightn
 after every step, the hand-written side takes one step on the same batch; the ratio of the median step
 durations, median over ``--repeats`` runs. Both sides then meet the same moment's load. Every side
 starts from the same weights and sees the same batches (materialized once). ``--quick`` uses one torch
-thread, which keeps the figures stable on a loaded 2-core machine. New methods (F-MTL and its official
-step structure) plug in as another entry of ``METHODS``: the sides, the ratios and the pairs.
+thread, which keeps the figures stable on a loaded 2-core machine.
 
-    python benchmarks/sharpness.py                   # full run
-    python benchmarks/sharpness.py --quick           # about a minute on a 2-core CPU
+``--methods fmtl``: ``MultiTaskModule(aggregator, fmtl=FMTL(...))`` (perturbed passes in a loop, and
+vmapped) against the official F-MTL step structure rebuilt here (``FMTLOfficial``), on the models and
+batches of ``benchmarks/aggregation.py`` (the small CNN and ResNet-18 with the CIFAR stem, m task heads),
+m in ``--tasks``. Targets: <= 1.0x the official structure on a CPU, <= 0.6x at m = 10 on a GPU (bf16,
+ResNet-18, batch 256).
+
+    python benchmarks/sharpness.py                   # full run: SAM, then F-MTL
+    python benchmarks/sharpness.py --quick           # a few minutes on a 2-core CPU
     python benchmarks/sharpness.py --methods sam --batch-size 512
+    python benchmarks/sharpness.py --methods fmtl --device cuda --precision bf16-mixed --encoders resnet18 --tasks 2 10 40
 """
 
 from __future__ import annotations
@@ -38,10 +44,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import emit, median, now  # noqa: E402
+from aggregation import reference_losses  # noqa: E402
 
-from lightning_mtl import DigitsCNN  # noqa: E402
+from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule  # noqa: E402
+from lightning_mtl.aggregators import create_aggregator  # noqa: E402
 from lightning_mtl.datamodules import Digits  # noqa: E402
-from lightning_mtl.sharpness import SharpnessAwareMinimization  # noqa: E402
+from lightning_mtl.sharpness import FMTL, SharpnessAwareMinimization  # noqa: E402
 
 # -- the shared pieces --------------------------------------------------------------------------
 
@@ -239,6 +247,137 @@ METHODS: dict[str, Method] = {
 }
 
 
+# -- F-MTL: ours against the official step structure -------------------------------------------
+class FMTLOfficial:
+    """The step structure of the official F-MTL code, rebuilt: one forward of all heads; per task a
+    backward of l_i into ``.grad`` and per-parameter copies of its gradients and perturbation; then per
+    task the parameters overwritten with ``theta + e_i``, a forward of the whole model (every head), a
+    backward of ``l_i`` and per-parameter copies of the SAM gradients; BatchNorm momentum 0 in the
+    perturbed passes; the aggregation of the loss and flat gradients (our aggregator's math, so that
+    the two sides differ only in how the gradients are obtained); the shared weights restored."""
+
+    def __init__(self, encoder, heads, batch, amp, aggregator, flat_aggregator, rho):
+        self.encoder, self.heads, self.batch, self.amp, self.rho = encoder, heads, batch, amp, rho
+        self.aggregator, self.flat_aggregator = aggregator, flat_aggregator
+        self.shared = [p for p in encoder.parameters() if p.requires_grad]
+        self.params = self.shared + list(heads.parameters())
+        self.norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def zero(self):
+        for p in self.params:
+            p.grad = None
+
+    def _ascent(self, params):
+        grads = [p.grad.detach().clone() for p in params]
+        norm = torch.norm(torch.stack([g.norm() for g in grads]))
+        return grads, [g * (self.rho / (norm + 1e-12)) for g in grads]
+
+    def step(self):
+        x, ys = self.batch
+        names = list(self.heads)
+        _, losses = reference_losses(self.encoder, self.heads, self.batch, self.amp)
+        old = [p.detach().clone() for p in self.shared]
+        loss_grads, e_shared, e_head = [], [], []
+        for i, name in enumerate(names):
+            self.zero()
+            losses[i].backward(retain_graph=True)
+            g, e = self._ascent(self.shared)
+            loss_grads.append(g)
+            e_shared.append(e)
+            e_head.append(self._ascent(list(self.heads[name].parameters()))[1])
+        momenta = [m.momentum for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+        self.zero()
+        sam_grads = []
+        for i, name in enumerate(names):
+            head = list(self.heads[name].parameters())
+            head_old = [p.detach().clone() for p in head]
+            with torch.no_grad():
+                for p, w, e in zip(self.shared, old, e_shared[i]):
+                    p.copy_(w + e)
+                for p, w, e in zip(head, head_old, e_head[i]):
+                    p.copy_(w + e)
+            with self.amp():
+                z = self.encoder(x)
+                outs = {n: h(z) for n, h in self.heads.items()}  # every head, as the official code
+                loss = F.cross_entropy(outs[name].float(), ys[name])
+            loss.backward()
+            sam_grads.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.shared])
+            for p in self.shared:
+                p.grad = None
+            with torch.no_grad():
+                for p, w in zip(head, head_old):
+                    p.copy_(w)
+        for m, momentum in zip(self.norms, momenta):
+            m.momentum = momentum
+        jac = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in loss_grads])
+        jac_sam = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in sam_grads])
+        direction = self.aggregator.aggregate(jac) + self.flat_aggregator.aggregate(jac_sam - jac)
+        start = 0
+        with torch.no_grad():
+            for p, w in zip(self.shared, old):
+                p.copy_(w)
+                p.grad = direction[start : start + p.numel()].view_as(p).clone()
+                start += p.numel()
+
+
+class OursFMTL:
+    """``MultiTaskModule(aggregator, fmtl=FMTL(...))``: the engine's loss gradients, then the m perturbed
+    passes one by one or vmapped (``batched``); timed as ``module.backward(module.training_step(batch))``."""
+
+    def __init__(self, module, batch, amp):
+        self.module, self.batch, self.amp = module, batch, amp
+
+    def zero(self):
+        for p in self.module.parameters():
+            p.grad = None
+
+    def step(self):
+        with self.amp():
+            loss = self.module.training_step(self.batch, 0)
+        self.module.backward(loss)
+
+
+def run_fmtl(args, device: torch.device) -> list[dict[str, Any]]:
+    """F-MTL (separate normalization, SAM form) against the official step structure, per encoder, m, method."""
+    from aggregation import NUM_CLASSES, build_encoder, make_batch, measure, task_names  # the same model and data
+
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16-mixed" else (
+        lambda: torch.autocast(device.type, enabled=False))  # fmt: skip
+    rows = []
+    for encoder_name in args.encoders:
+        for m in args.tasks:
+            torch.manual_seed(0)
+            encoder, shape = build_encoder(encoder_name)
+            tasks = {n: ClassificationTask(NUM_CLASSES) for n in task_names(m)}
+            template = MultiTaskModule(encoder=encoder, tasks=tasks).to(device)
+            batch = make_batch(m, shape, args.fmtl_batch_size, device)
+            for method in args.aggregators:
+
+                def ours(batched: bool) -> OursFMTL:
+                    module = MultiTaskModule(encoder=copy.deepcopy(template.encoder), tasks=tasks, aggregator=method,
+                                             fmtl=FMTL(rho=args.rho, batched=batched, chunk_size=args.fmtl_chunk))
+                    module.heads = copy.deepcopy(template.heads)
+                    return OursFMTL(module.to(device).train(), batch, amp)
+
+                official = FMTLOfficial(
+                    copy.deepcopy(template.encoder).train(), copy.deepcopy(template.heads).train(), batch, amp,
+                    create_aggregator(method).to(device), create_aggregator(method).to(device), args.rho,
+                )  # fmt: skip
+                sides = {"official": official, "ours_loop": ours(False), "ours_vmap": ours(True)}
+                ms = measure(sides, args.repeats, args.fmtl_steps, 1, device)
+                row = {"encoder": encoder_name, "m": m, "method": method,
+                       **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
+                       "loop_vs_official": round(ms["ours_loop"] / ms["official"], 4),
+                       "vmap_vs_official": round(ms["ours_vmap"] / ms["official"], 4)}  # fmt: skip
+                print(f"  fmtl/{encoder_name:8s} m={m:<3d} {method:8s} official {ms['official']:9.1f} ms  "
+                      f"ours loop {ms['ours_loop']:9.1f} ({row['loop_vs_official']:.3f})  "
+                      f"ours vmap {ms['ours_vmap']:9.1f} ({row['vmap_vs_official']:.3f})")  # fmt: skip
+                rows.append(row)
+    return rows
+
+
 def per_step(stamps: list[float], warmup: int) -> float:
     """Median of the step durations after the warm-up: robust to bursts from other jobs on the machine."""
     timed = stamps[warmup:]
@@ -248,7 +387,7 @@ def per_step(stamps: list[float], warmup: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (about a minute on a 2-core CPU)")
-    parser.add_argument("--methods", nargs="+", default=["sam"], choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["sam", "fmtl"], choices=sorted([*METHODS, "fmtl"]))
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
@@ -258,10 +397,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="widths of the DigitsCNN stages")
+    fmtl = parser.add_argument_group("F-MTL (--methods fmtl): the aggregation benchmark's models and batches")
+    fmtl.add_argument("--encoders", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
+    fmtl.add_argument("--tasks", nargs="+", type=int, default=[2, 10, 40], help="numbers of tasks m")
+    fmtl.add_argument("--aggregators", nargs="+", default=["ls", "pcgrad", "cagrad"])
+    fmtl.add_argument("--fmtl-batch-size", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
+    fmtl.add_argument("--fmtl-steps", type=int, default=3, help="timed steps per side and round")
+    fmtl.add_argument("--fmtl-chunk", type=int, default=None, help="tasks per vmapped perturbed pass")
     args = parser.parse_args()
+    if args.fmtl_batch_size is None:
+        args.fmtl_batch_size = 256 if args.device.startswith("cuda") else 32
     if args.quick:
         args.steps, args.warmup, args.repeats, args.batch_size = 16, 3, 3, 128
         args.channels, args.threads = (16, 32), args.threads or 1
+        args.encoders, args.tasks, args.aggregators, args.fmtl_steps = ["digits"], [2, 10], ["pcgrad"], 2
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -282,7 +431,7 @@ def main() -> None:
                                "steps": args.steps, "precision": args.precision}  # fmt: skip
     print(f"device {device.type}, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), "
           f"{args.repeats} rounds, {args.precision}, torch threads {torch.get_num_threads()}")  # fmt: skip
-    for name in args.methods:
+    for name in [n for n in args.methods if n in METHODS]:
         method = METHODS[name]
         times: dict[str, list[float]] = {side: [] for side in method.sides}
         for _ in range(args.repeats):  # alternate, so drifts of the machine hit all sides alike
@@ -318,6 +467,9 @@ def main() -> None:
             figures[f"{name}_{ratio_name}"] = round(ratio, 4)
             if target:
                 figures[f"{name}_{ratio_name}_target"] = target
+    if "fmtl" in args.methods:
+        figures["fmtl"] = run_fmtl(args, device)
+        figures["fmtl_target_cpu"], figures["fmtl_target_gpu_m10"] = 1.0, 0.6
     emit(figures)
 
 

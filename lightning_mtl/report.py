@@ -229,7 +229,7 @@ def _plot(columns: list[str], rows: list[dict[str, object]], path: Path) -> None
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_mtl.report",
+        prog="python -m lightning_mtl report",
         description="Per-task metrics and Delta m %% of runs (CSV logger or W&B offline folders): "
         "writes report.md, report.csv and report.png.",
     )

@@ -105,3 +105,16 @@ def test_errors_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "--baselines" in capsys.readouterr().out
+
+
+def test_the_package_entry_dispatches_report(tmp_path):
+    """`python -m lightning_mtl report ...` reaches the report, every other first word the Lightning CLI."""
+    import subprocess
+    import sys
+
+    _fixture(tmp_path)
+    out = tmp_path / "entry"
+    done = subprocess.run([sys.executable, "-m", "lightning_mtl", "report", str(tmp_path / "pcgrad"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "report.md").read_text().startswith("| run |")
