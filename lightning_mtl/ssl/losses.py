@@ -75,13 +75,14 @@ def _global_count(n: int, sync: bool, device: torch.device) -> Tensor:
     return count
 
 
-def standardize(views: Tensor, sync: bool | None = None, eps: float = 1e-8) -> Tensor:
+def standardize(views: Tensor, sync: bool | None = None, eps: float = 1e-8, count: Tensor | None = None) -> Tensor:
     """Standardize embeddings per dimension over the (global) batch.
 
     Args:
         views: ``[n, d]`` or stacked views ``[V, n, d]`` (one mean / std per view and dimension).
         sync: sum the statistics over the DDP ranks (default: when a process group is running).
         eps: added to the variance (a dimension with zero variance becomes 0 instead of NaN).
+        count: the global batch size, when the caller has it already (saves a reduction).
 
     Returns:
         ``(z - mean) / sqrt(var + eps)`` with the unbiased variance of the global batch, same shape.
@@ -89,7 +90,7 @@ def standardize(views: Tensor, sync: bool | None = None, eps: float = 1e-8) -> T
     sync = _resolve_sync(sync)
     single = views.dim() == 2
     z = views.unsqueeze(0) if single else views
-    n = _global_count(z.shape[1], sync, z.device)
+    n = count if count is not None else _global_count(z.shape[1], sync, z.device)
     if n < 2:
         raise ValueError(f"Barlow Twins standardizes over the batch and needs at least 2 samples, got {int(n)}")
     mean = differentiable_sum(z.sum(1), sync) / n
@@ -99,10 +100,10 @@ def standardize(views: Tensor, sync: bool | None = None, eps: float = 1e-8) -> T
     return out.squeeze(0) if single else out
 
 
-def cross_correlation(z_a: Tensor, z_b: Tensor, sync: bool | None = None) -> Tensor:
+def cross_correlation(z_a: Tensor, z_b: Tensor, sync: bool | None = None, count: Tensor | None = None) -> Tensor:
     """``Z_A^T Z_B / N`` over the global batch (standardize first). ``[d_a, d_b]``."""
     sync = _resolve_sync(sync)
-    n = _global_count(z_a.shape[0], sync, z_a.device)
+    n = count if count is not None else _global_count(z_a.shape[0], sync, z_a.device)
     return differentiable_sum(z_a.T @ z_b, sync) / n
 
 
@@ -133,8 +134,9 @@ def barlow_twins_loss(
     sync = _resolve_sync(sync)
     with torch.autocast(z_a.device.type, enabled=False):
         z_a, z_b = _float32(z_a, z_b)
-        za, zb = standardize(torch.stack([z_a, z_b]), sync, eps)
-        c = cross_correlation(za, zb, sync)
+        n = _global_count(z_a.shape[0], sync, z_a.device)
+        za, zb = standardize(torch.stack([z_a, z_b]), sync, eps, count=n)
+        c = cross_correlation(za, zb, sync, count=n)
         loss, on_diag, off_diag = _bt_terms(c, lambda_bt)
     zero = loss.new_zeros(())
     return BarlowTwinsLossTerms(loss=loss, loss_bt=loss, on_diag=on_diag, off_diag=off_diag, loss_reg=zero)
@@ -181,8 +183,8 @@ def mixed_barlow_twins_loss(
     sync = _resolve_sync(sync)
     with torch.autocast(z_a.device.type, enabled=False):
         z_a, z_b, z_m = _float32(z_a, z_b, z_m)
-        za, zb, zm = standardize(torch.stack([z_a, z_b, z_m]), sync, eps)
-        n = _global_count(za.shape[0], sync, za.device)
+        n = _global_count(z_a.shape[0], sync, z_a.device)
+        za, zb, zm = standardize(torch.stack([z_a, z_b, z_m]), sync, eps, count=n)
         residual = zm - alpha * za - (1 - alpha) * zb[perm]
         d = za.shape[1]
         # one reduction for [C_AB | C_MA - C_MA* | C_MB - C_MB*]
