@@ -10,24 +10,20 @@
    epoch of ``--val`` samples; the time of collecting the bank during the epoch, building (gathering and
    normalizing) it, and voting for every validation sample, against the measured time of a training epoch.
 
-    python benchmarks/ssl.py            # ResNet-18, batch 256, 32x32 (a GPU run: cuda when there is one)
-    python benchmarks/ssl.py --quick    # about a minute on a 2-core CPU (narrow ResNet-18, batch 64)
+    python benchmarks/barlow_twins.py            # ResNet-18, batch 256, 32x32 (a GPU run: cuda when there is one)
+    python benchmarks/barlow_twins.py --quick    # about a minute on a 2-core CPU (narrow ResNet-18, batch 64)
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 import sys
+import warnings
+from types import SimpleNamespace
 
-# This file shares its name with the standard library's ssl module, which torch imports: keep its folder
-# behind the standard library on the path (Python puts it first when the script runs).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import warnings  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from _timing import emit, median, now  # noqa: E402
