@@ -203,7 +203,7 @@ def _plot(columns: list[str], rows: list[dict[str, object]], path: Path) -> None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ImportError("the report's chart needs matplotlib: pip install matplotlib") from error
+        raise ImportError("the report's chart needs matplotlib: pip install \"lightning-mtl[plots]\" (or matplotlib)") from error
     panels = (["delta_m"] if "delta_m" in columns else []) + [c for c in columns if c != "delta_m"][:11]
     cols = min(3, max(1, len(panels)))
     nrows = math.ceil(len(panels) / cols) or 1

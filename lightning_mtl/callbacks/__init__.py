@@ -1,6 +1,17 @@
 """Callbacks that any Lightning project can use."""
 
 from lightning_mtl.callbacks.best_metrics import BestMetricsSummary
+from lightning_mtl.callbacks.ema import EMATeacher, ema_decay
 from lightning_mtl.callbacks.gradient_conflict import GradientConflictMonitor
+from lightning_mtl.callbacks.knn import KNNMonitor, weighted_knn_predict
+from lightning_mtl.callbacks.linear_probe import OnlineLinearProbe
 
-__all__ = ["BestMetricsSummary", "GradientConflictMonitor"]
+__all__ = [
+    "BestMetricsSummary",
+    "EMATeacher",
+    "GradientConflictMonitor",
+    "KNNMonitor",
+    "OnlineLinearProbe",
+    "ema_decay",
+    "weighted_knn_predict",
+]

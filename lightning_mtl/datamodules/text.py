@@ -19,7 +19,7 @@ from lightning_mtl.multitask.tasks import MISSING_LABEL
 __all__ = ["TextMultiTask", "WordVocabulary", "load_records"]
 
 _SPLITS = ("train", "val", "test")
-_DATASETS_HINT = "TextMultiTask(engine='datasets') needs the optional `datasets` package: pip install datasets"
+_DATASETS_HINT = "TextMultiTask(engine='datasets') needs the optional `datasets` package: pip install \"lightning-mtl[text]\""
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 PAD, UNKNOWN = 0, 1
 

@@ -1,6 +1,7 @@
 """Multi-task module, task specifications and Delta m %."""
 
 from lightning_mtl.multitask.delta_m import delta_m
+from lightning_mtl.multitask.dense import DepthTask, SegmentationTask, SurfaceNormalTask
 from lightning_mtl.multitask.module import MultiTaskModule
 from lightning_mtl.multitask.tasks import (
     MISSING_LABEL,
@@ -16,9 +17,12 @@ __all__ = [
     "MISSING_LABEL",
     "BinaryTask",
     "ClassificationTask",
+    "DepthTask",
     "MultiLabelTask",
     "MultiTaskModule",
     "RegressionTask",
+    "SegmentationTask",
+    "SurfaceNormalTask",
     "Task",
     "TaskError",
     "delta_m",

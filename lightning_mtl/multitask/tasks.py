@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy, MultilabelF1Score
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MultilabelAccuracy,
+    MultilabelF1Score,
+)
 
 MISSING_LABEL = -100
 """Sentinel for a missing integer label (float labels use ``NaN``)."""
@@ -104,6 +110,10 @@ def _masked_mean(values: Tensor, mask: Tensor, anchor: Tensor) -> Tensor:
 class ClassificationTask(Task):
     """Multi-class classification: cross-entropy, accuracy.
 
+    Labels are class indices ``[B]`` (negative = missing) or, for mixed samples (mixup and its kin),
+    probability rows ``[B, num_classes]`` (a row with ``NaN`` = missing). Probability targets get the
+    soft-target cross-entropy; the metrics then count the arg-max class of the mixture as the label.
+
     Args:
         num_classes: number of classes; the head must output this many logits.
         label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
@@ -130,15 +140,20 @@ class ClassificationTask(Task):
                 f"task {name!r}: the head outputs shape {tuple(pred.shape)} but a ClassificationTask with "
                 f"num_classes={self.num_classes} needs [batch, {self.num_classes}]; fix num_classes or the head"
             )
+        if target.is_floating_point() and target.ndim == 2 and target.shape == pred.shape:
+            return target  # probability rows of mixed samples
         if target.is_floating_point() or target.ndim != 1 or target.shape[0] != pred.shape[0]:
             raise TaskError(
-                f"task {name!r}: labels must be integer class indices of shape [{pred.shape[0]}], got "
+                f"task {name!r}: labels must be integer class indices of shape [{pred.shape[0]}] (or probability "
+                f"rows [{pred.shape[0]}, {self.num_classes}]), got "
                 f"{str(target.dtype).replace('torch.', '')} of shape {tuple(target.shape)}"
             )
         return target
 
     def check_values(self, name: str, target: Tensor) -> None:
         """Range check of the labels (costs a device sync, so the module runs it on a first batch)."""
+        if target.is_floating_point():
+            return  # probability rows: their shape was checked by `check`
         valid = target[target >= 0]
         if valid.numel() and int(valid.max()) >= self.num_classes:
             raise TaskError(
@@ -147,15 +162,21 @@ class ClassificationTask(Task):
             )
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        # a summed cross-entropy over the labelled samples divided by their count is 0 (and still in the
-        # graph) when a batch has no label for this task, where the built-in mean would give NaN
-        target = torch.where(target >= 0, target, MISSING_LABEL)
-        total = F.cross_entropy(
-            pred.float(), target, ignore_index=MISSING_LABEL, label_smoothing=self.label_smoothing, reduction="sum"
-        )
-        return total / (target != MISSING_LABEL).sum().clamp_min(1)
+        if target.is_floating_point():  # probability rows of mixed samples
+            from lightning_mtl.mixup.losses import soft_target_cross_entropy  # only mixing needs the mixup package
+
+            return soft_target_cross_entropy(pred, target, self.label_smoothing)
+        labelled = target >= 0
+        target = torch.where(labelled, target, MISSING_LABEL)
+        loss = F.cross_entropy(pred.float(), target, ignore_index=MISSING_LABEL, label_smoothing=self.label_smoothing)
+        # the built-in mean is 0/0 = NaN when a batch has no label for this task: 0 then (still in the
+        # graph, with zero gradients) without a device sync, while a NaN from the logits still shows
+        return torch.where(labelled.any(), loss, 0.0)
 
     def update_metrics(self, metrics: dict[str, Metric], pred: Tensor, target: Tensor) -> None:
+        if target.is_floating_point():  # probability rows: the arg-max class of the mixture
+            missing = torch.isnan(target).any(dim=1)
+            target = torch.where(missing, MISSING_LABEL, torch.nan_to_num(target).argmax(dim=1))
         target = torch.where(target >= 0, target, MISSING_LABEL)
         for metric in metrics.values():
             metric.update(pred.detach(), target)
@@ -187,8 +208,10 @@ class MultiLabelTask(Task):
         self.threshold = float(threshold)
 
     def build_metrics(self) -> dict[str, Metric]:
-        # torchmetrics' multilabel metrics also serve num_labels == 1 and honour ignore_index
-        kwargs = dict(num_labels=max(self.num_labels, 1), threshold=self.threshold, ignore_index=MISSING_LABEL)
+        kwargs = dict(threshold=self.threshold, ignore_index=MISSING_LABEL)
+        if self.num_labels == 1:  # torchmetrics' multilabel metrics need at least two labels
+            return {"acc": BinaryAccuracy(**kwargs), "f1": BinaryF1Score(**kwargs)}
+        kwargs["num_labels"] = self.num_labels
         return {"acc": MultilabelAccuracy(average="micro", **kwargs), "f1": MultilabelF1Score(average="macro", **kwargs)}
 
     def check(self, name: str, pred: Tensor, target: Tensor) -> Tensor:
@@ -205,8 +228,12 @@ class MultiLabelTask(Task):
         mask = self.valid_mask(target)
         target = torch.where(mask, target, torch.zeros_like(target)).long()
         target = torch.where(mask, target, torch.full_like(target, MISSING_LABEL))
+        # probabilities, not logits: torchmetrics would take logits that happen to lie in [0, 1] for them
+        probs = torch.sigmoid(pred.detach().float())
+        if self.num_labels == 1:
+            probs, target = probs.reshape(-1), target.reshape(-1)
         for metric in metrics.values():
-            metric.update(pred.detach().float(), target)
+            metric.update(probs, target)
 
 
 class BinaryTask(MultiLabelTask):

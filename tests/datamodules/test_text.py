@@ -71,7 +71,7 @@ def test_trains_a_small_text_model(tmp_path):
 def test_datasets_engine_without_the_extra_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the extra were not installed
     train = _write(tmp_path / "train.jsonl", ROWS)
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(ImportError, match=r"lightning-mtl\[text\]"):
         TextMultiTask(train, tasks=["topic"]).setup()
     with pytest.raises(ImportError, match="datasets"):
         load_records({"train": train}, "datasets")

@@ -54,6 +54,21 @@ def test_binary_accepts_flat_labels_and_integer_missing():
     assert torch.allclose(task.loss(pred, target), expected)
 
 
+def test_binary_and_multilabel_metrics_read_logits_as_logits():
+    """Logits that all happen to lie in [0, 1] (0.3 is a positive prediction: sigmoid 0.57) must not be
+    taken for probabilities; one label builds binary metrics (torchmetrics' multilabel ones need two)."""
+    task = BinaryTask()
+    metrics = task.build_metrics()
+    logits = torch.tensor([[0.3], [0.2], [0.9], [0.1]])
+    task.update_metrics(metrics, logits, task.check("t", logits, torch.tensor([1, 1, 1, -100])))
+    assert metrics["acc"].compute().item() == pytest.approx(1.0)
+    assert metrics["f1"].compute().item() == pytest.approx(1.0)
+    multi = MultiLabelTask(num_labels=2)
+    metrics = multi.build_metrics()
+    multi.update_metrics(metrics, torch.tensor([[0.3, -0.2], [0.6, -1.0]]), torch.tensor([[1, 0], [1, 0]]))
+    assert metrics["acc"].compute().item() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("kind", ["mse", "l1", "smooth_l1"])
 def test_regression_masks_nan(kind):
     task = RegressionTask(out_features=2, loss=kind)
@@ -82,3 +97,20 @@ def test_label_out_of_range_is_reported():
 def test_regression_shape_mismatch():
     with pytest.raises(TaskError, match="do not match"):
         RegressionTask(out_features=2).check("depth", torch.randn(4, 2), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_classification_loss_is_the_mean_over_labelled_samples_and_zero_without_any(smoothing):
+    task = ClassificationTask(num_classes=4, label_smoothing=smoothing)
+    pred = torch.randn(5, 4, requires_grad=True)
+    target = torch.tensor([2, -1, 0, MISSING_LABEL, 3])
+    kept = torch.tensor([0, 2, 4])
+    expected = F.cross_entropy(pred[kept], target[kept], label_smoothing=smoothing)
+    torch.testing.assert_close(task.loss(pred, target), expected)
+    none = task.loss(pred, torch.full((5,), -1))
+    assert none.item() == 0.0
+    (grad,) = torch.autograd.grad(none, pred)
+    assert torch.equal(grad, torch.zeros_like(pred))
+    nan_logits = pred.detach().clone()
+    nan_logits[0, 0] = math.nan
+    assert torch.isnan(task.loss(nan_logits, target))  # a broken model still shows
