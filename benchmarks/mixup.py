@@ -27,9 +27,8 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now  # noqa: E402
+from _timing import emit, median, now, timed_fit  # noqa: E402
 
-import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from lightning_mtl.architectures.resnet_cifar import ResNet18  # noqa: E402
@@ -37,25 +36,6 @@ from lightning_mtl.callbacks.ema import EMATeacher  # noqa: E402
 from lightning_mtl.mixup.adautomix import AdAutoMix  # noqa: E402
 from lightning_mtl.multitask.module import MultiTaskModule  # noqa: E402
 from lightning_mtl.multitask.tasks import ClassificationTask  # noqa: E402
-
-
-class _StepClock(pl.Callback):
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.stamps = device, []
-
-    def on_train_batch_end(self, *args) -> None:
-        self.stamps.append(now(self.device))
-
-
-def run(module: pl.LightningModule, batches, device: torch.device, callbacks: list) -> list[float]:
-    clock = _StepClock(device)
-    trainer = pl.Trainer(
-        accelerator=device.type, devices=1, max_steps=len(batches), limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[*callbacks, clock], num_sanity_val_steps=0,
-    )  # fmt: skip
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return clock.stamps
 
 
 def per_step(stamps: list[float], warmup: int) -> float:
@@ -109,11 +89,11 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"plain": [], "plain_ema": [], "adautomix3": [], "adautomix2": []}
     for _ in range(args.repeats):  # alternate, so drifts of the machine hit all sides alike
-        times["plain"].append(per_step(run(copy.deepcopy(plain), batches, device, []), args.warmup))
-        with_ema = run(copy.deepcopy(plain), batches, device, [EMATeacher(0.999)])
+        times["plain"].append(per_step(timed_fit(copy.deepcopy(plain), batches, device, []), args.warmup))
+        with_ema = timed_fit(copy.deepcopy(plain), batches, device, [EMATeacher(0.999)])
         times["plain_ema"].append(per_step(with_ema, args.warmup))
         for k in (3, 2):
-            stamps = run(copy.deepcopy(adautomix[k]), batches, device, [ema()])
+            stamps = timed_fit(copy.deepcopy(adautomix[k]), batches, device, [ema()])
             times[f"adautomix{k}"].append(per_step(stamps, args.warmup))
     ms = {name: 1000 * median(values) for name, values in times.items()}
     update_ms = 1000 * ema_update_alone(copy.deepcopy(backbone).to(device), 20 if args.quick else 100)

@@ -22,17 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now  # noqa: E402
+from _timing import emit, median, now, timed_fit  # noqa: E402
 
 from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule  # noqa: E402
-
-
-class _StepClock(pl.Callback):
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.stamps = device, []
-
-    def on_train_batch_end(self, *args) -> None:
-        self.stamps.append(now(self.device))
 
 
 class BareModule(pl.LightningModule):
@@ -71,15 +63,7 @@ def hand_loop(model: MultiTaskModule, batches, lr: float, device: torch.device) 
 
 
 def lightning_loop(model: MultiTaskModule, batches, device: torch.device, precision: str) -> list[float]:
-    clock = _StepClock(device)
-    trainer = pl.Trainer(
-        accelerator=device.type, devices=1, max_steps=len(batches), limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
-        precision=precision, num_sanity_val_steps=0,
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    trainer.fit(model, train_dataloaders=loader)
-    return clock.stamps
+    return timed_fit(model, batches, device, precision=precision)
 
 
 def per_step(stamps: list[float], warmup: int) -> float:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now  # noqa: E402
+from _timing import emit, median, now, timed_fit  # noqa: E402
 from aggregation import reference_losses  # noqa: E402
 
 from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule  # noqa: E402
@@ -65,14 +65,6 @@ class Setup:
     lr: float = 0.05
     rho: float = 0.05
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class _StepClock(pl.Callback):
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.stamps = device, []
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.stamps.append(now(self.device))
 
 
 class PlainClassifier(pl.LightningModule):
@@ -99,15 +91,8 @@ def _autocast(setup: Setup) -> Any:
 
 
 def _lightning(setup: Setup, callbacks: list[pl.Callback]) -> list[float]:
-    clock = _StepClock(setup.device)
-    trainer = pl.Trainer(
-        accelerator=setup.device.type, devices=1, max_steps=len(setup.batches), limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[*callbacks, clock], precision=setup.precision, num_sanity_val_steps=0,
-    )  # fmt: skip
     module = PlainClassifier(copy.deepcopy(setup.template), setup.lr)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(setup.batches, batch_size=None))
-    return clock.stamps
+    return timed_fit(module, setup.batches, setup.device, callbacks, precision=setup.precision)
 
 
 # -- the sides ----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
+import torch
 
 from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule
 
@@ -34,3 +36,13 @@ def tiny_trainer(**kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one torch thread: tiny problems gain nothing from a second
+    thread and lose much to it on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

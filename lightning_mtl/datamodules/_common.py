@@ -145,7 +145,56 @@ class TensorSingleTaskDataset(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-class _TensorDataModule(pl.LightningDataModule):
+class _DataLoaders:
+    """The loaders of a data module: the train split shuffled by :class:`EpochShuffleSampler` (seeded with
+    ``seed``), val / test in order, predict on the test split. The class sets ``batch_size``,
+    ``num_workers``, ``seed``, ``pin_memory`` (:meth:`_init_loaders`), ``train_set`` / ``val_set`` /
+    ``test_set`` and ``setup``; ``drop_last`` drops the last incomplete training batch.
+    """
+
+    drop_last: bool = False
+
+    def _init_loaders(self, batch_size: int, num_workers: int, seed: int, pin_memory: bool) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.pin_memory = bool(pin_memory)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: the datasets were not built; call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), seed=self.seed) if train else None,  # type: ignore[arg-type]
+            drop_last=self.drop_last and train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, train=False)
+
+
+class _TensorDataModule(_DataLoaders, pl.LightningDataModule):
     """Base of the in-memory data modules.
 
     Subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in :meth:`_build`
@@ -163,14 +212,7 @@ class _TensorDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
-        self.pin_memory = bool(pin_memory)
+        self._init_loaders(batch_size, num_workers, seed, pin_memory)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -197,35 +239,18 @@ class _TensorDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self._build()
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: the datasets were not built; call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), seed=self.seed) if train else None,
-            drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, train=False)
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in dict(self.hparams).items())
         return f"{type(self).__name__}({args})"
+
+
+class _LeftRightDigits(_TensorDataModule):
+    """Base of the two-digit data modules: tasks ``left`` and ``right``, 10 classes each."""
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return ("left", "right")
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return {"left": 10, "right": 10}

@@ -17,11 +17,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from lightning_mtl.datamodules._common import EpochShuffleSampler
+from lightning_mtl.datamodules._common import _DataLoaders
 
 __all__ = ["DataLayoutError", "ImageArrays", "ImageClassificationDataModule", "ImageDataset"]
 
@@ -89,7 +89,7 @@ class _DictTargets(Dataset):
         return image, {self.task_name: label}
 
 
-class ImageClassificationDataModule(pl.LightningDataModule):
+class ImageClassificationDataModule(_DataLoaders, pl.LightningDataModule):
     """Base of the image-classification data modules read from ``root``.
 
     ``val_size`` images of the training split are held out for validation (a permutation seeded by
@@ -140,25 +140,18 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self._init_loaders(batch_size, num_workers, seed, pin_memory)
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0 (number of held-out training images), got {val_size}")
         for label, transform in (("train_transform", train_transform), ("eval_transform", eval_transform)):
             if transform is not None and not callable(transform):
                 raise TypeError(f"{label} must be callable, got {type(transform).__name__}")
         self.root = os.fspath(root)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
         self.val_size = int(val_size)
-        self.seed = int(seed)
         self.normalize = bool(normalize)
         self.as_dict = bool(as_dict)
         self.task_name = str(task_name)
         self.drop_last = bool(drop_last)
-        self.pin_memory = bool(pin_memory)
         self.train_transform = train_transform if train_transform is not None else self.default_train_transform()
         self.eval_transform = eval_transform if eval_transform is not None else self.default_eval_transform()
         self.train_set: Dataset | None = None
@@ -229,35 +222,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def _wrap(self, dataset: Dataset) -> Dataset:
         return _DictTargets(dataset, self.task_name) if self.as_dict else dataset
-
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: the datasets were not built; call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), seed=self.seed) if train else None,  # type: ignore[arg-type]
-            drop_last=self.drop_last and train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.test_set, train=False)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={self.root!r}, batch_size={self.batch_size}, val_size={self.val_size})"

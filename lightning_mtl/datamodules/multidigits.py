@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _TensorDataModule
+from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _LeftRightDigits
 from lightning_mtl.datamodules.digits import DIGIT_SIZE, _seed_streams, digit_pools, load_sklearn_digits
 
 __all__ = ["MultiDigits"]
@@ -13,7 +13,7 @@ __all__ = ["MultiDigits"]
 _SPLITS = ("train", "val", "test")
 
 
-class MultiDigits(_TensorDataModule):
+class MultiDigits(_LeftRightDigits):
     """Two overlapping handwritten digits per image; tasks ``left`` and ``right`` (10 classes each).
 
     A Multi-MNIST-style benchmark as in Sener & Koltun (2018), "Multi-Task Learning as
@@ -118,14 +118,6 @@ class MultiDigits(_TensorDataModule):
         self.mean: float = 0.0
         self.std: float = 1.0
         self.save_hyperparameters()
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return ("left", "right")
-
-    @property
-    def num_classes(self) -> dict[str, int]:
-        return {"left": 10, "right": 10}
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

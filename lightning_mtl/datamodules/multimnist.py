@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _TensorDataModule, check_data_path
+from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _LeftRightDigits, check_data_path
 
 __all__ = ["MultiMNIST", "read_idx"]
 
@@ -57,7 +57,7 @@ def overlay(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return canvas
 
 
-class MultiMNIST(_TensorDataModule):
+class MultiMNIST(_LeftRightDigits):
     """Two overlaid 28x28 images per sample; tasks ``left`` and ``right`` (10 classes each).
 
     Sener and Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018, built Multi-MNIST;
@@ -133,14 +133,6 @@ class MultiMNIST(_TensorDataModule):
         self.cache_dir = cache_dir if cache_dir is not None else os.path.join(self.root, "multi_mnist_cache")
         self.mean: float | None = None
         self.std: float | None = None
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return ("left", "right")
-
-    @property
-    def num_classes(self) -> dict[str, int]:
-        return {"left": 10, "right": 10}
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

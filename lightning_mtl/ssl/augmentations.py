@@ -48,7 +48,20 @@ def _to_float(mean: Sequence[float] | None, std: Sequence[float] | None) -> list
     return steps
 
 
-class SSLAugmentation:
+class _Composed:
+    """``v2.Compose`` of ``steps``, then float32 in [0, 1] and ``Normalize(mean, std)`` when both are given."""
+
+    def __init__(self, steps: list[Any], mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        self.transform = v2.Compose([*steps, *_to_float(mean, std)])
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform})"
+
+
+class SSLAugmentation(_Composed):
     """One random view for self-supervised learning (SimCLR / BYOL / Barlow Twins family).
 
     The steps, in order: ``RandomResizedCrop(crop_size, scale, ratio)``, horizontal flip
@@ -125,17 +138,10 @@ class SSLAugmentation:
             # v2.RandomSolarize takes the threshold in the image's own scale: convert to float first
             steps.append(v2.ToDtype(torch.float32, scale=True))
             steps.append(v2.RandomSolarize(threshold=float(solarize_threshold), p=solarize_p))
-        steps.extend(_to_float(mean, std))
-        self.transform = v2.Compose(steps)
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return self.transform(image)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
+        super().__init__(steps, mean, std)
 
 
-class EvalTransform:
+class EvalTransform(_Composed):
     """Deterministic evaluation transform: optional ``Resize(resize)`` and ``CenterCrop(crop_size)``,
     then float32 in [0, 1] and ``Normalize(mean, std)`` when both are given.
 
@@ -161,14 +167,7 @@ class EvalTransform:
             steps.append(v2.Resize(int(resize), interpolation=_INTERPOLATION[interpolation], antialias=True))
         if crop_size is not None:
             steps.append(v2.CenterCrop(int(crop_size)))
-        steps.extend(_to_float(mean, std))
-        self.transform = v2.Compose(steps)
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return self.transform(image)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
+        super().__init__(steps, mean, std)
 
 
 class TwoViews:

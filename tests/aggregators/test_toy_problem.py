@@ -23,19 +23,11 @@ import torch
 
 from lightning_mtl.aggregators import create_aggregator, toy
 from lightning_mtl.aggregators.base import GramianWeighting, JacobianAggregator
+from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 TOL = 0.05
 STARTS = torch.tensor(toy.ALL_START_POINTS, dtype=torch.float64)  # CAGrad's 3 and Nash-MTL's 5
 METHODS = {"mgda": {}, "pcgrad": {"seed": 0}, "cagrad": {"c": 0.5}, "nashmtl": {}}  # c = 0.5: CAGrad's toy
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 x 2 problems: intra-op threads only add synchronisation (about 2x slower with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ends_on_pareto_set(trajectory: torch.Tensor, tol: float = TOL) -> bool:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lightning_mtl.cli import main
 from tests.datamodules._mtl_fixtures import write_celeba, write_cityscapes, write_mnist_raw, write_nyuv2
+from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2] / "configs"
 FOLDERS = ("multi_mnist", "multi_fashion", "multi_fashion_mnist", "celeba", "nyuv2", "cityscapes")
@@ -25,15 +25,6 @@ CONFIGS = sorted(p for folder in FOLDERS for p in (ROOT / folder).glob("*.yaml")
 REPRESENTATIVES = {"multi_mnist/pcgrad", "multi_fashion/mgda", "multi_fashion_mnist/nashmtl", "celeba/cagrad",
                    "nyuv2/nashmtl", "nyuv2/libmtl_imtl_g", "nyuv2/single_normal", "cityscapes/imtl_g",
                    "cityscapes/single_segmentation"}  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions gain nothing from a second thread and lose much to it on a loaded machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _family(config: Path) -> str:

@@ -21,16 +21,7 @@ from lightning_mtl.architectures.transformers_encoder import TransformersEncoder
 from lightning_mtl.datamodules._common import TensorMultiTaskDataset
 from lightning_mtl.multitask.dense import DepthTask, SegmentationTask, SurfaceNormalTask
 from lightning_mtl.multitask.tasks import ClassificationTask, MultiLabelTask, RegressionTask
-from tests.helpers import tiny_trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions gain nothing from a second thread and lose much to it on a loaded machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers import one_thread, tiny_trainer  # noqa: F401 (one_thread: autouse fixture)
 
 
 def _mlp(d_in: int = 12, d_out: int = 6) -> nn.Module:
