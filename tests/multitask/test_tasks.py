@@ -107,6 +107,8 @@ def test_classification_loss_is_the_mean_over_labelled_samples_and_zero_without_
     kept = torch.tensor([0, 2, 4])
     expected = F.cross_entropy(pred[kept], target[kept], label_smoothing=smoothing)
     torch.testing.assert_close(task.loss(pred, target), expected)
+    full = torch.tensor([2, 1, 0, 3, 3])  # no missing label: the plain mean
+    torch.testing.assert_close(task.loss(pred, full), F.cross_entropy(pred, full, label_smoothing=smoothing))
     none = task.loss(pred, torch.full((5,), -1))
     assert none.item() == 0.0
     (grad,) = torch.autograd.grad(none, pred)
