@@ -24,12 +24,14 @@ CONFIGS = sorted(p for folder in FOLDERS for p in (ROOT / folder).glob("*.yaml")
 # one recipe per family (folder x architecture) runs by default; each family differs only in the method
 REPRESENTATIVES = {"multi_mnist/pcgrad", "multi_fashion/mgda", "multi_fashion_mnist/nashmtl", "celeba/cagrad",
                    "nyuv2/nashmtl", "nyuv2/libmtl_imtl_g", "nyuv2/single_normal", "cityscapes/imtl_g",
-                   "cityscapes/single_segmentation"}  # fmt: skip
+                   "cityscapes/single_segmentation", "multi_mnist/fmtl_pcgrad", "multi_fashion/fmtl_mgda",
+                   "multi_fashion_mnist/fmtl_nashmtl", "celeba/fmtl_cagrad", "nyuv2/fmtl_cagrad",
+                   "cityscapes/fmtl_imtl_g"}  # fmt: skip
 
 
 def _family(config: Path) -> str:
     name = config.stem
-    kind = "libmtl" if name.startswith("libmtl_") else "single" if name.startswith("single_") else "mtl"
+    kind = next((k for k in ("libmtl", "single", "fmtl") if name.startswith(k + "_")), "mtl")
     return f"{config.parent.name}/{kind}"
 
 
@@ -82,6 +84,7 @@ def test_every_benchmark_folder_has_the_six_methods():
     for folder in FOLDERS:
         names = {p.stem for p in (ROOT / folder).glob("*.yaml")}
         assert {"ls", "mgda", "pcgrad", "cagrad", "imtl_g", "nashmtl"} <= names, folder
+        assert {"fmtl_" + m for m in ("ls", "mgda", "pcgrad", "cagrad", "imtl_g", "nashmtl")} <= names, folder
     assert {"libmtl_" + m for m in ("ls", "mgda", "pcgrad", "cagrad", "imtl_g", "nashmtl")} <= {
         p.stem for p in (ROOT / "nyuv2").glob("*.yaml")}
 
@@ -90,6 +93,7 @@ def _without_method(config: Path) -> dict:
     """The recipe minus what legitimately differs between the methods of one family."""
     data = yaml.safe_load(config.read_text())
     data["model"]["init_args"].pop("aggregator")
+    data["model"]["init_args"].pop("fmtl", None)  # one F-MTL block per family, checked below
     data["trainer"]["logger"]["init_args"].pop("name")
     data["trainer"].pop("gradient_clip_val", None)  # Nash-MTL's max_norm
     if config.stem.startswith("single_"):  # single-task recipes differ in their task, data tasks and monitor
@@ -109,11 +113,13 @@ def test_recipes_of_a_family_differ_only_in_the_method():
         reference = [c for c in members if _key(c) in REPRESENTATIVES]
         assert len(reference) == 1, family
         expected = _without_method(reference[0])
+        fmtl = {yaml.dump(yaml.safe_load(c.read_text())["model"]["init_args"].get("fmtl")) for c in members}
+        assert len(fmtl) == 1, f"{family}: the F-MTL settings differ between methods"
         for config in members:
             assert _without_method(config) == expected, f"{_key(config)} differs from {_key(reference[0])} beyond the method"
             aggregator = yaml.safe_load(config.read_text())["model"]["init_args"]["aggregator"]
             name = aggregator if isinstance(aggregator, str) else aggregator["class_path"]
-            method = "ls" if config.stem.startswith("single_") else config.stem.removeprefix("libmtl_")
+            method = "ls" if config.stem.startswith("single_") else config.stem.removeprefix("libmtl_").removeprefix("fmtl_")
             assert name == METHOD_AGGREGATORS[method], config
 
 
