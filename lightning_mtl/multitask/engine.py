@@ -54,12 +54,12 @@ def task_gradients(
                 stacked, wrt, grad_outputs=eye[start : start + step], is_grads_batched=True,
                 retain_graph=retain_graph or not last, allow_unused=True,
             )  # fmt: skip
-            _write(jac[start : start + step], grads[: len(inputs)], sizes)
+            write_flat(jac[start : start + step], grads[: len(inputs)], sizes)
             _accumulate(totals, [None if g is None else g.sum(0) for g in grads[len(inputs) :]])
         return jac, totals
     for i, term in enumerate(terms):
         grads = torch.autograd.grad(term, wrt, retain_graph=retain_graph or i < m - 1, allow_unused=True)
-        _write(jac[i], grads[: len(inputs)], sizes)
+        write_flat(jac[i], grads[: len(inputs)], sizes)
         _accumulate(totals, grads[len(inputs) :])
     return jac, totals
 
@@ -74,7 +74,7 @@ def flat_jacobian(
     return task_gradients(losses, inputs, batched, chunk_size)[0]
 
 
-def _write(rows: Tensor, grads: Sequence[Tensor | None], sizes: Sequence[int]) -> None:
+def write_flat(rows: Tensor, grads: Sequence[Tensor | None], sizes: Sequence[int]) -> None:
     """Copy each gradient into its columns of ``rows`` (``[n]``, or ``[k, n]`` for k batched rows)."""
     start = 0
     for grad, size in zip(grads, sizes):

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl.multitask.engine import write_flat
 from lightning_mtl.sharpness._perturb import apply_perturbation, restore_parameters, sam_perturbation
 
 __all__ = ["FMTL"]
@@ -140,7 +141,7 @@ class FMTL:
                     rows, heads_sam = self._one_pass(encoder, heads[first], inputs, task_loss, forward_context,
                                                      perturbations[first], first)  # fmt: skip
                 for j, i in enumerate(tasks):
-                    _write_row(out[i], rows[j], sizes)
+                    write_flat(out[i], rows[j], sizes)
                     head_out[i] = heads_sam[j]
         finally:
             if buffers:
@@ -202,14 +203,6 @@ class FMTL:
             heads_sam.append(list(grads[k : k + len(ps)]))
             k += len(ps)
         return rows, heads_sam
-
-
-def _write_row(row: Tensor, grads: Sequence[Tensor | None], sizes: Sequence[int]) -> None:
-    start = 0
-    for grad, size in zip(grads, sizes):
-        if grad is not None:
-            row[start : start + size].copy_(grad.reshape(-1))
-        start += size
 
 
 @contextlib.contextmanager
