@@ -1,5 +1,6 @@
 """Callbacks that any Lightning project can use."""
 
+from lightning_mtl.callbacks.anytime import AnytimeEvaluation
 from lightning_mtl.callbacks.best_metrics import BestMetricsSummary
 from lightning_mtl.callbacks.ema import EMATeacher, ema_decay
 from lightning_mtl.callbacks.gradient_conflict import GradientConflictMonitor
@@ -7,6 +8,7 @@ from lightning_mtl.callbacks.knn import KNNMonitor, weighted_knn_predict
 from lightning_mtl.callbacks.linear_probe import OnlineLinearProbe
 
 __all__ = [
+    "AnytimeEvaluation",
     "BestMetricsSummary",
     "EMATeacher",
     "GradientConflictMonitor",

@@ -19,9 +19,12 @@ ALL_RECIPES = sorted(
 
 def _needs_data_on_disk(config: Path) -> bool:
     """Recipes for data sets read from a user's disk (a ``root`` init arg): their own tests run them on a
-    fixture written in the real format; here only the embedded-data recipes run."""
+    fixture written in the real format (tests/integration/test_continual_recipes.py for the streams); here only
+    the embedded-data recipes run."""
     data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-    return "root" in (data.get("init_args") or {})
+    init = data.get("init_args") or {}
+    source = (init.get("source") or {}).get("init_args") or {}  # a stream wrapping another data module
+    return "root" in init or "root" in source
 
 
 RECIPES = [p for p in ALL_RECIPES if not _needs_data_on_disk(p)]
