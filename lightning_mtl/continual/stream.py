@@ -163,7 +163,8 @@ class StreamBatch(NamedTuple):
     """What the stream's training loader yields (PyTorch's default collate keeps the NamedTuple).
 
     Attributes:
-        x: inputs ``[B, ...]``, freshly augmented each time a sample is fetched.
+        x: inputs ``[B, ...]``, freshly augmented each time a sample is fetched (seeded per step and row
+            by the stream's ``seed``, see :class:`SiBlurryStream`).
         y: long ``[B]``, labels in exposure order (class ``k`` is the ``k``-th class to appear in the stream).
         num_seen: long ``[B]``, the number of classes exposed when this step runs (same value in every row).
         is_new: bool ``[B]``, True for stream samples, False for replayed memory samples.
@@ -324,15 +325,40 @@ class _Relabelled(Dataset):
         return x, torch.tensor(self.exposure[row], dtype=torch.long)
 
 
+class _StepKeys(list):
+    """The ``(row, num_seen, is_new)`` keys of one step (a list, as a batch sampler yields), with ``seeds``:
+    per key, the seed of its augmentation."""
+
+    def __init__(self, keys: list[tuple[int, int, bool]], seeds: list[int]) -> None:
+        super().__init__(keys)
+        self.seeds = seeds
+
+
 class _StreamItems(Dataset):
     """Fetches ``(row, num_seen, is_new)`` keys as :class:`StreamBatch` items (the source's transform runs
-    on every fetch, so each repetition of a sample is augmented afresh)."""
+    on every fetch, so each repetition of a sample is augmented afresh).
+
+    A step's keys (:class:`_StepKeys`) are fetched together (``__getitems__``), each with torch's CPU
+    generator seeded by its key's seed inside :func:`torch.random.fork_rng`: the augmentation of every
+    sample of every step is a function of the stream and its seed, not of the process's random state (which
+    a checkpoint does not hold), and the caller's random state is left untouched."""
 
     def __init__(self, dataset: Dataset, exposure: np.ndarray) -> None:
         self.dataset, self.exposure = dataset, exposure
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitems__(self, keys: list[tuple[int, int, bool]]) -> list[StreamBatch]:
+        seeds = getattr(keys, "seeds", None)
+        if seeds is None:
+            return [self[key] for key in keys]
+        with torch.random.fork_rng(devices=[]):
+            items = []
+            for key, seed in zip(keys, seeds, strict=True):
+                torch.default_generator.manual_seed(int(seed))
+                items.append(self[key])
+        return items
 
     def __getitem__(self, key: tuple[int, int, bool]) -> StreamBatch:
         row, num_seen, is_new = key
@@ -355,8 +381,11 @@ class _StreamBatchSampler(Sampler[list]):
     """Yields the keys of every step from the data module's resume position on.
 
     The reservoir memory is replayed from the start of the stream on every iteration (integer work only),
-    so the memory, and hence every batch, is a function of the stream and the seed alone: a resumed run
-    sees exactly the batches of an uninterrupted one.
+    so the memory, and hence every batch, is a function of the stream and the seed alone; so are the
+    augmentations: key ``j`` of step ``s`` is augmented with torch's generator seeded by word ``j`` of
+    ``SeedSequence([seed, 5, s])`` (seeds drawn for the whole step, then shared out with the keys, so a rank
+    augments its rows as a single process would). A resumed run sees exactly the batches of an
+    uninterrupted one.
     """
 
     def __init__(self, stream: SiBlurryStream) -> None:
@@ -380,9 +409,12 @@ class _StreamBatchSampler(Sampler[list]):
                     draw = np.random.default_rng(np.random.SeedSequence([stream.seed, 7, index]))
                     picks = draw.choice(len(memory), min(stream.memory_batch_size, len(memory)), replace=False)
                     keys += [(memory[p], step.num_seen, False) for p in picks.tolist()]
-                share = keys[rank::world]
-                # a short last batch can leave a rank without a row: repeat one rather than stall DDP
-                yield share if share else [keys[rank % len(keys)]]
+                seeds = np.random.SeedSequence([stream.seed, 5, index]).generate_state(len(keys)).tolist()
+                share, share_seeds = keys[rank::world], seeds[rank::world]
+                if not share:
+                    # a short last batch can leave a rank without a row: repeat one rather than stall DDP
+                    share, share_seeds = [keys[rank % len(keys)]], [seeds[rank % len(keys)]]
+                yield _StepKeys(share, share_seeds)
             if stream.memory_size:
                 for row in plan.enter_memory[index].tolist():
                     seen += 1
@@ -434,6 +466,11 @@ class SiBlurryStream(pl.LightningDataModule):
       batch (all of it when smaller). The memory and the draws are functions of the stream and ``seed``:
       the reservoir's slots come from ``np.random.default_rng(SeedSequence([seed, 11]))``, the draws of
       step ``s`` from ``SeedSequence([seed, 7, s])``.
+    * Augmentation: the source's training transform draws from torch's CPU generator, seeded for row ``j``
+      of step ``s`` by word ``j`` of ``SeedSequence([seed, 5, s])`` (inside ``torch.random.fork_rng``, so
+      the process's random state is untouched): the augmentations too are a function of the stream and
+      ``seed`` (vary ``seed``, not only ``seed_everything``, for another draw), identical under DDP and with
+      loader workers. A transform drawing from Python's ``random`` or NumPy's global generator is not seeded.
     * Resume: the data module counts the training batches it hands to the model
       (``on_before_batch_transfer``) and saves the count in its ``state_dict``; a run resumed from a
       mid-stream checkpoint continues the same stream. Do not override ``on_before_batch_transfer`` in the
@@ -462,7 +499,7 @@ class SiBlurryStream(pl.LightningDataModule):
         eval_batch_size: batch size of the test / validation loaders (default ``2 * batch_size``, as the
             official evaluation).
         num_workers: DataLoader workers.
-        seed: seed of the split, the offline shuffles and the memory.
+        seed: seed of the split, the offline shuffles, the memory and the augmentations.
         pin_memory: forwarded to the DataLoaders.
     """
 
