@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.continual.base import mask_unseen
 from lightning_mtl.continual.dualprompt import DualPrompt
+from lightning_mtl.ssl._distributed import differentiable_sum, distributed_world_size
 
 __all__ = [
     "MVP",
@@ -122,7 +123,14 @@ def select_by_frequency(query: Tensor, keys: Tensor, counts: Tensor | None = Non
     return distance.argmin(dim=1)
 
 
-def contrastive_prompt_loss(query: Tensor, keys: Tensor, indices: Tensor, counts: Tensor, eps: float = 1e-6) -> Tensor:
+def contrastive_prompt_loss(
+    query: Tensor,
+    keys: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    eps: float = 1e-6,
+    sync: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """MVP's contrastive key loss: the query is pulled to its selected key, the selected key is pushed
     away from every key of the pool, each term at the temperature ``tau_i = n_{k_i} + 1`` (the selection
     count of the sample's key before this step):
@@ -138,12 +146,20 @@ def contrastive_prompt_loss(query: Tensor, keys: Tensor, indices: Tensor, counts
     broadcasts every sample's distances against every sample's temperature; here each sample keeps its own
     temperature. Both agree when the batch selects one key (one temperature).
 
+    ``P`` and ``A`` are batch means inside a nonlinear function, so under DDP the mean of the ranks' losses
+    is not the loss of the global batch. ``sync`` fixes that: it is applied to the ``[3]`` vector of the
+    local sums of ``exp`` terms and the row count, and must return their sums over the ranks with
+    gradients (:func:`~lightning_mtl.ssl._distributed.differentiable_sum`); every rank then computes ``P``,
+    ``A`` and the loss of the global batch, and DDP's gradient average equals the gradient of the
+    single-process loss on the concatenated batch.
+
     Args:
         query: ``[B, D]`` frozen queries (no gradient expected).
         keys: ``[P, D]`` learnable keys.
         indices: ``[B]`` selected key of each sample.
         counts: ``[P]`` selection counts before this step.
         eps: keeps the log finite.
+        sync: differentiable sum over the DDP ranks, or None (one process: the plain batch means).
 
     Returns:
         scalar loss.
@@ -152,8 +168,14 @@ def contrastive_prompt_loss(query: Tensor, keys: Tensor, indices: Tensor, counts
     selected = keys[indices]  # [B, D]
     positive = (1.0 - F.cosine_similarity(query, selected, dim=-1)) / tau
     between = key_distances(selected, keys) / tau.unsqueeze(1)  # [B, P]
-    pos = positive.exp().mean()
-    apart = between.exp().mean()
+    if sync is None:
+        pos = positive.exp().mean()
+        apart = between.exp().mean()
+    else:
+        local = torch.stack([positive.exp().sum(), between.exp().sum(), positive.new_tensor(float(len(indices)))])
+        total_pos, total_apart, rows = sync(local).unbind()
+        pos = total_pos / rows
+        apart = total_apart / (rows * between.shape[1])
     return -(apart / (pos + apart) + eps).log()
 
 
@@ -321,6 +343,11 @@ def _sum_over_ranks(value: Tensor) -> Tensor:
     return value
 
 
+def _differentiable_sum_over_ranks(value: Tensor) -> Tensor:
+    """``value`` summed over the DDP ranks with gradients (itself outside a process group)."""
+    return differentiable_sum(value, distributed_world_size() > 1)
+
+
 # -- the module -------------------------------------------------------------------------------------------
 class MVP(DualPrompt):
     """MVP (Moon, Park, Kim and Park, "Online Class Incremental Learning on
@@ -342,9 +369,11 @@ class MVP(DualPrompt):
       :func:`adaptive_feature_scale`); evaluation reads ``f_i``.
 
     With every switch off the loss is DualPrompt's. The selection counts are the buffer
-    ``prompt_counts`` (saved with the weights). Under DDP every rank adds the counts of all ranks and the
-    focal loss's class gradients ``G`` are summed over the ranks, so the scores and the selection match a
-    single process on the concatenated batch.
+    ``prompt_counts`` (saved with the weights). Under DDP every rank adds the counts of all ranks, the
+    focal loss's class gradients ``G`` are summed over the ranks and the contrastive loss's batch means
+    are taken over all ranks (with gradients), so the selection, the scores and the update match a
+    single process on the concatenated batch (for equal per-rank batch sizes: DDP averages the ranks'
+    per-sample means of the cross-entropy).
 
     Defaults (the paper's and the Si-Blurry code's): g-prompt length 5 at blocks 0-1, pool 10 of length 20
     at blocks 2-4, alpha 0.5, gamma 2, margin 0.5, Adam lr 5e-3 constant.
@@ -468,7 +497,9 @@ class MVP(DualPrompt):
         if indices is not None:
             assert self.e_pool is not None and query is not None and similarity is not None
             if self.use_contrastive:
-                key_loss = contrastive_prompt_loss(query, self.e_pool.keys, indices, self.prompt_counts)
+                key_loss = contrastive_prompt_loss(
+                    query, self.e_pool.keys, indices, self.prompt_counts, sync=_differentiable_sum_over_ranks
+                )
                 extras["contrastive"] = key_loss.detach()
             else:
                 key_loss = self.pull_loss(indices, similarity)
