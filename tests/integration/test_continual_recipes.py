@@ -60,6 +60,25 @@ def test_digits_recipe_runs_and_reports_the_continual_metrics(method, tmp_path):
         assert 0 in vor.done_tasks  # the head phase ran at the first task end
 
 
+def test_offline_class_incremental_from_the_same_recipe(tmp_path):
+    # task after task, 2 epochs each, disjoint classes, equal tasks (i-Blurry boundaries): the schedule visits each task's samples twice and
+    # the evaluations at the task ends see the classes of the finished tasks only
+    cli = main([
+        "fit", "--config", str(CONFIGS / "digits" / "dualprompt.yaml"), *_tiny_overrides(tmp_path),
+        "--data.init_args.online=false", "--data.init_args.epochs_per_task=2", "--data.init_args.num_tasks=10",
+        "--data.init_args.disjoint_class_ratio=1.0", "--data.init_args.blurry_sample_ratio=0.0",
+        "--data.init_args.stochastic=false",
+        "--trainer.max_steps=40",
+    ])  # fmt: skip
+    stream = cli.datamodule
+    first_task = [s for s in stream.schedule if s.task == 0]
+    assert sum(s.last_rep for s in first_task) == len(first_task) // 2  # the second epoch is the last
+    assert first_task[-1].task_end and first_task[-1].num_seen == 1  # one disjoint class per task
+    anytime = next(c for c in cli.trainer.callbacks if isinstance(c, AnytimeEvaluation))
+    task_ends = [e for e in anytime.evaluations if e["task_end"]]
+    assert task_ends and [e["num_seen"] for e in task_ends] == list(range(1, len(task_ends) + 1))
+
+
 def _recipes() -> list[Path]:
     return sorted(p for folder in DATASETS for p in (CONFIGS / folder).glob("*.yaml"))
 
