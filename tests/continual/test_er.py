@@ -117,3 +117,32 @@ def test_non_finite_loss_names_the_step():
 def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
         ER(num_classes=3, backbone="vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "none.pth"), vit_kwargs=TINY_VIT)
+
+
+def test_accumulated_steps_equal_one_step_on_the_mean_gradient():
+    # accumulate_grad_batches=2 over two stream steps: one SGD update with the mean of their gradients
+    import functools
+
+    module = tiny(optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    reference = copy.deepcopy(module)
+    first, second = batch(num_seen=3), batch(num_seen=4)._replace(x=torch.randn(8, 3, 16, 16))
+
+    class TwoBatches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return (first, second)[i]
+
+    trainer = tiny_trainer(max_epochs=1, limit_val_batches=0, accumulate_grad_batches=2)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(TwoBatches(), batch_size=None))
+    assert trainer.global_step == 1
+    reference.train()
+    loss = sum(F.cross_entropy(reference(b.x)[:, : int(b.num_seen[0])], b.y) for b in (first, second)) / 2
+    loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    for (name, got), want in zip(module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, msg=name)
+    assert int(module.seen_classes) == 4
