@@ -55,6 +55,13 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def per_step(stamps: list[float], warmup: int) -> float:
+    """Median of the step-to-step times after ``warmup`` steps: a shared machine's stalls hit single steps,
+    not the median."""
+    timed = stamps[warmup:]
+    return median([b - a for a, b in zip(timed, timed[1:])])
+
+
 def emit(figures: dict[str, Any]) -> None:
     """The last line of every benchmark: one JSON object with all figures."""
     print(json.dumps(figures, sort_keys=True))

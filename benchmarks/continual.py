@@ -32,7 +32,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, timed_fit  # noqa: E402
+from _timing import emit, median, now, per_step, timed_fit  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -46,10 +46,6 @@ from lightning_mtl.continual.stream import StreamBatch  # noqa: E402
 METHODS = {"er": ER, "linear": LinearBaseline, "l2p": L2P, "dualprompt": DualPrompt, "mvp": MVP, "oneprompt": OnePrompt}
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=96, depth=6, num_heads=3)
 
-
-def per_step(stamps: list[float], warmup: int) -> float:
-    timed = stamps[warmup:]
-    return median([b - a for a, b in zip(timed, timed[1:])])
 
 
 def stream_batches(steps: int, batch_size: int, image_size: int, num_classes: int, device: torch.device) -> list:

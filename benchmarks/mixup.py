@@ -27,7 +27,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, timed_fit  # noqa: E402
+from _timing import emit, median, now, per_step, timed_fit  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -37,11 +37,6 @@ from lightning_mtl.mixup.adautomix import AdAutoMix  # noqa: E402
 from lightning_mtl.multitask.module import MultiTaskModule  # noqa: E402
 from lightning_mtl.multitask.tasks import ClassificationTask  # noqa: E402
 
-
-def per_step(stamps: list[float], warmup: int) -> float:
-    # the median of the step-to-step times: a shared machine's stalls hit single steps, not the median
-    timed = stamps[warmup:]
-    return median([b - a for a, b in zip(timed, timed[1:])])
 
 
 def ema_update_alone(model: torch.nn.Module, repeats: int) -> float:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, timed_fit  # noqa: E402
+from _timing import emit, median, now, per_step, timed_fit  # noqa: E402
 from aggregation import reference_losses  # noqa: E402
 
 from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule  # noqa: E402
@@ -362,11 +362,6 @@ def run_fmtl(args, device: torch.device) -> list[dict[str, Any]]:
                 rows.append(row)
     return rows
 
-
-def per_step(stamps: list[float], warmup: int) -> float:
-    """Median of the step durations after the warm-up: robust to bursts from other jobs on the machine."""
-    timed = stamps[warmup:]
-    return median([b - a for a, b in zip(timed, timed[1:])])
 
 
 def main() -> None:

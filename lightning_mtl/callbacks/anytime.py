@@ -14,6 +14,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from lightning_mtl._modes import eval_mode
+from lightning_mtl.continual.base import mask_unseen
 from lightning_mtl.continual.metrics import (
     accuracy_matrix,
     anytime_auc,
@@ -232,26 +234,17 @@ class AnytimeEvaluation(pl.Callback):
         """Per-class ``(correct, total)`` on the test samples of the first ``num_seen`` classes, summed over ranks."""
         device = pl_module.device
         counts = torch.zeros(2, self.num_classes, dtype=torch.long, device=device)
-        # keep each submodule's own mode (a frozen backbone may be held in eval mode during training)
-        modes = [(module, module.training) for module in pl_module.modules()]
-        pl_module.eval()
-        try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                for batch in self._loader(trainer, num_seen):
-                    x, y = batch[0], batch[1]
-                    x = x.to(device, non_blocking=True)
-                    y = torch.as_tensor(y).to(device=device, dtype=torch.long)
-                    logits = pl_module(x)
-                    # classes not exposed yet can not be predicted (the Si-Blurry evaluation mask)
-                    logits = logits.masked_fill(
-                        torch.arange(logits.shape[-1], device=device) >= num_seen, torch.finfo(logits.dtype).min
-                    )
-                    hit = logits.argmax(dim=-1) == y
-                    counts[0] += torch.bincount(y[hit], minlength=self.num_classes)[: self.num_classes]
-                    counts[1] += torch.bincount(y, minlength=self.num_classes)[: self.num_classes]
-        finally:
-            for module, training in modes:
-                module.training = training
+        # a frozen backbone held in eval mode during training stays there afterwards
+        with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            for batch in self._loader(trainer, num_seen):
+                x, y = batch[0], batch[1]
+                x = x.to(device, non_blocking=True)
+                y = torch.as_tensor(y).to(device=device, dtype=torch.long)
+                # classes not exposed yet can not be predicted (the Si-Blurry evaluation mask)
+                logits = mask_unseen(pl_module(x), num_seen)
+                hit = logits.argmax(dim=-1) == y
+                counts[0] += torch.bincount(y[hit], minlength=self.num_classes)[: self.num_classes]
+                counts[1] += torch.bincount(y, minlength=self.num_classes)[: self.num_classes]
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return counts[0].cpu(), counts[1].cpu()
 

@@ -25,14 +25,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl.continual.base import mask_unseen
 from lightning_mtl.continual.dualprompt import DualPrompt
-from lightning_mtl.ssl._distributed import differentiable_sum, distributed_world_size
+from lightning_mtl.ssl._distributed import differentiable_sum, distributed_world_size, sum_over_ranks
 
 __all__ = [
     "MVP",
@@ -335,14 +334,6 @@ def adaptive_feature_scale(features: Tensor, weight: Tensor, targets: Tensor, ma
         return (1.0 / (1.0 - cos + margin)).unsqueeze(1)
 
 
-def _sum_over_ranks(value: Tensor) -> Tensor:
-    """``value`` summed over the DDP ranks (itself outside a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-    return value
-
-
 def _differentiable_sum_over_ranks(value: Tensor) -> Tensor:
     """``value`` summed over the DDP ranks with gradients (itself outside a process group)."""
     return differentiable_sum(value, distributed_world_size() > 1)
@@ -488,7 +479,7 @@ class MVP(DualPrompt):
             loss_logits = masked_head_logits(features * scale, weight, bias, logit_mask, num_seen)
             extras["afs_scale"] = scale.mean()
         if self.use_focal:
-            scores = gradient_similarity_scores(features, weight, bias, y, logit_mask, num_seen, sync=_sum_over_ranks)
+            scores = gradient_similarity_scores(features, weight, bias, y, logit_mask, num_seen, sync=sum_over_ranks)
             loss = gradient_similarity_focal_loss(loss_logits, y, scores, self.alpha, self.gamma)
             extras["focal_score"] = scores.mean()
         else:
@@ -507,5 +498,5 @@ class MVP(DualPrompt):
             loss = loss + self.pull_coef * key_loss
             # counted after the loss: this step's temperatures use the counts before it
             with torch.no_grad():
-                self.prompt_counts += _sum_over_ranks(torch.bincount(indices, minlength=len(self.prompt_counts)))
+                self.prompt_counts += sum_over_ranks(torch.bincount(indices, minlength=len(self.prompt_counts)))
         return loss, extras

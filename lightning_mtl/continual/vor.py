@@ -28,6 +28,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from lightning_mtl._modes import eval_mode
 from lightning_mtl.continual.base import mask_unseen
 
 __all__ = [
@@ -420,31 +421,28 @@ class VirtualOutlierRegularization(pl.Callback):
     ) -> dict[str, float]:
         """Run the head phase of ``task`` (classes ``0 .. num_seen - 1`` seen); returns the mean losses
         of its last epoch (``ce``, ``reg``, ``energy_id``, ``energy_ood``)."""
-        modes = {module: module.training for module in pl_module.modules()}
         head = pl_module.head
         params = list(head.parameters())
         flags = [p.requires_grad for p in params]
         grads = [p.grad for p in params]
         try:
-            pl_module.eval()
-            features, labels = self.task_features(trainer, pl_module, task)
-            if features.shape[0] == 0:
-                self.done_tasks.add(task)
-                return {}
-            head.train()
-            for p in params:
-                p.requires_grad_(True)
-                p.grad = None
-            with torch.enable_grad():
-                stats = self._train_head(head, features, labels, num_seen, task)
-            if trainer.world_size > 1:
-                # identical inputs and seeds already give identical heads; the broadcast guards
-                # against non-deterministic kernels
-                state = trainer.strategy.broadcast({n: t.detach().cpu() for n, t in head.state_dict().items()}, src=0)
-                head.load_state_dict(state)
+            with eval_mode(pl_module):
+                features, labels = self.task_features(trainer, pl_module, task)
+                if features.shape[0] == 0:
+                    self.done_tasks.add(task)
+                    return {}
+                head.train()
+                for p in params:
+                    p.requires_grad_(True)
+                    p.grad = None
+                with torch.enable_grad():
+                    stats = self._train_head(head, features, labels, num_seen, task)
+                if trainer.world_size > 1:
+                    # identical inputs and seeds already give identical heads; the broadcast guards
+                    # against non-deterministic kernels
+                    state = trainer.strategy.broadcast({n: t.detach().cpu() for n, t in head.state_dict().items()}, src=0)
+                    head.load_state_dict(state)
         finally:
-            for module, mode in modes.items():
-                module.train(mode)
             for p, flag, grad in zip(params, flags, grads):
                 p.requires_grad_(flag)
                 p.grad = grad

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_mtl._modes import eval_mode
 from lightning_mtl.ssl.barlow_twins import split_views
 
 
@@ -33,14 +34,8 @@ def batch_features(
     views, labels = split_views(batch)
     features = outputs.get(key) if isinstance(outputs, Mapping) else None
     if features is None:
-        modes = [(module, module.training) for module in pl_module.modules()]
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                features = feature_extractor(pl_module)(views[0])
-        finally:
-            for module, mode in modes:  # restore each submodule's own mode (frozen parts stay in eval)
-                module.training = mode
+        with eval_mode(pl_module), torch.no_grad():
+            features = feature_extractor(pl_module)(views[0])
     if labels is not None:
         labels = labels.to(features.device)
     return features.detach().float().flatten(1), labels
