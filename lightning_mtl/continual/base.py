@@ -89,6 +89,16 @@ class ContinualModule(pl.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     # -- Lightning --------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # a head narrower than the stream would fail later with an opaque out-of-bounds target error
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        stream_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(stream_classes, int) and stream_classes > self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__} has num_classes={self.num_classes} but the data stream has {stream_classes} "
+                f"classes: set model.init_args.num_classes to {stream_classes}"
+            )
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         # the most classes exposed so far: evaluation masks the rest (a max, so replayed rows that
         # carry an older count change nothing)

@@ -146,3 +146,13 @@ def test_accumulated_steps_equal_one_step_on_the_mean_gradient():
     for (name, got), want in zip(module.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, msg=name)
     assert int(module.seen_classes) == 4
+
+
+def test_a_head_narrower_than_the_stream_is_a_clear_error():
+    from lightning_mtl.continual.stream import SiBlurryStream
+    from lightning_mtl.datamodules.digits import Digits
+
+    stream = SiBlurryStream(Digits(image_size=16, channels=3, as_dict=False), batch_size=16)
+    module = tiny()  # 6 classes; the digits stream has 10
+    with pytest.raises(ValueError, match="set model.init_args.num_classes to 10"):
+        tiny_trainer(max_steps=1).fit(module, datamodule=stream)
