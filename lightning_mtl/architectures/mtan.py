@@ -15,8 +15,8 @@ __all__ = ["MTAN"]
 def _mask(cin: int, cout: int) -> nn.Sequential:
     """Attention mask: 1x1 conv-BN-ReLU, 1x1 conv-BN-sigmoid (values in (0, 1), one per channel and pixel)."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 1), nn.BatchNorm2d(cout), nn.Sigmoid(),
+        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.Sigmoid(),
     )  # fmt: skip
 
 

@@ -10,7 +10,8 @@ __all__ = ["SegNet", "conv_bn_relu"]
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    # no conv bias: the BatchNorm that follows subtracts it again (its gradient is zero by construction)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class _Block(nn.Module):

@@ -25,6 +25,11 @@ class MixMaskGenerator(nn.Module):
     each feature map first gets its sample's lambda as a constant extra channel (AutoMix); AdAutoMix's
     published CIFAR setting leaves it out. The attention runs in float32 whatever the autocast context.
 
+    The key and value convolutions have no bias: a key bias adds the same amount to every logit of an
+    attention row, and a value bias (the rows sum to 1) the same amount to all ``K`` mask logits, so
+    both softmaxes cancel them and their gradient is zero by construction. Checkpoints that still hold
+    those two biases load with them dropped.
+
     Args:
         in_channels: channels ``C`` of the feature maps.
         reduction: ``C / d``.
@@ -55,11 +60,17 @@ class MixMaskGenerator(nn.Module):
         self.upsample_mode = upsample_mode
         channels = in_channels + int(self.lam_concat)
         self.query = nn.Conv2d(channels, self.inner, 1)
-        self.key = nn.Conv2d(channels, self.inner, 1)
-        self.value = nn.Conv2d(channels, 1, 1)
+        self.key = nn.Conv2d(channels, self.inner, 1, bias=False)
+        self.value = nn.Conv2d(channels, 1, 1, bias=False)
         for conv in (self.query, self.key, self.value):
             nn.init.normal_(conv.weight, std=init_std)
-            nn.init.zeros_(conv.bias)
+        nn.init.zeros_(self.query.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # earlier versions had key and value biases, which cannot change the masks (see the class docstring)
+        for name in ("key.bias", "value.bias"):
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def logits(self, features: Sequence[Tensor], lam: Tensor) -> Tensor:
         """Mask logits ``[B, K, h, w]`` at the feature resolution."""

@@ -83,8 +83,11 @@ def test_shared_parameters_get_every_task_and_heads_only_their_own(name):
     named = [(n, p) for n, p in model.named_parameters()]
     for i, task in enumerate(model.task_names):
         grads = torch.autograd.grad(losses[i], [p for _, p in named], retain_graph=True, allow_unused=True)
+        # relative to the task's largest gradient: a parameter that cannot change the loss (a conv bias under
+        # BatchNorm) shows rounding noise of 1e-11..1e-9 of it, a live one at least 1e-4
+        largest = max(g.abs().max() for g in grads if g is not None)
         for (param_name, _), grad in zip(named, grads):
-            reached = grad is not None and bool(grad.abs().sum() > 0)
+            reached = grad is not None and bool(grad.abs().max() > 1e-6 * largest)
             if param_name.startswith("encoder."):
                 assert reached, f"{name}: shared parameter {param_name} gets no gradient from task {task}"
             elif param_name.startswith("heads."):
