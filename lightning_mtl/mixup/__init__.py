@@ -4,7 +4,7 @@ on an EMA teacher's features) as a LightningModule."""
 
 from lightning_mtl.mixup._base import BatchMix, MixedBatch, mix_targets
 from lightning_mtl.mixup.adautomix import AdAutoMix, AutoMix
-from lightning_mtl.mixup.callback import MixBatch
+from lightning_mtl.mixup.callback import MixBatch, hard_labels
 from lightning_mtl.mixup.cutmix import CutMix
 from lightning_mtl.mixup.generator import MixMaskGenerator
 from lightning_mtl.mixup.linear3 import ThreeSampleMixup
@@ -24,6 +24,7 @@ __all__ = [
     "Mixup",
     "ResizeMix",
     "ThreeSampleMixup",
+    "hard_labels",
     "log_mixed_grid",
     "mix_targets",
     "soft_target_cross_entropy",

@@ -90,7 +90,8 @@ class BatchMix:
     """Base of the batch mixes: ``mix(inputs) -> MixedBatch``; calling the object also mixes the labels.
 
     Subclasses implement :meth:`mix`. ``prob`` is the probability that a batch is mixed at all (else
-    every sample is its own single source with weight 1).
+    every sample is its own single source with weight 1). A batch of one sample has nothing to mix with
+    and passes unmixed the same way (the last batch of an epoch without ``drop_last``).
     """
 
     num_sources: int = 2
@@ -104,18 +105,23 @@ class BatchMix:
         raise NotImplementedError
 
     @staticmethod
-    def _check(inputs: Tensor) -> None:
+    def _check_images(inputs: Tensor) -> None:
         if inputs.ndim != 4:
             raise ValueError(f"batch mixes need images [B, C, H, W], got shape {tuple(inputs.shape)}")
+
+    @classmethod
+    def _check(cls, inputs: Tensor) -> None:
+        cls._check_images(inputs)
         if inputs.shape[0] < 2:
             raise ValueError("a batch needs at least 2 samples to be mixed")
 
     def __call__(
         self, inputs: Tensor, targets: Tensor | Mapping[str, Tensor], num_classes: int | Mapping[str, int | None] | None
     ) -> tuple[MixedBatch, Tensor | dict[str, Tensor]]:
-        """Mix the images and the labels of every task alike."""
-        self._check(inputs)
-        if self.prob < 1.0 and float(torch.rand(())) >= self.prob:
+        """Mix the images and the labels of every task alike (a single sample passes unmixed)."""
+        self._check_images(inputs)
+        # the batch alone decides: every mix pairs samples of this batch only (of this rank under DDP)
+        if inputs.shape[0] < 2 or (self.prob < 1.0 and float(torch.rand(())) >= self.prob):
             index = torch.arange(inputs.shape[0], device=inputs.device)[:, None]
             mixed = MixedBatch(inputs, index, torch.ones(inputs.shape[0], 1, device=inputs.device))
         else:

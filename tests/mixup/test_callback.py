@@ -8,10 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_mtl.mixup import hard_labels
 from lightning_mtl.mixup.callback import MixBatch
 from lightning_mtl.mixup.cutmix import CutMix
+from lightning_mtl.mixup.linear3 import ThreeSampleMixup
+from lightning_mtl.mixup.losses import soft_target_cross_entropy
 from lightning_mtl.mixup.mixup import Mixup
+from lightning_mtl.mixup.resizemix import ResizeMix
 from lightning_mtl.mixup.visualize import log_mixed_grid
 from tests.helpers import tiny_module, tiny_multidigits, tiny_trainer
 
@@ -106,3 +112,99 @@ def test_grid_goes_to_tensorboard_and_wandb(tmp_path, monkeypatch):
     events.Reload()
     assert "train/mixed" in events.Tags()["images"]
     assert events.Images("train/mixed")[0].step == 7
+
+
+class _PlainModule(pl.LightningModule):
+    """A user's own module: a bare label tensor, the soft-target loss, and a record of each batch."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.seen.append((x.detach().clone(), y.detach().clone(), logits.detach().clone()))
+        return soft_target_cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _plain_loader(n, num_classes=3, batch_size=2):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 1, 4, 4, generator=generator)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    return images, labels, DataLoader(TensorDataset(images, labels), batch_size=batch_size, drop_last=False)
+
+
+@pytest.mark.parametrize("mix", [Mixup(1.0), CutMix(1.0), ResizeMix(), ThreeSampleMixup(), Mixup(1.0, prob=0.5)],
+                         ids=["mixup", "cutmix", "resizemix", "three", "mixup-half"])  # fmt: skip
+def test_single_sample_last_batch_trains_through_unmixed_with_one_hot_targets(mix):
+    """2k + 1 samples in batches of 2: the last batch holds one sample; it reaches the step unmixed, with
+    the one-hot row of its label in the same [B, C] float format as the mixed batches."""
+    pl.seed_everything(0)
+    images, labels, loader = _plain_loader(7)
+    module = _PlainModule()
+    trainer = tiny_trainer(max_epochs=1, callbacks=[MixBatch(mix, num_classes=3)])
+    trainer.fit(module, loader)
+    assert trainer.global_step == 4 and len(module.seen) == 4
+    for x, y, _ in module.seen:
+        assert y.dtype == torch.float32 and y.shape == (len(x), 3)
+    x, y, _ = module.seen[-1]
+    assert torch.equal(x, images[6:])
+    assert torch.equal(y, F.one_hot(labels[6:], 3).float())
+
+
+class _AccuracyModule(_PlainModule):
+    """Trains on the soft rows and tracks a torchmetrics accuracy against the hard labels."""
+
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes)
+        self.accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.reported = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        _, y, logits = self.seen[-1]
+        self.reported.append((hard_labels(batch[1]).clone(), float(self.accuracy(logits, hard_labels(batch[1])))))
+        return loss
+
+
+class _Labels(pl.Callback):
+    """Runs before MixBatch: keeps the labels the loader gave."""
+
+    def __init__(self):
+        self.labels = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.labels.append(batch[1].clone())
+
+
+def test_training_step_accuracy_against_the_hard_labels():
+    """A user's accuracy in training_step, fed hard_labels(y), is the hand-computed share of arg-max
+    predictions equal to the labels the loader gave (the soft rows alone would make it meaningless)."""
+    pl.seed_everything(0)
+    _, _, loader = _plain_loader(40, batch_size=8)
+    module, before = _AccuracyModule(), _Labels()
+    trainer = tiny_trainer(max_epochs=1, callbacks=[before, MixBatch(Mixup(1.0), num_classes=3)])
+    trainer.fit(module, loader)
+    assert len(module.reported) == len(before.labels) == 5
+    for (x, y, logits), (hard, reported), original in zip(module.seen, module.reported, before.labels):
+        assert y.is_floating_point() and y.shape == (8, 3)  # the loss still sees the soft rows
+        assert torch.equal(hard, original)
+        assert reported == pytest.approx(float((logits.argmax(1) == original).double().mean()), abs=1e-6)
+
+
+def test_hard_labels_of_every_task_and_of_unmixed_labels():
+    callback = MixBatch(Mixup(), num_classes={"a": 3, "b": 4})
+    labels = {"a": torch.tensor([0, 2, 1, -1]), "b": torch.tensor([3, 0, 1, 2])}
+    batch = [torch.randn(4, 1, 4, 4), dict(labels)]
+    callback.setup(None, None, "fit")
+    callback.on_train_batch_start(None, None, batch, 0)
+    assert batch[1]["a"].shape == (4, 3) and batch[1]["b"].shape == (4, 4)
+    assert all(torch.equal(hard_labels(batch[1])[t], labels[t]) for t in labels)
+    assert torch.equal(hard_labels(labels["a"]), labels["a"])  # integer labels are their own hard labels
+    with pytest.raises(ValueError, match="hard labels"):
+        hard_labels(batch[1]["a"].clone())  # a copy of the rows no longer carries them
