@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_mtl.ssl._distributed import gather_rows, max_over_ranks, sum_over_ranks
-from lightning_mtl.ssl._features import batch_features
+from lightning_mtl.ssl._features import batch_features, check_feature_hook, check_labelled, check_num_classes
 
 __all__ = ["KNNMonitor", "weighted_knn_predict"]
 
@@ -76,6 +76,10 @@ class KNNMonitor(pl.Callback):
     classified by :func:`weighted_knn_predict`; correct and total counts are summed over the ranks.
     Samples with a negative label (unlabelled, e.g. STL-10's) are left out of bank and score.
 
+    What it cannot work with stops ``fit`` before the first step: at setup a module with none of
+    ``extract_features`` / ``backbone`` / ``encoder`` / ``forward``, or ``num_classes`` below the
+    datamodule's; at the first training (or sanity-check) batch, batches without labels.
+
     This is the cheap online estimate (solo-learn's monitor works the same way): the bank holds augmented
     views encoded by the weights of the moment during the epoch. The exact protocol (a bank of
     un-augmented training images, encoded by the final weights) is the offline evaluation
@@ -126,6 +130,9 @@ class KNNMonitor(pl.Callback):
         return f"{self.prefix}/acc"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # what can be told before any step: a module with no features to read, too few classes
+        check_feature_hook(pl_module, "KNNMonitor")
+        check_num_classes(trainer, self.num_classes, "KNNMonitor")
         directions = getattr(pl_module, "metric_directions", None)
         if isinstance(directions, dict):
             directions[self.key] = True
@@ -136,6 +143,11 @@ class KNNMonitor(pl.Callback):
     # -- the bank ------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._features, self._labels, self._stored = [], [], 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        check_labelled(batch, "KNNMonitor", "training")  # before the step, also in epochs that fill no bank
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -181,6 +193,11 @@ class KNNMonitor(pl.Callback):
             return
         self._bank = self.build_bank(pl_module.device)
         self._counts = torch.zeros(2, device=pl_module.device)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        check_labelled(batch, "KNNMonitor", "validation")  # in the sanity check already, before any step
 
     def on_validation_batch_end(
         self,

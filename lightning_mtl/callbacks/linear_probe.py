@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mtl.ssl._distributed import distributed_world_size, sum_over_ranks
-from lightning_mtl.ssl._features import batch_features
+from lightning_mtl.ssl._features import batch_features, check_feature_hook, check_labelled, check_num_classes
 
 __all__ = ["OnlineLinearProbe"]
 
@@ -25,6 +25,10 @@ class OnlineLinearProbe(pl.Callback):
     ``val/<name>/acc``, ``val/<name>/loss`` and the same under ``test/``. Select checkpoints on the
     validation keys; the probe's weights and optimizer state are in the checkpoint (callback state),
     so testing the best checkpoint tests the probe that went with it.
+
+    What it cannot work with stops ``fit`` before the first step: at setup an unknown feature size, a
+    module with none of ``extract_features`` / ``backbone`` / ``encoder`` / ``forward``, or ``num_classes``
+    below the datamodule's; at the first training (or sanity-check) batch, batches without labels.
 
     Under DDP every rank holds a copy of the probe and its gradients are averaged over the ranks before
     each update (the copies stay identical); counts for the metrics are summed over the ranks.
@@ -76,6 +80,9 @@ class OnlineLinearProbe(pl.Callback):
                 )
             self.head = nn.Linear(dim, self.num_classes)
             self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # what can be told before any step: a module with no features to read, too few classes
+        check_feature_hook(pl_module, "OnlineLinearProbe")
+        check_num_classes(trainer, self.num_classes, "OnlineLinearProbe")
 
     def _ready(self, device: torch.device) -> nn.Linear:
         if self.head is None or self.optimizer is None:
@@ -89,6 +96,11 @@ class OnlineLinearProbe(pl.Callback):
         return self.head
 
     # -- training ------------------------------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        check_labelled(batch, "OnlineLinearProbe", "training")  # before the module's step, not after it
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -139,6 +151,11 @@ class OnlineLinearProbe(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        check_labelled(batch, "OnlineLinearProbe", "validation")  # in the sanity check already, before any step
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,

@@ -64,8 +64,8 @@ class MixBatch(pl.Callback):
     sample), whose rows are one-hot. Train on them with
     :func:`~lightning_mtl.mixup.losses.soft_target_cross_entropy`. The labels the loader gave stay
     available through :func:`hard_labels` (``hard_labels(y)``): give those, not the rows, to an accuracy
-    metric. torchmetrics' ``MulticlassAccuracy`` fed the rows either fails or, with deterministic
-    algorithms on, counts wrong without a word.
+    metric. torchmetrics' ``MulticlassAccuracy`` fed the rows fails on logits, but counts something else
+    without a word on probabilities or with deterministic algorithms on.
 
     The batch is changed in place, after it reached the device: a list batch has its items replaced; a
     tuple batch needs a dict of labels (the images are overwritten in place and the dict updated).
@@ -135,9 +135,7 @@ class MixBatch(pl.Callback):
             log_mixed_grid(trainer, "train/mixed", mixed.inputs, mixed.weights, self.max_images)
 
 
-def _keep_hard_labels(
-    targets: Tensor | Mapping[str, Tensor], mixed: Tensor | Mapping[str, Tensor]
-) -> None:
+def _keep_hard_labels(targets: Tensor | Mapping[str, Tensor], mixed: Tensor | Mapping[str, Tensor]) -> None:
     # read before the dict of labels is updated in place: the tensors it held are the hard labels
     if isinstance(mixed, Mapping):
         for name, values in mixed.items():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.architectures import DigitsCNN
 from lightning_mtl.callbacks.linear_probe import OnlineLinearProbe
@@ -96,3 +97,48 @@ def test_probe_copies_stay_identical_under_ddp(tmp_path):
     trainer.fit(FixedFeatureModule(), datamodule=ToyData(batch_size=8, unlabelled_every=3))
     weights = [json.loads((tmp_path / f"probe{r}.json").read_text()) for r in (0, 1)]
     assert weights[0] == weights[1]
+
+
+class _Counting(FixedFeatureModule):
+    """Counts its training steps; ``hook=False`` renames the backbone so the module has no feature hook."""
+
+    def __init__(self, hook=True, **kwargs):
+        super().__init__(return_features=False, **kwargs)
+        if not hook:
+            self.net = self.backbone
+            del self.backbone
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        x = batch[0][0] if isinstance(batch[0], (list, tuple)) else batch[0]  # ((x, x), y) or [x]
+        return (getattr(self, "net", None) or self.backbone)(x).sum()  # a real gradient: SGD would move the weights
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _UnlabelledTrain(ToyData):
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x_train), batch_size=self.batch_size)  # batches [x]: no labels
+
+
+@pytest.mark.parametrize(
+    "module, data, probe, match",
+    [
+        (lambda: _Counting(hook=False), ToyData, lambda: OnlineLinearProbe(4), "extract_features.*backbone.*forward"),
+        (_Counting, _UnlabelledTrain, lambda: OnlineLinearProbe(4), "labelled training batches"),
+        (_Counting, ToyData, lambda: OnlineLinearProbe(3), r"num_classes=3.*datamodule's num_classes=4"),
+    ],
+    ids=["no-feature-hook", "no-labels", "too-few-classes"],
+)
+def test_incompatible_setups_fail_before_any_training_step(module, data, probe, match):
+    """A module with no feature hook, training batches without labels or fewer classes than the datamodule
+    has: fit stops with a sentence naming what is missing, before the first step changed any weight."""
+    data, module = data(), module()
+    data.num_classes = 4
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        tiny_trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[probe()]).fit(module, datamodule=data)
+    assert module.steps == 0
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())

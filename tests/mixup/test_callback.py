@@ -167,7 +167,7 @@ class _AccuracyModule(_PlainModule):
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        _, y, logits = self.seen[-1]
+        logits = self.seen[-1][2]
         self.reported.append((hard_labels(batch[1]).clone(), float(self.accuracy(logits, hard_labels(batch[1])))))
         return loss
 
@@ -191,7 +191,7 @@ def test_training_step_accuracy_against_the_hard_labels():
     trainer = tiny_trainer(max_epochs=1, callbacks=[before, MixBatch(Mixup(1.0), num_classes=3)])
     trainer.fit(module, loader)
     assert len(module.reported) == len(before.labels) == 5
-    for (x, y, logits), (hard, reported), original in zip(module.seen, module.reported, before.labels):
+    for (_, y, logits), (hard, reported), original in zip(module.seen, module.reported, before.labels):
         assert y.is_floating_point() and y.shape == (8, 3)  # the loss still sees the soft rows
         assert torch.equal(hard, original)
         assert reported == pytest.approx(float((logits.argmax(1) == original).double().mean()), abs=1e-6)
