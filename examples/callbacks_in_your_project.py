@@ -1,8 +1,10 @@
 """The library's callbacks in a Lightning project you already have: nothing in your module changes.
 
 Here a plain single-task LightningModule on the embedded Digits data gets ``BestMetricsSummary``,
-which keeps the best value of every ``val/...`` metric (in its checkpointed state) and writes them to
-the W&B run summary when a ``WandbLogger`` is attached.
+which keeps the best value of the monitored metric (in its checkpointed state) and writes it to the
+W&B run summary when a ``WandbLogger`` is attached (to other loggers as ``best/<key>``). ``mode``
+says that higher accuracy is better; a torchmetrics ``Metric`` logged with ``self.log`` would say so
+itself.
 
     python examples/callbacks_in_your_project.py
 """
@@ -36,10 +38,8 @@ class MyClassifier(pl.LightningModule):
 
 
 def main() -> None:
-    best = BestMetricsSummary()
-    best_directions = {"val/acc": True}  # higher is better; unlisted keys count as lower-is-better
+    best = BestMetricsSummary(monitor="val/acc", mode="max")
     model = MyClassifier()
-    model.metric_directions = best_directions
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=[best], enable_checkpointing=False)
     trainer.fit(model, datamodule=Digits(as_dict=False, batch_size=64))
     print("best so far:", best.best)

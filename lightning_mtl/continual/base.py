@@ -65,6 +65,10 @@ class ContinualModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.register_buffer("seen_classes", torch.zeros((), dtype=torch.long))
+        # read by BestMetricsSummary: accuracy higher, loss lower is better
+        self.metric_directions: dict[str, bool] = {
+            f"{stage}/{key}": key == "acc" for stage in ("val", "test") for key in ("acc", "loss")
+        }
 
     # -- what a method provides -------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:

@@ -193,6 +193,12 @@ class AdAutoMix(pl.LightningModule):
             {f"{stage}_{who}": MulticlassAccuracy(num_classes, average="micro", ignore_index=-100)
              for stage in ("val", "test") for who in ("teacher", "student")}
         )  # fmt: skip
+        # read by BestMetricsSummary: the accuracies are higher-, the loss lower-is-better
+        self.metric_directions: dict[str, bool] = {}
+        for stage in ("val", "test"):
+            self.metric_directions[f"{stage}/loss"] = False
+            for name in (task_name, "mean", f"teacher/{task_name}", f"student/{task_name}"):
+                self.metric_directions[f"{stage}/{name}/acc"] = True
 
     # -- the networks ---------------------------------------------------------------------------------
     def _catch_features(self, module: nn.Module, inputs: Any, output: Tensor) -> None:

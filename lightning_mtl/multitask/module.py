@@ -146,7 +146,9 @@ class MultiTaskModule(pl.LightningModule):
         self.baselines = baselines or {}
         self._check_baselines()
         self.on_nonfinite_loss = on_nonfinite_loss
-        self.metric_directions: dict[str, bool] = {"val/loss": False, "val/delta_m": False}
+        # read by BestMetricsSummary (losses and Delta m lower is better); the metrics add theirs when logged
+        lower = ("loss", "delta_m", *(f"{name}/loss" for name in self.task_names))
+        self.metric_directions: dict[str, bool] = {f"{stage}/{key}": False for stage in _STAGES for key in lower}
         self._labels_checked: set[str] = set()
         self.gradient_mode = gradient_mode
         self.jacobian_batched = jacobian_batched
