@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from lightning_mtl._modes import eval_mode
+from lightning_mtl._plotting import figure_class, figure_to_rgb
 from lightning_mtl.continual.base import mask_unseen
 from lightning_mtl.continual.metrics import (
     accuracy_matrix,
@@ -296,9 +297,8 @@ class AnytimeEvaluation(pl.Callback):
         return accuracy_matrix(self.class_accuracies, self.class_tasks, num_tasks, counts)
 
     def _draw(self, trainer: pl.Trainer) -> None:
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
+        Figure = figure_class()
+        if Figure is None:
             rank_zero_warn("AnytimeEvaluation: matplotlib is not installed; the accuracy curve and matrix are not drawn")
             return
         figures = {"anytime_accuracy": self._curve(Figure)}
@@ -311,7 +311,7 @@ class AnytimeEvaluation(pl.Callback):
             step = _logging_step(trainer)
             for logger in wandb:
                 for name, figure in figures.items():
-                    logger.log_image(key=f"continual/{name}", images=[_to_rgb(figure)], step=step)
+                    logger.log_image(key=f"continual/{name}", images=[figure_to_rgb(figure)], step=step)
             return
         folder = _image_folder(trainer)
         os.makedirs(folder, exist_ok=True)
@@ -335,7 +335,7 @@ class AnytimeEvaluation(pl.Callback):
         return figure
 
     def _heatmap(self, figure_class: Any) -> Any:
-        matrix = self.task_accuracy_matrix()
+        matrix, tasks = self._matrix_by_task()
         rows, cols = matrix.shape
         figure = figure_class(figsize=(1.2 + 0.7 * cols, 1.0 + 0.6 * rows), layout="constrained")
         axes = figure.add_subplot()
@@ -346,13 +346,30 @@ class AnytimeEvaluation(pl.Callback):
                 if not math.isnan(value):
                     axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8,
                               color="white" if value < 0.6 else "black")  # fmt: skip
+        for i in range(rows):
+            if bool(matrix[i].isnan().all()):  # no evaluation after this task: hatched, so it reads as a gap
+                axes.axhspan(i - 0.5, i + 0.5, fill=False, hatch="//", edgecolor="grey", linewidth=0)
         axes.set_xticks(range(cols), [str(t + 1) for t in range(cols)])
-        axes.set_yticks(range(rows), [str(t + 1) for t in range(rows)])
+        axes.set_yticks(range(rows), [str(t + 1) for t in tasks])
         axes.set_xlabel("task of first exposure")
         axes.set_ylabel("after task")
         axes.set_title("Accuracy (%)")
         figure.colorbar(image, ax=axes)
         return figure
+
+    def _matrix_by_task(self) -> tuple[Tensor, list[int]]:
+        """The accuracy matrix with one row per task up to the last task end, and the rows' tasks: a task
+        that had no task end (the stream left it without samples) is an all-NaN row, not a shifted label."""
+        matrix = self.task_accuracy_matrix()
+        ends = [int(e["task"]) for e in self.evaluations if e["task_end"]]
+        if len(ends) != matrix.shape[0]:  # histories that do not pair up: rows in order
+            return matrix, list(range(matrix.shape[0]))
+        if sorted(set(ends)) != ends:  # a task that ended twice: each row keeps its task, no gap to draw
+            return matrix, ends
+        tasks = list(range(ends[-1] + 1)) if ends else []
+        full = torch.full((len(tasks), matrix.shape[1]), math.nan, dtype=matrix.dtype)
+        full[ends] = matrix
+        return full, tasks
 
     # -- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -381,13 +398,3 @@ def _image_folder(trainer: pl.Trainer) -> str:
         if folder:
             return str(folder)
     return str(trainer.default_root_dir)
-
-
-def _to_rgb(figure: Any) -> Any:
-    """The figure rendered to an ``[H, W, 3]`` uint8 array (what every logger's image API takes)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -8,8 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_mtl._plotting import figure_class, figure_to_rgb
 from lightning_mtl.multitask.engine import flat_jacobian
 
 
@@ -22,9 +24,12 @@ class GradientConflictMonitor(pl.Callback):
     optimizer step, in one extra forward whose BatchNorm statistics updates are undone. Under DDP
     the per-rank Jacobians are averaged first, so every rank logs the same numbers.
 
-    Logs ``train/grad_cos/<a>__<b>`` and ``train/grad_norm/<task>``, and, unless ``log_image`` is
-    off, the cosine matrix as a heatmap image ``train/grad_cos`` (blue: conflicting, red: aligned)
-    through W&B's ``log_image`` or TensorBoard's ``add_image``.
+    Logs ``train/grad_cos/<a>__<b>`` and ``train/grad_norm/<task>`` once per measurement, at
+    ``step=trainer.global_step`` (to every logger directly, so ``log_every_n_steps`` neither shifts nor
+    repeats them; through ``pl_module.log`` for ``callback_metrics``), and, unless ``log_image`` is off,
+    the cosine matrix as a heatmap ``train/grad_cos`` (blue: conflicting, red: aligned; task names, values,
+    colour bar on [-1, 1]) as a uint8 picture through W&B's ``log_image`` or TensorBoard's ``add_image``.
+    Without matplotlib the plain coloured cells (:func:`heatmap`) are logged, with one warning.
 
     Args:
         every_n_steps: how often to measure (each costs one forward and m backward passes).
@@ -39,6 +44,8 @@ class GradientConflictMonitor(pl.Callback):
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps, self.level, self.log_image = every_n_steps, level, log_image
         self.last_cosines: Tensor | None = None
+        self._warned = False
+        self._measured_at = 0  # the global step of the last measurement (none before the first optimizer step)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "task_losses") or not hasattr(pl_module, "encoder"):
@@ -47,8 +54,11 @@ class GradientConflictMonitor(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self.every_n_steps != 0 or outputs is None:
+        step = trainer.global_step
+        # with accumulate_grad_batches > 1 several batches end at one global step: measure the first only
+        if step % self.every_n_steps != 0 or step == self._measured_at or outputs is None:
             return
+        self._measured_at = step
         jac = self.jacobian(pl_module, batch)
         if trainer.world_size > 1:
             jac = trainer.strategy.reduce(jac, reduce_op="mean")
@@ -59,9 +69,26 @@ class GradientConflictMonitor(pl.Callback):
         logged = {f"train/grad_norm/{n}": norms[i] for i, n in enumerate(names)}
         for i, j in itertools.combinations(range(len(names)), 2):
             logged[f"train/grad_cos/{names[i]}__{names[j]}"] = cosines[i, j]
-        pl_module.log_dict(logged, on_step=True, on_epoch=False)
-        if self.log_image and trainer.is_global_zero:
-            _log_image(trainer, "train/grad_cos", heatmap(self.last_cosines))
+        # Lightning hands step metrics to the loggers only every log_every_n_steps, at another step, and
+        # again later with the value unchanged: the loggers get each measurement here, once, at its step
+        pl_module.log_dict(logged, on_step=True, on_epoch=False, logger=False)
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({key: float(value) for key, value in logged.items()}, step=step)
+        if self.log_image:
+            _log_image(trainer, "train/grad_cos", self._picture(names, step), step)
+
+    def _picture(self, names: list[str], step: int) -> Any:
+        image = conflict_image(self.last_cosines, names, step)
+        if image is None:
+            if not self._warned:
+                rank_zero_warn(
+                    "GradientConflictMonitor: matplotlib is not installed; the heatmap is drawn without task names or values"
+                )
+                self._warned = True
+            image = (heatmap(self.last_cosines) * 255).round().byte().permute(1, 2, 0).numpy()
+        return image
 
     def jacobian(self, pl_module: Any, batch: Any) -> Tensor:
         """Task-gradient matrix ``[m, n]`` on ``batch`` at the current weights (buffers restored)."""
@@ -94,9 +121,39 @@ def heatmap(matrix: Tensor, cell: int = 24) -> Tensor:
     return image.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
 
 
-def _log_image(trainer: pl.Trainer, key: str, image: Tensor) -> None:
+def conflict_figure(matrix: Tensor, names: list[str], step: int) -> Any:
+    """The cosine matrix as a matplotlib figure: task names on both axes, the values in the cells, a colour
+    bar fixed to [-1, 1] (blue: conflicting, red: aligned) and the step in the title; None without matplotlib."""
+    Figure = figure_class()
+    if Figure is None:
+        return None
+    values = matrix.detach().double().cpu()
+    m = len(names)
+    figure = Figure(figsize=(2.2 + 0.8 * m, 1.6 + 0.7 * m), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(values.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    for i in range(m):
+        for j in range(m):
+            value = float(values[i, j])
+            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                      color="white" if abs(value) > 0.6 else "black")  # fmt: skip
+    axes.set_xticks(range(m), names, rotation=45, ha="right")
+    axes.set_yticks(range(m), names)
+    axes.set_title(f"Task gradient cosine, step {step}")
+    figure.colorbar(image, ax=axes)
+    return figure
+
+
+def conflict_image(matrix: Tensor, names: list[str], step: int) -> Any:
+    """:func:`conflict_figure` as an ``[H, W, 3]`` uint8 array; None without matplotlib."""
+    figure = conflict_figure(matrix, names, step)
+    return None if figure is None else figure_to_rgb(figure)
+
+
+def _log_image(trainer: pl.Trainer, key: str, image: Any, step: int) -> None:
+    # uint8 [H, W, 3]: W&B casts float pixels to uint8 as they are (a [0, 1] picture turns black)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[image.permute(1, 2, 0).numpy()], step=trainer.global_step)
+            logger.log_image(key=key, images=[image], step=step)
         elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, image, global_step=trainer.global_step)
+            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")

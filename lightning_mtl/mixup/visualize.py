@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 __all__ = ["log_mixed_grid"]
@@ -28,13 +29,14 @@ def log_mixed_grid(
     Args:
         trainer: the running trainer (its loggers and global step).
         key: the image key, e.g. ``"train/mixed"``.
-        images: ``[B, C, H, W]`` mixed images (any range; each is stretched to [0, 1]).
+        images: ``[B, C, H, W]`` mixed images (any range; each is stretched to 0..255 uint8).
         lambdas: ``[B]`` or ``[B, k]`` mixing weights per image.
     """
     if trainer.global_rank != 0:
         return False
     count = min(max_images, images.shape[0])
-    shown = _to_unit_range(images[:count])
+    # uint8 pixels: W&B casts float pixels to uint8 as they are, which turns a [0, 1] picture black
+    shown = (_to_unit_range(images[:count]) * 255).round().to(torch.uint8)
     weights = lambdas[:count].detach().float().cpu()
     weights = weights[:, None] if weights.ndim == 1 else weights
     captions = ["lam=" + "/".join(f"{w:.2f}" for w in row.tolist()) for row in weights]
@@ -44,7 +46,7 @@ def log_mixed_grid(
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=list(shown), caption=captions, step=step)
+            logger.log_image(key=key, images=list(shown.permute(0, 2, 3, 1).numpy()), caption=captions, step=step)
             logged = True
         elif isinstance(logger, TensorBoardLogger):
             from torchvision.utils import make_grid

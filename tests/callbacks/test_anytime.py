@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
@@ -271,6 +272,28 @@ def test_images_go_to_wandb_through_log_image(tmp_path, monkeypatch):
     image = sent[0][1][0]
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_matrix_rows_are_labelled_by_their_task_and_a_task_without_a_task_end_is_an_empty_row():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    callback = AnytimeEvaluation(eval_period=4)
+    # the stream left task 1 (of 0..3) without samples: task ends after tasks 0, 2 and 3 only
+    for step, task in ((3, 0), (7, 2), (11, 3)):
+        evaluation = dict(step=step, samples_seen=step + 1, num_seen=4, task=task, accuracy=0.5, weight=1, task_end=True)
+        callback.evaluations.append(evaluation)
+    nan = float("nan")
+    callback.class_accuracies = [[0.5, 1.0, nan, nan], [0.25, 0.75, 1.0, nan], [0.0, 0.5, 0.5, 1.0]]
+    callback.class_tasks = [0, 0, 2, 3]
+    figure = callback._heatmap(Figure)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["1", "2", "3", "4"]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["1", "2", "3", "4"]
+    shown = np.ma.filled(np.ma.asarray(axes.images[0].get_array(), dtype=float), np.nan)
+    by_task_end = 100 * callback.task_accuracy_matrix().numpy()  # one row per task end, in order
+    np.testing.assert_allclose(shown[[0, 2, 3]], by_task_end)
+    assert np.isnan(shown[1]).all()
 
 
 def test_without_matplotlib_images_are_skipped_with_a_warning(tmp_path, monkeypatch):

@@ -3,7 +3,10 @@ mixed-sample grid through TensorBoard's and W&B's image APIs."""
 
 from __future__ import annotations
 
+import io
+
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,7 +107,7 @@ def test_grid_goes_to_tensorboard_and_wandb(tmp_path, monkeypatch):
     (call,) = calls
     assert call["key"] == "train/mixed" and call["step"] == 7 and len(call["images"]) == 4
     assert call["caption"][0] == "lam=0.30/0.70"
-    assert 0 <= float(call["images"][0].min()) <= float(call["images"][0].max()) <= 1
+    assert all(image.dtype == np.uint8 for image in call["images"])  # W&B casts floats to uint8 as they are
     tensorboard.experiment.flush()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -208,3 +211,48 @@ def test_hard_labels_of_every_task_and_of_unmixed_labels():
     assert torch.equal(hard_labels(labels["a"]), labels["a"])  # integer labels are their own hard labels
     with pytest.raises(ValueError, match="hard labels"):
         hard_labels(batch[1]["a"].clone())  # a copy of the rows no longer carries them
+
+
+class _WandbRecorder(WandbLogger):
+    """A WandbLogger whose run is a list: its own log_image builds the wandb.Image objects, which are kept."""
+
+    def __init__(self):
+        super().__init__(offline=True)
+        self.records = []
+
+    @property
+    def experiment(self):
+        return type("Run", (), {"log": staticmethod(self.records.append)})()
+
+
+def _stretched(images):
+    # each image mapped linearly onto 0..255 (float64), the reference for what the loggers should show
+    x = images.double()
+    low = x.flatten(1).min(1).values[:, None, None, None]
+    high = x.flatten(1).max(1).values[:, None, None, None]
+    return 255 * (x - low) / (high - low)
+
+
+def test_grid_pixels_reaching_wandb_and_tensorboard_span_the_full_range(tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    wandb = _WandbRecorder()
+    tensorboard = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+
+    class _Trainer:
+        global_rank, global_step, loggers = 0, 3, [tensorboard, wandb]
+
+    images = 2 * torch.randn(3, 3, 8, 8) + 0.5  # normalized inputs: any range
+    assert log_mixed_grid(_Trainer(), "train/mixed", images, torch.rand(3), max_images=3, nrow=3)
+    (record,) = wandb.records
+    expected = _stretched(images).permute(0, 2, 3, 1).numpy()
+    for shown, reference in zip(record["train/mixed"], expected):
+        pixels = np.asarray(shown.image.convert("RGB")).astype(np.float64)
+        assert np.abs(pixels - reference).max() <= 1.0  # not the 0/1 of floats cast to uint8
+    tensorboard.experiment.flush()
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0}).Reload()
+    grid = np.asarray(Image.open(io.BytesIO(events.Images("train/mixed")[0].encoded_image_string)).convert("RGB"))
+    first = grid[2:10, 2:10].astype(np.float64)  # the first image sits after the 2-pixel padding
+    assert np.abs(first - expected[0]).max() <= 1.0
