@@ -1,14 +1,14 @@
-"""EMATeacher: exponential moving average of a module's weights, kept as a teacher inside the module."""
+"""EMATeacher: exponential moving average of a module's weights, as a teacher for training and evaluation."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 __all__ = ["EMATeacher", "ema_decay"]
@@ -53,32 +53,48 @@ def ema_decay(
 
 
 class EMATeacher(pl.Callback):
-    """Exponential moving average of the student's weights, as a teacher that lives in the LightningModule.
+    """Exponential moving average of the student's weights, as a teacher.
 
     After every optimizer step, ``teacher <- d * teacher + (1 - d) * student`` for each (student, teacher)
     pair (Polyak and Juditsky, SIAM J. Control Optim. 1992; as a teacher: Tarvainen and Valpola, "Mean
-    teachers", NeurIPS 2017). Unlike Lightning's ``EMAWeightAveraging``, whose average lives inside the
-    callback, the teacher is a submodule of the LightningModule: it moves with it between devices, is saved
-    in its ``state_dict`` and can be called inside ``training_step`` (AdAutoMix's generator reads the
-    teacher's features).
+    teachers", NeurIPS 2017).
 
-    **Which weights.** A module that defines ``ema_pairs() -> Iterable[tuple[nn.Module, nn.Module]]``
-    declares its (student, teacher) pairs (the teacher an architectural copy of the student, parameters in
-    the same order). Any other LightningModule gets a plain EMA of all of its parameterized children: the
-    callback registers their copy as the submodule ``ema_teacher`` at ``setup`` (before the optimizer is
-    made, so on resume the checkpoint's teacher weights load into it; load such a checkpoint into a module
-    without the callback with ``strict=False``). Teacher parameters never require gradients.
+    **Which weights, and where they live.** A module that defines
+    ``ema_pairs() -> Iterable[tuple[nn.Module, nn.Module]]`` owns its teachers: each pair is a student and
+    its architectural copy (parameters in the same order), both submodules, so the teacher moves with the
+    module, is saved in its ``state_dict`` and can be called inside ``training_step`` (AdAutoMix's generator
+    reads the teacher's features; its evaluated model is the teacher). Any other LightningModule gets an
+    EMA of all of its parameters and persistent buffers, those registered directly on it included, kept
+    in the callback as Lightning's ``WeightAveraging`` keeps its average: the teacher is saved in the
+    callback's checkpoint state, so the module's own ``state_dict`` holds the student alone and a plain
+    ``Model.load_from_checkpoint(path)`` stays strict; :meth:`teacher_weights` gives the teacher under the
+    module's names. Such a teacher runs no forward pass, so ``buffers="own"`` is refused for it. Teacher
+    parameters never require gradients.
 
-    **When.** Once per optimizer step: the update runs in ``on_train_batch_end`` only when
-    ``trainer.global_step`` has advanced since the last update, so under ``accumulate_grad_batches=k``
-    there is one update per ``k`` batches. ``init_from_student`` copies the students into the teachers
-    when training starts from scratch (not on resume).
+    **When.** Once per training batch in which an optimizer stepped: the update runs in
+    ``on_train_batch_end`` when ``trainer.global_step`` has advanced since the last update. Under
+    ``accumulate_grad_batches=k`` that is one update per ``k`` batches. Under manual optimization with
+    several optimizers stepping in one batch it is still one update for that batch, although Lightning's
+    ``global_step`` counts every optimizer's step: the decay then means the same whether the parameters
+    sit in one optimizer or in several (a split into parameter groups does not square it), and the updates
+    are what ``trainer.estimated_stepping_batches`` counts (with several optimizers and ``max_steps``, which
+    counts each optimizer's step, give ``total_steps``).
+
+    **Fresh and resumed fits.** A fit that restores the callback from a checkpoint
+    (``trainer.fit(..., ckpt_path=...)``) continues the teacher, the update count and the schedule. Any
+    other fit starts a fresh teacher: the count restarts at 0 and, with ``init_from_student``, the students
+    are copied into the teachers, so a callback reused for a second ``fit`` tracks the new run as a new
+    callback would. (The same Trainer fitted again, its ``global_step`` where the callback left it,
+    continues.)
 
     **Decay schedules** (see :func:`ema_decay`; ``k`` counts the updates, ``K = total_steps``, by default
-    ``trainer.estimated_stepping_batches``): ``constant``; ``cosine`` from ``decay`` to ``final_decay``
-    (BYOL uses 0.996 -> 1); ``warmup``, timm's ``1 - (1 + k / warmup_gamma) ** -warmup_power`` capped at
-    ``decay``; ``hold_cosine``, AdAutoMix's ``decay`` (0.999) for the first ``hold_fraction`` (10 %) of the
-    steps, then cosine to ``final_decay`` (0.999999 on CIFAR / Tiny-ImageNet, 0.99999 on ImageNet).
+    ``trainer.estimated_stepping_batches`` of the fit that started the teacher): ``constant``; ``cosine``
+    from ``decay`` to ``final_decay`` (BYOL uses 0.996 -> 1); ``warmup``, timm's
+    ``1 - (1 + k / warmup_gamma) ** -warmup_power`` capped at ``decay``; ``hold_cosine``, AdAutoMix's
+    ``decay`` (0.999) for the first ``hold_fraction`` (10 %) of the steps, then cosine to ``final_decay``
+    (0.999999 on CIFAR / Tiny-ImageNet, 0.99999 on ImageNet). ``K`` is saved with the callback: a resumed
+    run keeps it, as the interrupted run would have, and warns once if its own estimate differs (an
+    explicit ``total_steps`` replaces it).
 
     **Buffers** (``buffers``): ``average`` EMA-averages floating-point buffers (BatchNorm running
     statistics) like the parameters and copies integer buffers (``num_batches_tracked``: an average of a
@@ -88,8 +104,8 @@ class EMATeacher(pl.Callback):
 
     **Logged**: ``train/ema_decay``, the decay of the latest update.
 
-    **State.** The number of updates and the last step seen are in the callback's ``state_dict``, the
-    teacher weights in the module's; a resumed run continues the schedule exactly where it stopped.
+    **State.** The number of updates, the last step seen, ``K`` and (for modules without ``ema_pairs()``)
+    the teacher are in the callback's ``state_dict``; a resumed run continues exactly where it stopped.
 
     **Evaluating with the EMA weights** (``evaluate_with_ema``): for validation and test, the students'
     parameters and floating-point buffers are swapped with the teachers' and swapped back at the end of the
@@ -97,9 +113,10 @@ class EMATeacher(pl.Callback):
 
     **Distributed.** Under DDP every rank holds the same student parameters after each step, so the
     teachers' parameters stay identical on every rank. BatchNorm statistics are rank-local between
-    forwards, as DDP makes them: its buffer broadcast at the start of each forward (of the whole
-    LightningModule, teacher included) hands every rank rank 0's statistics, so in effect the teacher's
-    buffers are rank 0's, which is also what rank 0 saves in checkpoints.
+    forwards, as DDP makes them: its buffer broadcast at the start of each forward of the LightningModule
+    hands every rank rank 0's statistics, for teachers that are submodules too; a teacher kept in the
+    callback gets rank 0's floating-point buffers broadcast before each evaluation with the EMA weights.
+    Either way the teacher's buffers are in effect rank 0's, which is also what rank 0 saves in checkpoints.
     Sharded strategies (FSDP, DeepSpeed, model parallel) are refused at setup: a rank holds only a shard
     of the student. Precision: the update runs on the parameters as stored (float32 under
     ``bf16-mixed`` / ``16-mixed``); with ``*-true`` half precision a decay close to 1 rounds the update away.
@@ -155,26 +172,18 @@ class EMATeacher(pl.Callback):
         self.num_updates = 0
         self.last_global_step = 0
         self.current_decay: float | None = None
-        self._pairs: list[tuple[nn.Module, nn.Module]] = []
+        self._module: pl.LightningModule | None = None
+        self._pairs: list[tuple[nn.Module, nn.Module]] = []  # declared by ema_pairs()
+        self._teacher: dict[str, Tensor] | None = None  # the callback's own teacher, by the module's names
+        self._pending: dict[str, Tensor] | None = None  # a teacher loaded from a checkpoint, placed at _ready
+        self._restored = False
         self._lists: tuple[list[Tensor], ...] | None = None
         self._swapped = False
         self._stash: list[Tensor] = []
         self._total: int | None = None
+        self._saved_total: int | None = None
 
     # -- the pairs ------------------------------------------------------------------------------------
-    def _declared_pairs(self, pl_module: pl.LightningModule) -> list[tuple[nn.Module, nn.Module]]:
-        if hasattr(pl_module, "ema_pairs"):
-            return [tuple(pair) for pair in pl_module.ema_pairs()]  # type: ignore[misc]
-        if not hasattr(pl_module, "ema_teacher"):
-            children = {n: c for n, c in pl_module.named_children() if any(True for _ in c.parameters())}
-            if not children:
-                raise ValueError(f"EMATeacher: {type(pl_module).__name__} has no parameters to average")
-            teacher = nn.ModuleDict({name: copy.deepcopy(child) for name, child in children.items()})
-            teacher.requires_grad_(False)
-            pl_module.ema_teacher = teacher
-        teacher = pl_module.ema_teacher
-        return [(getattr(pl_module, name), teacher[name]) for name in teacher]
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
         if any(word in strategy for word in ("FSDP", "DeepSpeed", "ModelParallel")):
@@ -182,7 +191,21 @@ class EMATeacher(pl.Callback):
                 f"EMATeacher does not support strategy {strategy}: each rank holds only a shard of the student, "
                 "so the teacher cannot be averaged from it; use strategy='ddp' (or a single device)"
             )
-        pairs = self._declared_pairs(pl_module)
+        self._restored = False  # set by load_state_dict, which runs after setup, when a checkpoint has our state
+        self._lists = None
+        if pl_module is not self._module:
+            self._teacher = None  # a teacher of another module
+        self._module = pl_module
+        if not hasattr(pl_module, "ema_pairs"):
+            if self.buffers == "own":
+                raise ValueError(
+                    f"EMATeacher buffers='own' needs teachers that run their own forward passes, but "
+                    f"{type(pl_module).__name__} declares no ema_pairs(), so its teacher is the callback's and never "
+                    "runs; use buffers='average' or 'copy', or declare the teacher submodules with ema_pairs()"
+                )
+            self._pairs = []
+            return
+        pairs = [tuple(pair) for pair in pl_module.ema_pairs()]  # type: ignore[operator]
         if not pairs:
             raise ValueError(f"EMATeacher: {type(pl_module).__name__}.ema_pairs() declared no (student, teacher) pair")
         for student, teacher in pairs:
@@ -196,24 +219,75 @@ class EMATeacher(pl.Callback):
             if len(list(student.buffers())) != len(list(teacher.buffers())):
                 raise ValueError("EMATeacher: student and teacher have different numbers of buffers")
             teacher.requires_grad_(False)
-        self._pairs = pairs
-        self._lists = None
+        self._pairs = pairs  # type: ignore[assignment]
+        self._teacher = None
 
-    def _tensor_lists(self) -> tuple[list[Tensor], ...]:
-        if self._lists is None:
-            s_par, t_par, s_avg, t_avg, s_copy, t_copy = [], [], [], [], [], []
+    @staticmethod
+    def _student_tensors(pl_module: pl.LightningModule) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+        """The module's parameters and persistent buffers, by their ``state_dict`` names."""
+        saved = set(pl_module.state_dict(keep_vars=True))
+        params = [(n, p.detach()) for n, p in pl_module.named_parameters()]
+        return params, [(n, b) for n, b in pl_module.named_buffers() if n in saved]
+
+    def _ready(self, pl_module: pl.LightningModule) -> None:
+        """Make the callback's teacher (or place it where its students now are), with a restored one loaded."""
+        self._lists = None  # the strategy may have moved the students since the lists were made
+        if self._pairs:
+            self._pending = None  # declared teachers are restored with the module
+            return
+        params, buffers = self._student_tensors(pl_module)
+        if not params:
+            raise ValueError(f"EMATeacher: {type(pl_module).__name__} has no parameters to average")
+        students = dict(params + buffers)
+        source = self._pending if self._pending is not None else self._teacher
+        if self._pending is not None and self._pending.keys() != students.keys():
+            missing, unexpected = students.keys() - self._pending.keys(), self._pending.keys() - students.keys()
+            raise ValueError(
+                f"EMATeacher: the checkpoint's teacher does not match {type(pl_module).__name__}: missing "
+                f"{sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        if source is None or source.keys() != students.keys():
+            source = {n: s.clone() for n, s in students.items()}
+        self._teacher = {n: source[n].detach().to(device=s.device, dtype=s.dtype) for n, s in students.items()}
+        self._pending = None
+
+    def _tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Student parameters, teacher parameters, student buffers, teacher buffers, paired by position."""
+        s_par, t_par, s_buf, t_buf = [], [], [], []
+        if self._pairs:
             for student, teacher in self._pairs:
                 s_par += [p.detach() for p in student.parameters()]
                 t_par += [p.detach() for p in teacher.parameters()]
-                if self.buffers == "own":
-                    continue
-                for s, t in zip(student.buffers(), teacher.buffers()):
+                s_buf += list(student.buffers())
+                t_buf += list(teacher.buffers())
+        elif self._teacher is not None and self._module is not None:
+            params, buffers = self._student_tensors(self._module)
+            s_par, t_par = [p for _, p in params], [self._teacher[n] for n, _ in params]
+            s_buf, t_buf = [b for _, b in buffers], [self._teacher[n] for n, _ in buffers]
+        return s_par, t_par, s_buf, t_buf
+
+    def _tensor_lists(self) -> tuple[list[Tensor], ...]:
+        if self._lists is None:
+            s_avg, t_avg, s_buf, t_buf = self._tensors()
+            s_copy, t_copy = [], []
+            if self.buffers != "own":
+                for s, t in zip(s_buf, t_buf):
                     if self.buffers == "average" and t.is_floating_point():
                         s_avg.append(s), t_avg.append(t)
                     else:
                         s_copy.append(s), t_copy.append(t)
-            self._lists = (s_par + s_avg, t_par + t_avg, s_copy, t_copy)
+            self._lists = (s_avg, t_avg, s_copy, t_copy)
         return self._lists
+
+    def teacher_weights(self) -> dict[str, Tensor]:
+        """The callback's teacher of a module without ``ema_pairs()``: its parameters and persistent buffers
+        under the module's ``state_dict`` names, so ``model.load_state_dict(ema.teacher_weights(), strict=False)``
+        makes a model of the EMA weights (strict where the state holds nothing else)."""
+        if self._pairs:
+            raise ValueError("EMATeacher: this module declares its teachers with ema_pairs(); read them from it")
+        if self._teacher is None:
+            raise ValueError("EMATeacher has no teacher yet: it is made when fit, validate or test starts")
+        return dict(self._teacher)
 
     # -- the update -----------------------------------------------------------------------------------
     def decay_at(self, step: int) -> float:
@@ -223,17 +297,49 @@ class EMATeacher(pl.Callback):
             self.warmup_gamma, self.warmup_power,
         )  # fmt: skip
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._total = self.total_steps
-        if self._total is None and self.schedule in ("cosine", "hold_cosine"):
-            total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError(
-                    f"EMATeacher schedule {self.schedule!r} needs the number of steps: set trainer max_steps or "
-                    "max_epochs, or give total_steps"
+    def _estimated_total(self, trainer: pl.Trainer, needed: bool) -> int | None:
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total):
+            return int(total)
+        if needed:
+            raise ValueError(
+                f"EMATeacher schedule {self.schedule!r} needs the number of steps: set trainer max_steps or "
+                "max_epochs, or give total_steps"
+            )
+        return None
+
+    def _horizon(self, trainer: pl.Trainer, saved: int | None) -> int | None:
+        """``K`` of the cosine schedules: an explicit ``total_steps``, else the saved one, else this run's estimate."""
+        if self.schedule not in ("cosine", "hold_cosine"):
+            return saved
+        if saved is None:
+            return self.total_steps or self._estimated_total(trainer, needed=True)
+        here = self.total_steps or self._estimated_total(trainer, needed=False)
+        if here is not None and here != saved:
+            if self.total_steps is not None:
+                rank_zero_warn(
+                    f"EMATeacher: total_steps={here} replaces the cosine horizon of {saved} updates the callback's "
+                    "state was saved with, so the decay jumps where the run resumes"
                 )
-            self._total = int(total)
-        if self.init_from_student and self.num_updates == 0 and trainer.global_step == 0:
+                return here
+            rank_zero_warn(
+                f"EMATeacher: the callback's state was saved with a cosine horizon of {saved} updates, but this "
+                f"run's trainer.estimated_stepping_batches is {here}; the schedule keeps {saved}, as the interrupted "
+                f"run would have (give total_steps={here} to use this run's length instead)"
+            )
+        return saved
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ready(pl_module)
+        # the loops restore global_step after this hook, so a positive one is this Trainer's own earlier fit
+        resumed, self._restored = self._restored, False
+        continued = not resumed and 0 < trainer.global_step == self.last_global_step
+        if resumed or continued:
+            self._total = self._horizon(trainer, self._saved_total if resumed else self._total)
+            return
+        self.num_updates, self.last_global_step, self.current_decay = 0, 0, None
+        self._total = self._horizon(trainer, None)
+        if self.init_from_student:
             self.copy_student_to_teacher()
 
     @torch.no_grad()
@@ -262,7 +368,8 @@ class EMATeacher(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # global_step counts optimizer steps: it stays put between the micro-batches of an accumulation
+        # global_step counts optimizer steps: it stays put between the micro-batches of an accumulation, and
+        # moves by one per optimizer under manual optimization, where this is still one update per batch
         if trainer.global_step > self.last_global_step:
             self.update()
             self.last_global_step = trainer.global_step
@@ -270,17 +377,19 @@ class EMATeacher(pl.Callback):
 
     # -- evaluation with the teacher's weights -----------------------------------------------------------
     def _eval_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
-        students, teachers = [], []
-        for student, teacher in self._pairs:
-            students += [p.detach() for p in student.parameters()]
-            teachers += [p.detach() for p in teacher.parameters()]
-            for s, t in zip(student.buffers(), teacher.buffers()):
-                if s.is_floating_point():
-                    students.append(s), teachers.append(t)
-        return students, teachers
+        s_par, t_par, s_buf, t_buf = self._tensors()
+        floats = [(s, t) for s, t in zip(s_buf, t_buf) if s.is_floating_point()]
+        return s_par + [s for s, _ in floats], t_par + [t for _, t in floats]
 
     @torch.no_grad()
-    def _swap_in(self) -> None:
+    def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ready(pl_module)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not self._pairs and trainer.world_size > 1 and distributed:
+            # DDP's buffer broadcast skips a teacher outside the module: every rank evaluates rank 0's statistics
+            for t in self._tensors()[3]:
+                if t.is_floating_point():
+                    torch.distributed.broadcast(t, src=0)
         students, teachers = self._eval_tensors()
         self._stash = [s.clone() for s in students]
         torch._foreach_copy_(students, teachers)
@@ -293,8 +402,8 @@ class EMATeacher(pl.Callback):
         self._stash, self._swapped = [], False
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with_ema and self._pairs and not self._swapped:
-            self._swap_in()
+        if self.evaluate_with_ema and self._module is pl_module and not self._swapped:
+            self._swap_in(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swapped:
@@ -321,8 +430,18 @@ class EMATeacher(pl.Callback):
 
     # -- checkpoint state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"num_updates": self.num_updates, "last_global_step": self.last_global_step}
+        state: dict[str, Any] = {
+            "num_updates": self.num_updates, "last_global_step": self.last_global_step, "total_steps": self._total,
+        }  # fmt: skip
+        teacher = self._pending if self._pending is not None else self._teacher
+        if teacher is not None:
+            state["teacher"] = dict(teacher)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_updates = int(state_dict["num_updates"])
         self.last_global_step = int(state_dict["last_global_step"])
+        self._saved_total = state_dict.get("total_steps")  # absent from checkpoints of earlier versions
+        if state_dict.get("teacher") is not None:
+            self._pending = dict(state_dict["teacher"])
+        self._restored = True
