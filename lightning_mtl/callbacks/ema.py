@@ -177,6 +177,7 @@ class EMATeacher(pl.Callback):
         self._teacher: dict[str, Tensor] | None = None  # the callback's own teacher, by the module's names
         self._pending: dict[str, Tensor] | None = None  # a teacher loaded from a checkpoint, placed at _ready
         self._restored = False
+        self._legacy = False  # _pending came from a module state of an earlier version
         self._lists: tuple[list[Tensor], ...] | None = None
         self._swapped = False
         self._stash: list[Tensor] = []
@@ -204,6 +205,9 @@ class EMATeacher(pl.Callback):
                     "runs; use buffers='average' or 'copy', or declare the teacher submodules with ema_pairs()"
                 )
             self._pairs = []
+            if not getattr(pl_module, "_ema_legacy_hook", False):
+                pl_module._register_load_state_dict_pre_hook(self._take_legacy_teacher, with_module=False)
+                pl_module._ema_legacy_hook = True  # type: ignore[attr-defined]
             return
         pairs = [tuple(pair) for pair in pl_module.ema_pairs()]  # type: ignore[operator]
         if not pairs:
@@ -222,6 +226,13 @@ class EMATeacher(pl.Callback):
         self._pairs = pairs  # type: ignore[assignment]
         self._teacher = None
 
+    def _take_legacy_teacher(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # checkpoints of earlier versions kept this teacher in the module as `ema_teacher.*`: take it out of
+        # the module's state (so strict loading works) and use it, unless the callback's state brings one
+        legacy = {k[len(prefix) + 12 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + "ema_teacher.")}
+        if legacy and self._pending is None:
+            self._pending, self._legacy = legacy, True
+
     @staticmethod
     def _student_tensors(pl_module: pl.LightningModule) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
         """The module's parameters and persistent buffers, by their ``state_dict`` names."""
@@ -239,6 +250,10 @@ class EMATeacher(pl.Callback):
         if not params:
             raise ValueError(f"EMATeacher: {type(pl_module).__name__} has no parameters to average")
         students = dict(params + buffers)
+        if self._pending is not None and self._legacy:
+            # that teacher had no entries for tensors registered on the module itself: start those from the student
+            self._pending = {**{n: t for n, t in students.items() if n not in self._pending}, **self._pending}
+        self._legacy = False
         source = self._pending if self._pending is not None else self._teacher
         if self._pending is not None and self._pending.keys() != students.keys():
             missing, unexpected = students.keys() - self._pending.keys(), self._pending.keys() - students.keys()

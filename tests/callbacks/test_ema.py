@@ -346,6 +346,37 @@ def test_checkpoint_loads_into_a_plain_module_and_resume_restores_the_teacher(tm
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+def test_resume_from_a_checkpoint_with_the_teacher_in_the_module_state(tmp_path):
+    """Checkpoints of earlier versions held the teacher as the module's `ema_teacher.*` entries: resuming from
+    one loads strictly and continues from that teacher."""
+
+    def make_ema():
+        return EMATeacher(decay=0.9, schedule="hold_cosine", final_decay=0.99, hold_fraction=0.2)
+
+    full, ema_full = Bare(), make_ema()
+    tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_full]).fit(full)
+    part, ema_part = Bare(), make_ema()
+    trainer = tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_part, _StopAfterFirstEpoch()])
+    trainer.fit(part)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    # rewrite it in the earlier layout: the teacher under ema_teacher.* in the module's state
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("EMATeacher")]
+    teacher = checkpoint["callbacks"][key].pop("teacher")
+    checkpoint["state_dict"].update({f"ema_teacher.{name}": value for name, value in teacher.items()})
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    resumed, ema_resumed = Bare(), make_ema()
+    probe = _TeacherAtStart(ema_resumed)
+    tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_resumed, probe]).fit(
+        resumed, ckpt_path=tmp_path / "old.ckpt"
+    )
+    for name, value in teacher.items():
+        assert torch.equal(probe.teacher[name], value), name
+    for name, value in ema_full.teacher_weights().items():
+        assert torch.equal(ema_resumed.teacher_weights()[name], value), name
+
+
 def test_resume_keeps_the_saved_cosine_horizon_and_warns_once(tmp_path):
     def make():
         return Tiny(), EMATeacher(decay=0.9, schedule="cosine", final_decay=0.99)
