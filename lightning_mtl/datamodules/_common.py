@@ -9,7 +9,9 @@ tensor ``[B, C, H, W]`` and ``targets`` a ``dict[str, Tensor]`` mapping each tas
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sized
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sized
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,6 +24,8 @@ __all__ = [
     "TensorMultiTaskDataset",
     "TensorSingleTaskDataset",
     "check_data_path",
+    "read_npy",
+    "read_npz",
     "split_indices",
 ]
 
@@ -85,6 +89,60 @@ def check_data_path(path: str | os.PathLike[str], dataset_name: str, hint: str) 
     if not os.path.exists(os.fspath(path)):
         hint = hint.strip().rstrip(".")
         raise FileNotFoundError(f"{dataset_name}: data not found at '{os.fspath(path)}'; {hint}.")
+
+
+# what numpy raises for a file it cannot read as .npy / .npz without unpickling
+_NUMPY_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _unreadable(error: Exception) -> str:
+    """Why numpy could not read a file, in words that never suggest loading it with unpickling."""
+    text = str(error)
+    if isinstance(error, zipfile.BadZipFile):
+        return "it is not a complete zip archive (truncated, or another format)"
+    if isinstance(error, EOFError):
+        return "it is empty or truncated"
+    if "Object arrays" in text:
+        return "it holds Python objects (dtype object), which are never unpickled; save numeric arrays"
+    if "pickle" in text:
+        return "it is neither a .npz nor a .npy file (anything else would have to be unpickled, which is never done)"
+    return f"{type(error).__name__}: {text}"
+
+
+def read_npz(path: str, keys: Iterable[str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays ``keys`` (all when None) that the ``.npz`` file at ``path`` has, and all its keys.
+
+    Nothing is unpickled (``allow_pickle=False``); a file numpy cannot read so (truncated, another format,
+    object arrays) raises a ``ValueError`` naming it.
+    """
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except _NUMPY_READ_ERRORS as error:
+        raise ValueError(f"'{path}' is not a .npz file as numpy.savez writes it: {_unreadable(error)}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"'{path}' holds a single array (.npy), not named arrays as numpy.savez writes them")
+    with npz:
+        files = list(npz.files)
+        arrays = {}
+        for key in files if keys is None else [k for k in keys if k in files]:
+            try:
+                arrays[key] = npz[key]
+            except _NUMPY_READ_ERRORS as error:
+                raise ValueError(f"array '{key}' of '{path}' cannot be read: {_unreadable(error)}") from None
+    return arrays, files
+
+
+def read_npy(path: str) -> np.ndarray:
+    """The array of the ``.npy`` file at ``path``, read without unpickling; a ``ValueError`` names a file that
+    cannot be read so."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except _NUMPY_READ_ERRORS as error:
+        raise ValueError(f"'{path}' is not a .npy file as numpy.save writes it: {_unreadable(error)}") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ValueError(f"'{path}' is a .npz archive, not the single .npy array expected")
+    return array
 
 
 def split_indices(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_mtl.datamodules._common import _TensorDataModule, check_data_path
+from lightning_mtl.datamodules._common import _TensorDataModule, check_data_path, read_npy
 
 KIND_SEGMENTATION, KIND_DEPTH, KIND_NORMAL = "segmentation", "depth", "normal"
 
@@ -74,7 +74,7 @@ class DenseNpyDataset(Dataset):
         return self.length
 
     def _load(self, sub: str, index: int) -> Tensor:
-        return torch.from_numpy(np.load(os.path.join(self.folder, sub, f"{index}.npy")).astype(np.float32))
+        return torch.from_numpy(read_npy(os.path.join(self.folder, sub, f"{index}.npy")).astype(np.float32))
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         image = self._load("image", index).permute(2, 0, 1)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _LeftRightDigits, check_data_path
+from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _LeftRightDigits, check_data_path, read_npz
 
 __all__ = ["MultiMNIST", "read_idx"]
 
@@ -181,9 +181,12 @@ class MultiMNIST(_LeftRightDigits):
     def _arrays(self) -> dict[str, np.ndarray]:
         path = self._cache_path()
         if os.path.exists(path):
-            with np.load(path) as cached:
-                arrays = {k: cached[k] for k in cached.files}
-            if arrays.pop("digest").item() == _digest(arrays):
+            try:
+                arrays, _ = read_npz(path)
+            except ValueError:
+                arrays = {}  # an unreadable cache (truncated, say) is generated again
+            digest = arrays.pop("digest", None)
+            if digest is not None and digest.item() == _digest(arrays):
                 return arrays
         rng = np.random.default_rng(self.seed)
         train_x, train_y, train_group = self._generate("train", rng)

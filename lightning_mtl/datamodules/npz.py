@@ -8,7 +8,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _TensorDataModule, check_data_path, split_indices
+from lightning_mtl.datamodules._common import (
+    TensorMultiTaskDataset,
+    _TensorDataModule,
+    check_data_path,
+    read_npz,
+    split_indices,
+)
 
 __all__ = ["NpzMultiTaskDataModule"]
 
@@ -107,14 +113,13 @@ class NpzMultiTaskDataModule(_TensorDataModule):
             f"expected a .npz file (numpy.savez) holding an array '{self.inputs_key}' of shape "
             f"[N, C, H, W] and one array of length N per task ({', '.join(self.tasks)})",
         )
-        with np.load(self.path, allow_pickle=False) as npz:
-            available = sorted(npz.files)
-            for key in [self.inputs_key, *self.tasks]:
-                if key not in npz.files:
-                    what = "inputs" if key == self.inputs_key else "task"
-                    raise KeyError(f"{what} key '{key}' not found in {self.path}; available keys: {available}")
-            inputs = npz[self.inputs_key]
-            targets = {task: npz[task] for task in self.tasks}
+        arrays, files = read_npz(self.path, [self.inputs_key, *self.tasks])
+        for key in [self.inputs_key, *self.tasks]:
+            if key not in arrays:
+                what = "inputs" if key == self.inputs_key else "task"
+                raise KeyError(f"{what} key '{key}' not found in {self.path}; available keys: {sorted(files)}")
+        inputs = arrays[self.inputs_key]
+        targets = {task: arrays[task] for task in self.tasks}
 
         n = len(inputs)
         for task, values in targets.items():

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from lightning_mtl.multitask.tasks import Task, TaskError
+from lightning_mtl.multitask.tasks import Task, TaskError, out_of_range
 
 __all__ = ["AngleMedian", "DepthTask", "SegmentationTask", "SurfaceNormalTask", "angle_errors", "conv_head"]
 
@@ -117,6 +117,9 @@ class SegmentationTask(_DenseTask):
                     "(void pixels must be negative, e.g. -1)"
                 )
         return target
+
+    def mask_out_of_range(self, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        return out_of_range(target, self.num_classes, _IGNORE)
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         pred = self._resize(pred, target).float()

@@ -23,7 +23,7 @@ from lightning_mtl.aggregators import (
 )
 from lightning_mtl.multitask.delta_m import delta_m
 from lightning_mtl.multitask.engine import add_to_grads, flat_jacobian, set_grads, task_gradients
-from lightning_mtl.multitask.tasks import ClassificationTask, Task, TaskError
+from lightning_mtl.multitask.tasks import Task, TaskError
 from lightning_mtl.sharpness.fmtl import FMTL
 
 _STAGES = ("val", "test")
@@ -68,8 +68,9 @@ class MultiTaskModule(pl.LightningModule):
         baselines: single-task results ``{task: {metric: value}}`` for Delta m %.
         feature_dim: size of the encoder output; read from ``encoder.out_features`` (or timm's
             ``num_features``) when not given.
-        on_nonfinite_loss: ``"raise"`` stops with an error naming the task and step; ``"skip"``
-            warns and skips that optimizer step (on every DDP rank alike).
+        on_nonfinite_loss: ``"raise"`` stops with an error naming the task, the step and whether the
+            inputs, the labels or the model went non-finite first; ``"skip"`` warns and skips that
+            optimizer step (on every DDP rank alike).
         gradient_mode: for gradient aggregators: ``"parameter"`` aggregates the Jacobian of the task
             losses w.r.t. the encoder's parameters; ``"representation"`` (MGDA-UB style, Gramian
             weightings only) computes the weights from the gradients w.r.t. the shared
@@ -149,7 +150,6 @@ class MultiTaskModule(pl.LightningModule):
         # read by BestMetricsSummary (losses and Delta m lower is better); the metrics add theirs when logged
         lower = ("loss", "delta_m", *(f"{name}/loss" for name in self.task_names))
         self.metric_directions: dict[str, bool] = {f"{stage}/{key}": False for stage in _STAGES for key in lower}
-        self._labels_checked: set[str] = set()
         self.gradient_mode = gradient_mode
         self.jacobian_batched = jacobian_batched
         self.jacobian_chunk_size = jacobian_chunk_size
@@ -170,7 +170,9 @@ class MultiTaskModule(pl.LightningModule):
         self._losses_before: Tensor | None = None
         self._task_weights: Tensor | None = None
         self._finite_host: Tensor | None = None
-        self._pending_check: tuple[Any, Tensor, tuple[int, int, int]] | None = None
+        self._pending_check: tuple[Any, Tensor, tuple[int, int, int], Any, dict[str, Tensor]] | None = None
+        # label range checks of this batch, read at its end: (event, [k, 3] stats, tasks, (step, epoch), stage)
+        self._pending_labels: list[tuple[Any, Tensor, tuple[str, ...], tuple[int, int], str]] = []
 
     # -- construction helpers -------------------------------------------------------------------
     def _build_aggregator(self, aggregator: Aggregator | str) -> Aggregator:
@@ -211,6 +213,27 @@ class MultiTaskModule(pl.LightningModule):
                 raise ValueError(
                     f"unknown task name(s) {unknown} in model tasks: {type(datamodule).__name__} provides "
                     f"labels for {', '.join(provided)}"
+                )
+            self._check_data_classes(datamodule)
+
+    def _check_data_classes(self, datamodule: Any) -> None:
+        """Compare the data's classes with each class-index task's ``num_classes`` once, before any step."""
+        try:
+            data_classes = datamodule.num_classes
+        except (AttributeError, NotImplementedError):
+            return
+        if not isinstance(data_classes, Mapping):
+            return
+        task_types = getattr(datamodule, "task_types", None) or {}
+        for name, task in self.tasks.items():
+            classes, found = getattr(task, "num_classes", None), data_classes.get(name)
+            if not isinstance(classes, int) or not isinstance(found, int):
+                continue
+            if task_types.get(name, "classification") == "classification" and found > classes:
+                raise ValueError(
+                    f"task {name!r}: {type(datamodule).__name__} has labels up to {found - 1} "
+                    f"(classes 0..{found - 1}) but the {type(task).__name__} has num_classes={classes}: set "
+                    f"model.init_args.tasks.{name}.init_args.num_classes to {found} (or fix the labels)"
                 )
 
     def _check_trainer_for_gradient_methods(self) -> None:
@@ -262,18 +285,58 @@ class MultiTaskModule(pl.LightningModule):
         self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """The m scalar task losses (unstacked: per-task backward passes then skip the other heads)."""
-        losses, checked = [], {}
+        losses, checked, ranges = [], {}, {}
         for name, task in self.tasks.items():
             if name not in targets:
                 raise KeyError(
                     f"the batch has no labels for task {name!r}; it has labels for: {', '.join(targets) or 'nothing'}"
                 )
-            target = checked[name] = task.check(name, preds[name], targets[name])
-            if stage not in self._labels_checked and isinstance(task, ClassificationTask):
-                task.check_values(name, target)  # a device sync: first batch of each stage only
+            target = task.check(name, preds[name], targets[name])
+            # out-of-range labels leave the loss (no IndexError, no device-side assert) and are reported at
+            # the batch's end, so the check of every batch costs no device sync in the middle of the step
+            target, stats = task.mask_out_of_range(target)
+            if stats is not None:
+                ranges[name] = stats
+            checked[name] = target
             losses.append(task.loss(preds[name], target))
-        self._labels_checked.add(stage)
+        if ranges:
+            self._defer_label_check(ranges, stage)
         return losses, checked
+
+    def _defer_label_check(self, ranges: dict[str, Tensor], stage: str) -> None:
+        stats = torch.stack(list(ranges.values()))
+        where = (self.global_step, self.current_epoch)
+        if self._trainer is None:  # no batch-end hook will read it: read it now (free on the host)
+            self._raise_out_of_range(tuple(ranges), stats, stage, None)
+            return
+        event = None
+        if stats.is_cuda:
+            stats = stats.to("cpu", non_blocking=True)  # into pinned memory, without waiting
+            event = torch.cuda.Event()
+            event.record()
+        self._pending_labels.append((event, stats, tuple(ranges), where, stage))
+
+    def _check_pending_labels(self, batch_idx: int) -> None:
+        """Read this batch's label range checks (waiting only for the kernels that computed them)."""
+        pending, self._pending_labels = self._pending_labels, []
+        for event, stats, names, (step, epoch), stage in pending:
+            if event is not None:
+                event.synchronize()
+            self._raise_out_of_range(names, stats, stage, (step, epoch, batch_idx))
+
+    def _raise_out_of_range(
+        self, names: tuple[str, ...], stats: Tensor, stage: str, where: tuple[int, int, int] | None
+    ) -> None:
+        for name, (count, lowest, highest) in zip(names, stats.tolist()):
+            if not count:
+                continue
+            at = "" if where is None else f" at global step {where[0]} (epoch {where[1]}, {stage} batch {where[2]})"
+            labels = "1 label" if count == 1 else f"{count} labels"
+            raise TaskError(
+                f"task {name!r}: {labels} in {lowest}..{highest} {'is' if count == 1 else 'are'} out of range for "
+                f"num_classes={self.tasks[name].num_classes}{at}; fix the labels (missing ones must be negative) or "
+                f"set model.init_args.tasks.{name}.init_args.num_classes"
+            )
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
@@ -282,7 +345,7 @@ class MultiTaskModule(pl.LightningModule):
         preds = {name: head(features) for name, head in self.heads.items()}
         terms, checked = self.task_loss_terms(preds, targets, "train")
         losses = torch.stack(terms)
-        if not self._losses_finite(losses, batch_idx):
+        if not self._losses_finite(losses, batch_idx, inputs, targets):
             return None
         if self.uses_gradients:
             # backward() computes and aggregates the per-task gradients; the closure's loss is the sum
@@ -311,7 +374,7 @@ class MultiTaskModule(pl.LightningModule):
             return self.aggregator(losses, grad_norms=norms)
         return self.aggregator(losses)
 
-    def _losses_finite(self, losses: Tensor, batch_idx: int) -> bool:
+    def _losses_finite(self, losses: Tensor, batch_idx: int, inputs: Any, targets: dict[str, Tensor]) -> bool:
         """Whether to take this step. On one GPU with ``on_nonfinite_loss="raise"`` the check is deferred
         to :meth:`on_train_batch_end` (a non-blocking copy and an event), so that it costs no device sync
         in the middle of the step; elsewhere it decides at once (under DDP, alike on every rank)."""
@@ -324,13 +387,13 @@ class MultiTaskModule(pl.LightningModule):
             self._finite_host.copy_(torch.isfinite(detached).all(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending_check = (event, detached, where)
+            self._pending_check = (event, detached, where, inputs, targets)
             return True
         all_finite = bool(torch.isfinite(detached).all())
         if distributed:
             all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
         if not all_finite:
-            self._nonfinite(detached, where)
+            self._nonfinite(detached, where, inputs, targets)
         return all_finite
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -493,6 +556,7 @@ class MultiTaskModule(pl.LightningModule):
             ddp.require_backward_grad_sync = False
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._check_pending_labels(batch_idx)
         if outputs is not None:  # a step was taken (not skipped for a non-finite loss)
             self._aggregator_after_step(batch)
         if self._task_weights is not None:
@@ -501,11 +565,11 @@ class MultiTaskModule(pl.LightningModule):
             self.log_dict({f"train/weight/{name}": weights[i] for i, name in enumerate(self.task_names)},
                           on_step=True, on_epoch=False)  # fmt: skip
         if self._pending_check is not None:
-            event, detached, where = self._pending_check
+            event, detached, where, inputs, targets = self._pending_check
             self._pending_check = None
             event.synchronize()
             if not bool(self._finite_host):
-                self._nonfinite(detached, where)
+                self._nonfinite(detached, where, inputs, targets)
 
     def _aggregator_after_step(self, batch: Any) -> None:
         if hasattr(self, "flat_aggregator"):
@@ -529,8 +593,10 @@ class MultiTaskModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.aggregator.on_train_epoch_end(self._reduce_mean)
 
-    def _nonfinite(self, losses: Tensor, where: tuple[int, int, int]) -> None:
-        """Raise (or, with ``on_nonfinite_loss="skip"``, warn) naming the tasks and the step."""
+    def _nonfinite(
+        self, losses: Tensor, where: tuple[int, int, int], inputs: Any, targets: Mapping[str, Tensor]
+    ) -> None:
+        """Raise (or, with ``on_nonfinite_loss="skip"``, warn) naming the tasks, the step and the cause."""
         values = losses.tolist()
         bad = [f"{name}={value:g}" for name, value in zip(self.task_names, values) if not math.isfinite(value)]
         step, epoch, batch_idx = where
@@ -538,12 +604,31 @@ class MultiTaskModule(pl.LightningModule):
             f"non-finite loss for task {', '.join(bad) or '(on another rank)'} at global step {step} "
             f"(epoch {epoch}, batch {batch_idx})"
         )
+        if bad:
+            message = f"{message}: {self._nonfinite_cause(inputs, targets)}"
         if self.on_nonfinite_loss == "skip":
             rank_zero_warn(f"{message}; skipping this optimizer step (on_nonfinite_loss='skip')")
             return
-        raise FloatingPointError(
-            f"{message}. Check that task's labels and the learning rate, or set "
-            "model.init_args.on_nonfinite_loss=skip to skip such steps"
+        raise FloatingPointError(f"{message}. Or set model.init_args.on_nonfinite_loss=skip to skip such steps")
+
+    def _nonfinite_cause(self, inputs: Any, targets: Mapping[str, Tensor]) -> str:
+        """Whether the inputs, a task's labels or, both finite, the model went non-finite first (the error
+        path only: it syncs)."""
+        count = _count_nonfinite(inputs)
+        if count:
+            return f"the batch's inputs hold {_values(count, 'non-finite value')}; clean the data or its transform"
+        causes = []
+        for name in self.task_names:
+            target = targets.get(name)
+            if isinstance(target, Tensor) and target.is_floating_point():
+                count = int(torch.isinf(target).sum())  # NaN marks a missing label, inf does not
+                if count:
+                    causes.append(f"the labels of task {name!r} hold {_values(count, 'infinite value')}")
+        if causes:
+            return "; ".join(causes) + " (missing float labels must be NaN)"
+        return (
+            "the inputs and labels are finite, so the model's outputs went non-finite: lower the learning rate "
+            "or check the heads and the encoder"
         )
 
     def _eval_step(self, batch: Any, stage: str) -> None:
@@ -561,6 +646,12 @@ class MultiTaskModule(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_pending_labels(batch_idx)
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_pending_labels(batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -624,6 +715,21 @@ def _all_mean_grads(params: list[Tensor], grads: list[Tensor | None]) -> list[Te
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
     flat = _all_mean(flat)
     return [v.view_as(p) for p, v in zip(params, torch.split(flat, [p.numel() for p in params]))]
+
+
+def _count_nonfinite(value: Any) -> int:
+    """Non-finite entries of the float tensors in ``value`` (a tensor, or a dict / list / tuple of them)."""
+    if isinstance(value, Tensor):
+        return int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
+    if isinstance(value, Mapping):
+        return sum(_count_nonfinite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_count_nonfinite(v) for v in value)
+    return 0
+
+
+def _values(count: int, what: str) -> str:
+    return f"1 {what}" if count == 1 else f"{count} {what}s"
 
 
 def _infer_feature_dim(encoder: nn.Module) -> int:

@@ -75,6 +75,12 @@ class Task:
         """Mean loss over the present labels; zero (still attached to the graph) if none is present."""
         raise NotImplementedError
 
+    def mask_out_of_range(self, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        """For class-index labels: the checked ``target`` with labels ``>= num_classes`` marked missing (so the
+        loss neither raises nor trips a device-side assert), and ``[count, lowest, highest]`` of those labels
+        on the target's device, computed without a device sync. ``(target, None)`` for other tasks."""
+        return target, None
+
     def _check_same_shape(self, name: str, pred: Tensor, target: Tensor, size_arg: str) -> Tensor:
         """For tasks with one target per output: ``[batch, out_features]`` predictions and targets (a
         flat ``[batch]`` target is accepted for one output)."""
@@ -98,6 +104,18 @@ class Task:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(out_features={self.out_features}, weight={self.weight})"
+
+
+def out_of_range(target: Tensor, num_classes: int, missing: int) -> tuple[Tensor, Tensor]:
+    """``target`` with labels ``>= num_classes`` replaced by ``missing``, and ``[count, lowest, highest]`` of the
+    replaced labels (count 0 when none) as a long tensor on the target's device: no host sync."""
+    target = target.long()  # (a no-op for the usual long labels)
+    if target.numel() == 0:
+        return target, torch.zeros(3, dtype=torch.long, device=target.device)
+    bad = target >= num_classes
+    lowest = torch.where(bad, target, torch.iinfo(torch.long).max).min()
+    highest = torch.where(bad, target, -1).max()
+    return torch.where(bad, missing, target), torch.stack([bad.sum(), lowest, highest])
 
 
 def _masked_mean(values: Tensor, mask: Tensor, anchor: Tensor) -> Tensor:
@@ -151,7 +169,8 @@ class ClassificationTask(Task):
         return target
 
     def check_values(self, name: str, target: Tensor) -> None:
-        """Range check of the labels (costs a device sync, so the module runs it on a first batch)."""
+        """Eager range check of the labels (a device sync; the module checks every batch without one, see
+        :meth:`mask_out_of_range`)."""
         if target.is_floating_point():
             return  # probability rows: their shape was checked by `check`
         valid = target[target >= 0]
@@ -160,6 +179,11 @@ class ClassificationTask(Task):
                 f"task {name!r}: label {int(valid.max())} is out of range for num_classes={self.num_classes} "
                 f"(missing labels must be negative, e.g. {MISSING_LABEL})"
             )
+
+    def mask_out_of_range(self, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        if target.is_floating_point():
+            return target, None  # probability rows: their shape was checked by `check`
+        return out_of_range(target, self.num_classes, MISSING_LABEL)
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if target.is_floating_point():  # probability rows of mixed samples

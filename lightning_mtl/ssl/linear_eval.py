@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,22 @@ __all__ = ["LinearEvaluation", "load_backbone_weights"]
 def load_backbone_weights(backbone: nn.Module, checkpoint_path: str, prefix: str = "backbone.") -> None:
     """Load ``backbone``'s weights from a Lightning checkpoint of an SSL module (the keys under ``prefix``
     of its ``state_dict``) or from a plain ``state_dict`` (with or without ``prefix``). Strict: every
-    backbone key must be there with the right shape, else a ``ValueError`` says which are missing."""
+    backbone key must be there with the right shape, else a ``ValueError`` says which are missing. Only
+    tensors and plain containers are unpickled (``torch.load(weights_only=True)``)."""
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found at {path}: give the .ckpt file of a self-supervised run")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # tensors and containers only: unpickling arbitrary objects could run code from the file
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message suggests weights_only=False; keep only its reason
+        detail = str(error).partition("WeightsUnpickler error:")[2].split(". Please")[0]
+        reason = next((part.strip() for part in detail.split("\n\n") if part.strip()), type(error).__name__)
+        raise ValueError(
+            f"{path} is not a checkpoint of tensors and containers alone ({reason}); other objects are never "
+            "unpickled: save the backbone's weights, torch.save(module.state_dict(), path), and give that file"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -95,3 +95,17 @@ def test_errors(tmp_path):
         MultiMNIST(tmp_path, variant="kmnist")
     with pytest.raises(ValueError, match="28 or 36"):
         MultiMNIST(tmp_path, image_size=32)
+
+
+def test_an_unreadable_cache_is_generated_again(tmp_path):
+    write_mnist_raw(tmp_path)
+    first = MultiMNIST(tmp_path, seed=1)
+    first.setup()
+    (cache,) = (tmp_path / "multi_mnist_cache").glob("*.npz")
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2])  # an interrupted copy, say
+    again = MultiMNIST(tmp_path, seed=1)
+    again.setup()
+    assert torch.equal(again.train_set.inputs, first.train_set.inputs)
+    assert torch.equal(again.test_set.targets["right"], first.test_set.targets["right"])
+    assert cache.read_bytes() == data  # and written back whole

@@ -114,3 +114,53 @@ def test_length_mismatch_names_the_arrays(tmp_path):
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):
         NpzMultiTaskDataModule("whatever.npz", **kwargs)
+
+
+def test_labels_beyond_a_tasks_num_classes_fail_at_setup(tmp_path):
+    """The data's whole label set is compared with the tasks' num_classes once, before any step."""
+    from torch import nn
+
+    from lightning_mtl import ClassificationTask, MultiTaskModule
+    from tests.helpers import tiny_trainer
+
+    path = tmp_path / "six.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, inputs=rng.normal(size=(24, 5)).astype(np.float32), colour=np.arange(24) % 6)
+    dm = NpzMultiTaskDataModule(str(path), tasks=["colour"], batch_size=4)
+    module = MultiTaskModule(nn.Linear(5, 8), tasks={"colour": ClassificationTask(4)})
+    trainer = tiny_trainer(max_epochs=1)
+    with pytest.raises(ValueError) as info:
+        trainer.fit(module, datamodule=dm)
+    message = str(info.value)
+    assert "task 'colour'" in message and "0..5" in message and "num_classes=4" in message, message
+    assert "model.init_args.tasks.colour.init_args.num_classes" in message and "6" in message, message
+    assert trainer.global_step == 0
+
+
+def test_a_truncated_npz_names_the_file(tmp_path, npz_file):
+    truncated = tmp_path / "truncated.npz"
+    data = npz_file.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as info:
+        built(truncated, tasks=["colour"])
+    message = str(info.value)
+    assert str(truncated) in message and "truncated" in message and "pickle" not in message, message
+
+
+@pytest.mark.parametrize("content", [b"colour,size\n1,2\n", b"\x80\x04K\x01."])  # a CSV, a pickle
+def test_a_file_of_another_format_names_the_file_and_never_suggests_unpickling(tmp_path, content):
+    other = tmp_path / "other.npz"
+    other.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        built(other, tasks=["colour"])
+    message = str(info.value)
+    assert str(other) in message and "numpy.savez" in message and "allow_pickle" not in message, message
+
+
+def test_an_object_array_names_the_key_and_is_never_unpickled(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, inputs=np.zeros((4, 2)), colour=np.array([1, "a", None, 2.0], dtype=object))
+    with pytest.raises(ValueError) as info:
+        built(path, tasks=["colour"])
+    message = str(info.value)
+    assert str(path) in message and "'colour'" in message and "allow_pickle" not in message, message

@@ -76,3 +76,16 @@ def test_missing_data_is_a_clear_error(tmp_path):
     (tmp_path / "train" / "depth" / "1.npy").unlink()
     with pytest.raises(ValueError, match="without gaps"):
         NYUv2(tmp_path).setup()
+
+
+def test_a_truncated_sample_file_names_the_file(tmp_path):
+    write_nyuv2(tmp_path, n_train=2, n_val=1)
+    broken = tmp_path / "train" / "depth" / "1.npy"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    dataset = DenseNpyDataset(str(tmp_path / "train"), TASKS)
+    dataset[0]  # the other samples still load
+    with pytest.raises(ValueError) as info:
+        dataset[1]
+    message = str(info.value)
+    assert str(broken) in message and "allow_pickle" not in message, message

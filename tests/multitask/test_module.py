@@ -142,3 +142,68 @@ def test_metrics_match_a_direct_computation():
                 correct[t] += (out[t].argmax(1) == y[t]).sum().item()
     for t in correct:
         assert trainer.callback_metrics[f"test/{t}/acc"].item() == pytest.approx(correct[t] / 64)
+
+
+def _loader(targets, n=16, batch_size=4):
+    from torch.utils.data import DataLoader
+
+    from lightning_mtl.datamodules._common import TensorMultiTaskDataset
+
+    torch.manual_seed(0)
+    return DataLoader(TensorMultiTaskDataset(torch.randn(n, 1, 10, 10), targets), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_label_out_of_range_in_a_later_batch_names_task_and_step(stage):
+    """Every batch is range-checked, not only the first: a bad label in batch 2 stops with the task, step,
+    stage and the offending values (not cross_entropy's IndexError, a device-side assert on a GPU)."""
+    torch.manual_seed(0)
+    left, right = torch.randint(0, 10, (16,)), torch.randint(0, 10, (16,))
+    right[9], right[10] = 12, 11  # both in batch 2 (batches of 4)
+    loader = _loader({"left": left, "right": right})
+    module = tiny_module()
+    trainer = tiny_trainer(max_epochs=1)
+    with pytest.raises(TaskError) as info:
+        if stage == "train":
+            trainer.fit(module, train_dataloaders=loader)
+        else:
+            trainer.validate(module, dataloaders=loader, verbose=False)
+    message = str(info.value)
+    assert "task 'right'" in message and "11..12" in message and "num_classes=10" in message, message
+    assert f"{stage} batch 2" in message, message
+    if stage == "train":
+        assert "global step 2" in message, message
+
+
+def test_label_out_of_range_outside_a_trainer_raises_at_once():
+    module = tiny_module()
+    x, y = _batch()
+    module.training_step((x, y), 0)
+    y["left"][3] = 10
+    with pytest.raises(TaskError, match=r"task 'left': 1 label in 10\.\.10 is out of range for num_classes=10"):
+        module.training_step((x, y), 1)
+
+
+def test_nonfinite_inputs_are_named_as_the_cause():
+    module = tiny_module()
+    x, y = _batch()
+    x[2, 0, 4, 4] = math.nan
+    with pytest.raises(FloatingPointError, match=r"step 0 .*: the batch's inputs hold 1 non-finite value") as err:
+        module.training_step((x, y), 0)
+    assert "labels" not in str(err.value).split("global step 0")[1].split("on_nonfinite_loss")[0]
+
+
+def test_nonfinite_labels_are_named_as_the_cause():
+    module = tiny_module(tasks={"left": ClassificationTask(10), "depth": RegressionTask()})
+    x, y = _batch()
+    y = {"left": y["left"], "depth": torch.randn(6)}
+    y["depth"][1] = math.inf
+    y["depth"][4] = math.nan  # a missing label, not a cause
+    with pytest.raises(FloatingPointError, match=r"depth=inf .*: the labels of task 'depth' hold 1 infinite value"):
+        module.training_step((x, y), 0)
+
+
+def test_nonfinite_loss_with_finite_inputs_and_labels_blames_the_model():
+    module = tiny_module(tasks={"left": ClassificationTask(10), "right": ClassificationTask(10, head=_NanAfter(0))})
+    with pytest.raises(FloatingPointError, match=r"inputs and labels are finite, so the model's outputs went"):
+        module.training_step(_batch(), 0)

@@ -67,6 +67,32 @@ def test_checkpoint_errors(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), plain.state_dict().values()))
 
 
+_UNPICKLED = []
+
+
+def _record(value):
+    _UNPICKLED.append(value)
+    return value
+
+
+class _Payload:
+    """An arbitrary object: unpickling it calls a function of the pickler's choosing."""
+
+    def __reduce__(self):
+        return _record, ("code ran",)
+
+
+def test_a_checkpoint_with_an_arbitrary_pickled_object_is_refused_unrun(tmp_path):
+    plain = _backbone(seed=3)
+    path = tmp_path / "payload.ckpt"
+    torch.save({"state_dict": plain.state_dict(), "extra": _Payload()}, path)
+    with pytest.raises(ValueError) as info:
+        load_backbone_weights(_backbone(seed=4), str(path))
+    assert _UNPICKLED == []  # refused before the object was built
+    message = str(info.value)
+    assert str(path) in message and "state_dict" in message and "weights_only=False" not in message, message
+
+
 def test_without_checkpoint_warns():
     with pytest.warns(UserWarning, match="randomly initialized"):
         LinearEvaluation(_backbone(), num_classes=10)
