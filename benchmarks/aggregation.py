@@ -205,6 +205,7 @@ def torchjd_aggregator(name: str, ours: Any, m: int) -> tuple[Any, str]:
         return None, "torchjd not installed"
     makers: dict[str, Callable[[], Any]] = {
         "upgrad": lambda: tja.UPGrad(),
+        "dualproj": lambda: tja.DualProj(),
         "mgda": lambda: tja.MGDA(),
         "pcgrad": lambda: tja.PCGrad(),
         "cagrad": lambda: tja.CAGrad(c=getattr(ours, "c", 0.4)),

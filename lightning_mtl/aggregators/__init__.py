@@ -37,6 +37,7 @@ __all__ = [
 from lightning_mtl.aggregators.aligned_mtl import AlignedMTL  # noqa: E402
 from lightning_mtl.aggregators.cagrad import CAGrad  # noqa: E402
 from lightning_mtl.aggregators.dbmtl import DBMTL  # noqa: E402
+from lightning_mtl.aggregators.dualproj import DualProj  # noqa: E402
 from lightning_mtl.aggregators.fairgrad import FairGrad  # noqa: E402
 from lightning_mtl.aggregators.graddrop import GradDrop  # noqa: E402
 from lightning_mtl.aggregators.gradvac import GradVac  # noqa: E402
@@ -50,6 +51,7 @@ __all__ += [
     "AlignedMTL",
     "CAGrad",
     "DBMTL",
+    "DualProj",
     "FairGrad",
     "GradDrop",
     "GradVac",

@@ -6,7 +6,10 @@
   a convex objective over ``x >= lower`` (optionally on the simplex); MGDA, CAGrad and UPGrad.
 * For quadratic programs, an exact solve of the KKT system on the detected active set (used as a
   certified early exit, :func:`quadratic_finisher`, and as a final polish,
-  :func:`polish_quadratic`) and a KKT certificate (:func:`kkt_certified`).
+  :func:`polish_quadratic`) and a KKT certificate (:func:`kkt_certified`) that holds every task to
+  its own scale.
+* :func:`min_norm_point`: Wolfe's exact algorithm for MGDA's problem, a host-side fallback for
+  min-norm points too small for the barrier's duality gap.
 * :func:`solve_power_balance`: Newton's method for ``(G w)_i = w_i^(-power)``; Nash-MTL, FairGrad.
 
 They run on the device of the Gramian with fixed tensor shapes, so a GPU solve never copies ``G``
@@ -32,6 +35,7 @@ __all__ = [
     "as_weights",
     "barrier_newton",
     "kkt_certified",
+    "min_norm_point",
     "normalized_gramian",
     "polish_quadratic",
     "quadratic_finisher",
@@ -244,11 +248,18 @@ def kkt_certified(q: Tensor, c: Tensor, lower: Tensor, x: Tensor, *, simplex: bo
 
     Checks the KKT conditions with multipliers computed from ``x``: feasibility, zero (reduced)
     gradient on the free coordinates, non-negative multipliers on the coordinates at their bound.
-    ``tol`` is relative to the largest diagonal entry of ``Q``. Since the problem is convex, a
-    point that passes is a global minimiser.
+    Each coordinate's residual is held to its own scale: ``tol`` times ``sqrt(Q_ii x^T Q x) + |c_i|``
+    (with ``Q = J J^T`` and ``c = 0`` that is ``|g_i| |J^T x|``, the size of ``g_i . d``), plus the
+    float64 round-off of ``(Q x)_i``. A task whose gradient is 1e7 times smaller than the others is
+    thus checked as strictly as they are. Since the problem is convex, a point that passes is a
+    global minimiser.
     """
-    scale = q.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(q.dtype).tiny)
-    r = (q @ x.unsqueeze(-1)).squeeze(-1) + c
+    diag = q.diagonal(dim1=-2, dim2=-1).clamp_min(0)
+    qx = (q @ x.unsqueeze(-1)).squeeze(-1)
+    r = qx + c
+    value = (x * qx).sum(-1, keepdim=True).clamp_min(0)
+    roundoff = (diag.sqrt() * x.abs()).sum(-1, keepdim=True) * 64 * torch.finfo(q.dtype).eps
+    scale = diag.sqrt() * (tol * value.sqrt() + roundoff) + tol * c.abs()
     free = x > lower
     if simplex:
         nu = torch.where(free, r, torch.zeros_like(r)).sum(-1) / free.sum(-1).clamp_min(1)
@@ -256,8 +267,8 @@ def kkt_certified(q: Tensor, c: Tensor, lower: Tensor, x: Tensor, *, simplex: bo
         feasible = (x >= 0).all(-1) & ((x.sum(-1) - 1).abs() <= 1e-12)
     else:
         feasible = (x >= lower).all(-1)
-    stationary = torch.where(free, r.abs(), torch.zeros_like(r)).amax(-1) <= tol * scale
-    dual = torch.where(free, torch.zeros_like(r), r).amin(-1) >= -tol * scale
+    stationary = (torch.where(free, r.abs(), torch.zeros_like(r)) <= scale).all(-1)
+    dual = (torch.where(free, torch.zeros_like(r), r) >= -scale).all(-1)
     return feasible & stationary & dual
 
 
@@ -329,12 +340,84 @@ def quadratic_finisher(q: Tensor, c: Tensor, lower: Tensor, *, simplex: bool):  
     return finish
 
 
-def _h_delta(w: Tensor, dw: Tensor, steps: Tensor, power: float) -> Tensor:
-    """``sum_i h(w_i + a dw_i) - h(w_i)`` for each step ``a`` (``[K]``), ``h' (w) = -w^-power``."""
+def _affine_min_norm(g: Tensor, support: list[int]) -> Tensor:
+    """Weights (summing to 1, zero off ``support``) of the min-norm point of the affine hull of the
+    gradients in ``support``, written around the shortest of them, ``g_k``:
+    ``d = g_k + sum_j mu_j (g_j - g_k)``. A min-norm point near a tiny gradient is then a small
+    correction of it rather than a difference of large terms."""
+    m = g.shape[0]
+    idx = torch.tensor(support)
+    k = int(idx[g.diagonal()[idx].argmin()])
+    rest = idx[idx != k]
+    y = torch.zeros(m, dtype=g.dtype)
+    y[k] = 1.0
+    if rest.numel() == 0:
+        return y
+    gk = g[:, k]
+    a = g[rest][:, rest] - gk[rest][:, None] - gk[rest][None, :] + g[k, k]  # (g_i - g_k) . (g_j - g_k)
+    b = gk[rest] - g[k, k]  # (g_j - g_k) . g_k
+    s = a.diagonal().clamp_min(torch.finfo(g.dtype).tiny).rsqrt()  # Jacobi scaling before the solve
+    mu = s * (torch.linalg.pinv(s[:, None] * a * s[None, :], hermitian=True) @ (-b * s))
+    y[rest] = mu
+    y[k] = 1.0 - mu.sum()
+    return y
+
+
+def min_norm_point(gramian: Tensor, *, tol: float = 1e-10, max_iter: int | None = None) -> Tensor:
+    """``argmin_{w in simplex} w^T G w`` by Wolfe's algorithm, in float64 on the host.
+
+    Wolfe, P. "Finding the nearest point in a polytope." Mathematical Programming 11, 1976. It keeps
+    a set S of affinely independent gradients and the min-norm point ``d`` of their convex hull; it
+    adds the gradient that most violates ``g_j . d >= |d|^2`` (relative to ``|g_j| |d|``, the
+    test of :func:`kkt_certified`), moves to the min-norm point of the affine hull of S
+    (:func:`_affine_min_norm`), and while that point leaves the convex hull steps back to its
+    boundary and drops the gradient whose weight reached 0. It ends after finitely many steps at the
+    exact solution (up to round-off), however small ``|d|`` is, where a barrier method's duality gap
+    stops at its ``1 / t_max``. One host round trip per step: the fallback of MGDA for the problems
+    whose barrier solution fails the KKT certificate.
+    """
+    device = gramian.device
+    g = gramian.detach().to("cpu", torch.float64)
+    m = g.shape[0]
+    root = g.diagonal().clamp_min(0).sqrt()
+    eps = torch.finfo(g.dtype).eps
+    k = int(g.diagonal().argmin())
+    w = torch.zeros(m, dtype=g.dtype)
+    w[k] = 1.0
+    support = [k]
+    for _ in range(max_iter or 4 * m + 10):
+        gw = g @ w
+        value = (w * gw).sum().clamp_min(0)
+        slack = gw - value
+        allowed = root * (tol * value.sqrt() + 64 * eps * (root * w.abs()).sum())
+        j = int((slack / root.clamp_min(torch.finfo(g.dtype).tiny)).argmin())
+        if slack[j] >= -allowed[j] or j in support:
+            break
+        support.append(j)
+        for _ in range(len(support)):
+            y = _affine_min_norm(g, support)
+            if bool((y[support] > 0).all()):
+                w = y
+                break
+            # step from w towards y up to the boundary of the hull; drop the weight that reaches 0
+            out = torch.tensor([i for i in support if y[i] <= 0])
+            ratios = w[out] / (w[out] - y[out]).clamp_min(torch.finfo(g.dtype).tiny)
+            theta = ratios.min()
+            w = (w + theta * (y - w)).clamp_min(0)
+            w[int(out[ratios.argmin()])] = 0.0
+            support = [i for i in support if w[i] > 0]
+            w = w / w.sum()
+        if j not in support:  # the new gradient left at once: no progress is possible in float64
+            break
+    return w.to(device)
+
+
+def _h_delta(w: Tensor, dw: Tensor, steps: Tensor, power: float, coef: Tensor) -> Tensor:
+    """``sum_i b_i (h(w_i + a dw_i) - h(w_i))`` for each step ``a`` (``[K]``), ``h'(w) = -w^-power``."""
     rel = torch.log1p(steps[:, None] * (dw / w)[None, :])  # log((w + a dw) / w)
     if power == 1.0:
-        return -rel.sum(-1)
-    return (w.pow(1.0 - power)[None, :] * torch.expm1((1.0 - power) * rel) / (power - 1.0)).sum(-1)
+        return -(coef[None, :] * rel).sum(-1)
+    return ((coef * w.pow(1.0 - power))[None, :] * torch.expm1((1.0 - power) * rel) / (power - 1.0)).sum(-1)
 
 
 def solve_power_balance(
@@ -353,17 +436,25 @@ def solve_power_balance(
     ``min_{w > 0} 1/2 w^T G w + sum_i h(w_i)`` with ``h(w) = -log(w)`` for ``power = 1`` and
     ``h(w) = w^(1 - power) / (power - 1)`` otherwise (``h'(w) = -w^-power``, ``h'' > 0``), so the
     solution is unique and Newton's method on that function converges to it from any positive
-    start. Each step solves ``(G + diag(power w^(-power-1))) dw = w^-power - G w`` (diagonally
+    start.
+
+    Scaling: with ``D = diag(sqrt(G_ii))`` the equations are solved for ``y = D w``:
+    ``(C y)_i = b_i y_i^(-power)`` with ``C = D^-1 G D^-1`` (unit diagonal, the cosines) and
+    ``b_i = D_i^(power - 1)`` (``b = 1`` for Nash-MTL, whose solution is thus covariant with the
+    scale of each task). A task whose gradient is 1e7 times smaller than the others is then resolved
+    as well as they are, where on ``G`` itself its equation sits below the round-off of the others.
+    Each Newton step solves ``(C + diag(power b y^(-power-1))) dy = b y^-power - C y`` (diagonally
     scaled), then takes the best of 30 step lengths (fractions of the largest step that keeps
-    ``w > 0``, all evaluated at once, so there is no data-dependent branching on the device).
+    ``y > 0``, all evaluated at once, so there is no data-dependent branching on the device).
     For ``power = 1`` the function is self-concordant and the method converges quadratically
     after a few damped steps. The start is rescaled along its ray to the exact 1-D minimiser
     (closed form), which absorbs changes of scale of ``G`` between warm-started calls.
 
     Degenerate inputs: a task with a zero gradient (``G_ii <= zero_tol * max_j G_jj``) has no
     solution (``w_i -> inf``); it is decoupled and gets weight 0. A tiny ``ridge`` on the diagonal
-    keeps the problem bounded when gradients cancel (e.g. ``g_2 = -g_1``); it perturbs regular
-    solutions by about ``ridge * w_i`` in the residual.
+    of ``C`` (relative to each task's own ``G_ii``, so it never swamps a small task) keeps the
+    problem bounded when gradients cancel (e.g. ``g_2 = -g_1``); it perturbs regular solutions by
+    about ``ridge * y_i`` in the residual of ``C``.
 
     Returns:
         ``(w, active)``: the solution (0 for inactive tasks) and the boolean mask of active tasks.
@@ -372,39 +463,41 @@ def solve_power_balance(
     dtype, device = gramian.dtype, gramian.device
     sq = gramian.diagonal().clamp_min(0)
     active = sq > zero_tol * sq.max()
+    scale = torch.where(active, sq.sqrt(), torch.ones_like(sq))
     both = active[:, None] & active[None, :]
-    g = torch.where(both, gramian, torch.zeros_like(gramian))
-    g = g + torch.diag(torch.where(active, torch.full_like(sq, ridge), torch.ones_like(sq)))
-    w = torch.ones(m, dtype=dtype, device=device) if init is None else init.to(device=device, dtype=dtype)
-    w = torch.where(torch.isfinite(w) & (w > 0), w, torch.ones_like(w))
-    # Exact minimiser along the ray t * w: t^(1 + p) = sum(w^(1 - p)) / (w^T G w).
-    curvature = (w * (g @ w)).sum()
-    w = w * (w.pow(1.0 - power).sum() / curvature).pow(1.0 / (1.0 + power))
+    cos = torch.where(both, gramian / (scale[:, None] * scale[None, :]), torch.zeros_like(gramian))
+    cos = cos + torch.diag(torch.where(active, torch.full_like(sq, ridge), torch.ones_like(sq)))
+    coef = scale.pow(power - 1.0)
+    y = torch.ones(m, dtype=dtype, device=device) if init is None else init.to(device=device, dtype=dtype) * scale
+    y = torch.where(torch.isfinite(y) & (y > 0), y, torch.ones_like(y))
+    # Exact minimiser along the ray t * y: t^(1 + p) = sum(b y^(1 - p)) / (y^T C y).
+    curvature = (y * (cos @ y)).sum()
+    y = y * ((coef * y.pow(1.0 - power)).sum() / curvature).pow(1.0 / (1.0 + power))
     steps_grid = 0.5 ** torch.arange(30, dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
     done = torch.zeros((), dtype=torch.bool, device=device)
     for it in range(max_iter):
-        gw = g @ w
-        grad = gw - w.pow(-power)
-        hess = g + torch.diag(power * w.pow(-power - 1.0))
+        cy = cos @ y
+        grad = cy - coef * y.pow(-power)
+        hess = cos + torch.diag(power * coef * y.pow(-power - 1.0))
         d = hess.diagonal().clamp_min(tiny).rsqrt()
         sol, _ = torch.linalg.solve_ex(d[:, None] * hess * d[None, :], (-grad * d).unsqueeze(-1))
-        dw = d * sol.squeeze(-1)
-        dw = torch.where(torch.isfinite(dw), dw, torch.zeros_like(dw))
-        lam2 = -(grad * dw).sum()
-        ratio = torch.where(dw < 0, -w / dw.clamp(max=-tiny), torch.full_like(w, float("inf")))
+        dy = d * sol.squeeze(-1)
+        dy = torch.where(torch.isfinite(dy), dy, torch.zeros_like(dy))
+        lam2 = -(grad * dy).sum()
+        ratio = torch.where(dy < 0, -y / dy.clamp(max=-tiny), torch.full_like(y, float("inf")))
         cap = (0.99 * ratio.min()).clamp(max=1.0)
         steps = cap * steps_grid
-        value = steps * (gw * dw).sum() + 0.5 * steps.square() * (dw * (g @ dw)).sum()
-        value = value + _h_delta(w, dw, steps, power)
+        value = steps * (cy * dy).sum() + 0.5 * steps.square() * (dy * (cos @ dy)).sum()
+        value = value + _h_delta(y, dy, steps, power, coef)
         best = value.argmin(0, keepdim=True)  # gather, not value[best]: indexing with a tensor syncs
         best_value, best_step = value.gather(0, best)[0], steps.gather(0, best)[0]
         # Near the solution (Newton decrement < 0.1) the full step is safe and converges
         # quadratically, while function values no longer resolve the decrease: take it.
         step = torch.where(lam2 < 1e-2, cap, torch.where(best_value < 0, best_step, torch.zeros_like(cap)))
         step = torch.where(done, torch.zeros_like(step), step)
-        w = w + step * dw
+        y = y + step * dy
         done = done | (lam2 < 1e-26) | (step == 0)
         if (it + 1) % check_every == 0 and bool(done):
             break
-    return torch.where(active, w, torch.zeros_like(w)), active
+    return torch.where(active, y / scale, torch.zeros_like(y)), active

@@ -9,6 +9,8 @@ from lightning_mtl.aggregators._solvers import (
     Quadratic,
     as_weights,
     barrier_newton,
+    kkt_certified,
+    min_norm_point,
     normalized_gramian,
     polish_quadratic,
     quadratic_finisher,
@@ -25,7 +27,9 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     The problem is scale-invariant, so it is solved on ``G / mean(diag G)``: barrier Newton with
     the certified early exit of :func:`~lightning_mtl.aggregators._solvers.quadratic_finisher`
     (2 to 4 Newton steps on random problems), else the exact polish of
-    :func:`~lightning_mtl.aggregators._solvers.polish_quadratic`. ``m = 1`` gives ``[1]``;
+    :func:`~lightning_mtl.aggregators._solvers.polish_quadratic` if it passes the KKT certificate,
+    else Wolfe's algorithm (:func:`~lightning_mtl.aggregators._solvers.min_norm_point`; min-norm
+    points far below the barrier's duality gap). ``m = 1`` gives ``[1]``;
     ``G = 0`` gives the uniform weights (every point of the simplex is optimal; the barrier picks
     its centre).
     """
@@ -41,6 +45,10 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     x, t, certified = barrier_newton(Quadratic(q, c), x0, lower, simplex=True, check_every=2, finish=finish)
     if not bool(certified.all()):
         x = polish_quadratic(q, c, lower, x, t, simplex=True)
+        # A min-norm point far below the barrier's duality gap (one gradient 1e4 times smaller than
+        # the others) leaves the support in doubt: only a certified result stands, else Wolfe's.
+        if not bool(kkt_certified(q, c, lower, x, simplex=True).all()):
+            return min_norm_point(g_n)
     return x[0]
 
 

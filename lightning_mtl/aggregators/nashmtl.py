@@ -23,10 +23,11 @@ class NashMTL(GramianWeighting):
     "Multi-Task Learning as a Bargaining Game." ICML 2022.
 
     The Nash bargaining solution over the update direction is ``d = sum_i a_i g_i`` with ``a > 0``
-    solving ``(G a)_i = 1 / a_i``, i.e. ``g_i . d = 1 / a_i`` for every task. Following the official
-    code, ``G`` is first normalised by its Frobenius norm; ``a`` then solves the equations for
-    ``G / |G|_F`` (scaling ``G`` by ``s`` scales ``a`` by ``1 / sqrt(s)``: the direction is the
-    same, and ``|J^T a|^2 = m |G|_F``).
+    solving ``(G a)_i = 1 / a_i``, i.e. ``g_i . d = 1 / a_i`` for every task (Eq. 3), so
+    ``|d|^2 = a^T G a = m`` whatever the scale of the gradients, and ``d(c J) = d(J)``. As in the
+    official code, the equations are solved for ``G / |G|_F`` and the weights mapped back: there
+    the constraint of each convex step multiplies by the normalisation factor again, here the
+    solution ``a_n`` for ``G / s`` gives ``a = a_n / sqrt(s)``.
 
     Solver: the official code runs up to ``optim_niter`` concave-convex (CCCP) iterations, each a
     cvxpy/ECOS problem. Here ``a`` is the unique minimiser of the strictly convex
@@ -70,6 +71,7 @@ class NashMTL(GramianWeighting):
             if init is not None:
                 init = torch.where(init > 0, init, torch.ones_like(init))
             alpha, _ = solve_power_balance(g, 1.0, init, self.optim_niter)
+            alpha = alpha / torch.where(norm > 0, norm, torch.ones_like(norm)).sqrt()  # back to the raw G
             if stale:
                 self.alpha = alpha
             else:

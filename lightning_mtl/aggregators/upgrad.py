@@ -18,15 +18,17 @@ from lightning_mtl.aggregators._solvers import (
 from lightning_mtl.aggregators.base import GramianWeighting
 from lightning_mtl.aggregators.registry import register_aggregator
 
-__all__ = ["UPGrad", "dual_cone_projection_weights"]
+__all__ = ["UPGrad", "dual_cone_projection_weights", "preference_weights", "trace_normalized"]
 
 
-def dual_cone_projection_weights(gramian: Tensor, u: Tensor) -> Tensor:
+def dual_cone_projection_weights(gramian: Tensor, u: Tensor, reg_eps: float = 0.0) -> Tensor:
     """Weights of the projections of ``J^T u_k`` onto the dual cone ``{x : J x >= 0}``.
 
     Args:
-        gramian: float64 ``[m, m]``, ``G = J J^T`` (any scale; regularise it beforehand if wanted).
+        gramian: float64 ``[m, m]``, ``G = J J^T`` (any scale).
         u: float64 ``[K, m]``, one weight vector per row to project.
+        reg_eps: added to the diagonal of ``G`` relative to each task's own ``G_ii`` (it keeps the
+            QPs strictly convex, e.g. for ``g_2 = -g_1``, and never swamps a small task).
 
     Returns:
         ``V`` (``[K, m]``) with ``proj(J^T u_k) = J^T v_k``.
@@ -39,22 +41,52 @@ def dual_cone_projection_weights(gramian: Tensor, u: Tensor) -> Tensor:
     variables and simple bounds. Strong duality holds (linear constraints), so ``J^T v*`` is the
     projection; ``v*`` itself is unique when ``G`` is positive definite.
 
-    The ``K`` QPs are solved in float64 on the device, all at once, by the primal-dual active-set
-    method (:func:`~lightning_mtl.aggregators._solvers.active_set_box_qp`, a few small linear solves);
-    a problem whose result is not KKT-certified falls back to the batched log-barrier Newton method
+    The QPs are solved for ``z = D v`` with ``D = diag(sqrt(G_ii))``: ``min 1/2 z^T C z`` s.t.
+    ``z >= D u``, with ``C = D^-1 G D^-1`` the matrix of cosines, so every task is resolved at its
+    own scale (a task 1e7 times smaller than the others would otherwise sit below their round-off);
+    a task with a zero gradient keeps ``v_i = u_i``. The ``K`` QPs are solved in float64 on the
+    device, all at once, by the primal-dual active-set method
+    (:func:`~lightning_mtl.aggregators._solvers.active_set_box_qp`, a few small linear solves); a
+    problem whose result is not KKT-certified falls back to the batched log-barrier Newton method
     of :func:`~lightning_mtl.aggregators._solvers.barrier_newton` with its exact finish and polish.
     """
     k, m = u.shape
-    q = gramian.unsqueeze(0).expand(k, m, m)
+    sq = gramian.diagonal().clamp_min(0)
+    active = sq > 1e-30 * sq.max()  # a gradient 1e15 times shorter than the longest counts as zero
+    root = torch.where(active, sq.sqrt(), torch.ones_like(sq))
+    both = active[:, None] & active[None, :]
+    cos = torch.where(both, gramian / (root[:, None] * root[None, :]), torch.zeros_like(gramian))
+    cos = cos + torch.diag(torch.where(active, torch.full_like(sq, reg_eps), torch.ones_like(sq)))
+    lower = torch.where(active, u * root, torch.zeros_like(u))  # a zero task is decoupled, z_i = 0
+    q = cos.unsqueeze(0).expand(k, m, m)
     c = torch.zeros_like(u)
-    x_as, certified_as = active_set_box_qp(gramian, c, u)
+    z_as, certified_as = active_set_box_qp(cos, c, lower)
     if bool(certified_as.all()):
-        return x_as
-    finish = quadratic_finisher(q, c, u, simplex=False)
-    x, t, certified = barrier_newton(Quadratic(q, c), u + 1.0, u, simplex=False, finish=finish)
-    if not bool(certified.all()):
-        x = polish_quadratic(q, c, u, x, t, simplex=False)
-    return torch.where(certified_as[:, None], x_as, x)
+        z = z_as
+    else:
+        finish = quadratic_finisher(q, c, lower, simplex=False)
+        z, t, certified = barrier_newton(Quadratic(q, c), lower + 1.0, lower, simplex=False, finish=finish)
+        if not bool(certified.all()):
+            z = polish_quadratic(q, c, lower, z, t, simplex=False)
+        z = torch.where(certified_as[:, None], z_as, z)
+    return torch.where(active, z / root, u)
+
+
+def trace_normalized(gramian: Tensor, norm_eps: float) -> Tensor:
+    """``G / trace(G)`` in float64, exactly symmetric; zero when the trace is below ``norm_eps``."""
+    g = gramian.detach().to(torch.float64)
+    g = 0.5 * (g + g.T)
+    trace = g.diagonal().sum()
+    return torch.where(trace > norm_eps, g / torch.where(trace > norm_eps, trace, torch.ones_like(trace)), 0.0)
+
+
+def preference_weights(pref_vector: list[float] | None, m: int, like: Tensor, method: str) -> Tensor:
+    """The preference weights ``p`` (``1/m`` each by default) as a tensor like ``like``."""
+    if pref_vector is None:
+        return torch.full((m,), 1.0 / m, dtype=like.dtype, device=like.device)
+    if len(pref_vector) != m:
+        raise ValueError(f"{method} has {len(pref_vector)} preference weights but there are {m} tasks")
+    return torch.tensor(pref_vector, dtype=like.dtype, device=like.device)
 
 
 @register_aggregator("upgrad")
@@ -72,15 +104,17 @@ class UPGrad(GramianWeighting):
     p_i proj_C(g_i)`` for ``p_i >= 0``, the weights are ``w = sum_i v_i`` with ``v_i`` the dual
     solution for ``u = p_i e_i`` (see :func:`dual_cone_projection_weights`).
 
-    Like torchjd, the Gramian is normalised by its trace and a small multiple of the identity is
-    added (``reg_eps``) to make the QPs strictly convex; torchjd's defaults are
-    ``norm_eps = reg_eps = 1e-4`` and a host quadprog solver. We keep the trace normalisation but
-    default to a much smaller ``reg_eps`` since the float64 barrier solver does not need it for
-    stability (it only keeps degenerate cases such as ``g_2 = -g_1`` bounded).
+    Like torchjd, the Gramian is normalised by its trace and regularised (``reg_eps``) to make the
+    QPs strictly convex; torchjd adds ``reg_eps = 1e-4`` times the identity to the normalised
+    Gramian and uses a host quadprog solver. Here the regularisation is relative to each task's own
+    ``G_ii`` (a multiple of the identity swamps a task whose share of the trace is below it: with
+    one conflicting task 1e4 times smaller the update conflicted with it), and its default is much
+    smaller since the float64 solvers do not need it for stability (it only keeps degenerate cases
+    such as ``g_2 = -g_1`` bounded).
 
     Args:
         pref_vector: preference weights ``p`` (non-negative, one per task); ``None`` gives ``1/m``.
-        reg_eps: added to the diagonal of the trace-normalised Gramian.
+        reg_eps: added to the diagonal of the Gramian, times each task's ``G_ii``.
         norm_eps: below this trace the Gramian is treated as zero (the weights are then ``p``).
     """
 
@@ -94,22 +128,10 @@ class UPGrad(GramianWeighting):
         self.reg_eps = float(reg_eps)
         self.norm_eps = float(norm_eps)
 
-    def _pref(self, m: int, like: Tensor) -> Tensor:
-        if self.pref_vector is None:
-            return torch.full((m,), 1.0 / m, dtype=like.dtype, device=like.device)
-        if len(self.pref_vector) != m:
-            raise ValueError(f"UPGrad has {len(self.pref_vector)} preference weights but there are {m} tasks")
-        return torch.tensor(self.pref_vector, dtype=like.dtype, device=like.device)
-
     def forward(self, gramian: Tensor) -> Tensor:
-        m = gramian.shape[0]
-        g = gramian.detach().to(torch.float64)
-        g = 0.5 * (g + g.T)
-        trace = g.diagonal().sum()
-        g_n = g / torch.where(trace > self.norm_eps, trace, torch.ones_like(trace))
-        g_n = g_n + self.reg_eps * torch.eye(m, dtype=g.dtype, device=g.device)
-        pref = self._pref(m, g_n)
-        v = dual_cone_projection_weights(g_n, torch.diag(pref))
+        g_n = trace_normalized(gramian, self.norm_eps)
+        pref = preference_weights(self.pref_vector, g_n.shape[0], g_n, "UPGrad")
+        v = dual_cone_projection_weights(g_n, torch.diag(pref), self.reg_eps)
         return as_weights(v.sum(0), gramian)
 
     def hparams_for_repr(self) -> dict[str, object]:

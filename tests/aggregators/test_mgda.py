@@ -6,7 +6,9 @@ import torch
 from scipy.optimize import minimize
 
 from lightning_mtl.aggregators import MGDA
+from lightning_mtl.aggregators._solvers import min_norm_point
 from lightning_mtl.aggregators.mgda import min_norm_weights
+from tests.helpers import badly_scaled_jacobians
 
 
 def _problems():
@@ -100,3 +102,36 @@ def test_l2_normalization_is_mgda_on_unit_gradients():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         MGDA(normalization="loss")
+
+
+@pytest.mark.parametrize("family", ["spread", "tiny"])
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_kkt_with_badly_scaled_gradients(family, m):
+    """One gradient 1e4..1e7 times smaller than the others puts the min-norm point at about 1e-12 of
+    the normalised scale: still ``g_i . d >= |d|^2`` for every task, with equality on the support,
+    to a tolerance relative to ``|g_i| |d|`` (the size of ``g_i . d``)."""
+    for seed in range(4):
+        jac = badly_scaled_jacobians(m, seed)[family].double()
+        gram = jac @ jac.T
+        w = min_norm_weights(gram)
+        assert w.min() >= 0 and abs(float(w.sum()) - 1) < 1e-12
+        d = w @ jac
+        scale = jac.norm(dim=1) * d.norm()
+        slack = (jac @ d - d @ d) / scale
+        assert slack.min() >= -1e-7, (seed, slack)
+        assert slack[w > 0].abs().max() <= 1e-7, (seed, slack, w)
+
+
+@pytest.mark.parametrize("jac", list(_problems()))
+def test_wolfe_fallback_satisfies_kkt(jac):
+    """The fallback alone (Wolfe's algorithm) solves the regular and the degenerate problems too:
+    repeated gradients, m > n, and 0 in the convex hull."""
+    gram = jac @ jac.T
+    _check_kkt(gram, min_norm_point(gram / gram.diagonal().mean()), tol=1e-8)
+
+
+def test_wolfe_fallback_finds_zero_in_the_hull():
+    jac = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [0.3, 0.1]], dtype=torch.float64)
+    w = min_norm_point(jac @ jac.T)
+    assert w.min() >= 0 and abs(float(w.sum()) - 1) < 1e-12
+    assert (w @ jac).norm() < 1e-12

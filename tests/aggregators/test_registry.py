@@ -15,6 +15,7 @@ import torch
 
 from lightning_mtl.aggregators import create_aggregator, get_aggregator_class, list_aggregators
 from lightning_mtl.aggregators.base import Aggregator
+from tests.helpers import badly_scaled_jacobians
 
 NAMES = list_aggregators()
 GRAMIAN_NAMES = [name for name in NAMES if get_aggregator_class(name).kind == "gramian"]
@@ -25,6 +26,7 @@ EXPECTED = {
     "aligned_mtl": "alignedmtl",
     "cagrad": None,
     "db_mtl": "dbmtl",
+    "dualproj": None,
     "fairgrad": None,
     "graddrop": None,
     "gradvac": None,
@@ -188,3 +190,80 @@ def test_state_dict_round_trip(name):
         torch.manual_seed(1000 + step)
         got = _call(fresh, jac)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# Float32 tolerance of the promises below, relative to the scale of the terms they compare:
+# |g_i| * sum_j |w_j| |g_j| bounds both g_i . d and its round-off, whatever the task's own scale.
+PROMISE_TOL = 1e-4
+
+
+def _non_conflict(jac, w):
+    """UPGrad, DualProj (Quinton & Rey, 2024), PCGrad with two tasks: ``g_i . d >= 0``."""
+    scale = jac.norm(dim=1) * (w.abs() @ jac.norm(dim=1))
+    slack = jac @ (w @ jac)
+    assert (slack >= -PROMISE_TOL * scale).all(), (slack / scale).tolist()
+
+
+def _min_norm_kkt(jac, w):
+    """MGDA (Sener & Koltun, 2018): ``w`` on the simplex and ``g_i . d >= |d|^2`` for every task,
+    the optimality condition of the min-norm point of the convex hull."""
+    assert (w >= 0).all() and abs(float(w.sum()) - 1) < 1e-5
+    d = w @ jac
+    scale = jac.norm(dim=1) * (w.abs() @ jac.norm(dim=1))
+    slack = jac @ d - d @ d
+    assert (slack >= -PROMISE_TOL * scale).all(), (slack / scale).tolist()
+
+
+def _bargaining(jac, w):
+    """Nash-MTL (Navon et al., 2022) and FairGrad with alpha = 1: ``w_i (G w)_i = 1``, ``w > 0``."""
+    assert (w > 0).all()
+    scale = w * jac.norm(dim=1) * (w.abs() @ jac.norm(dim=1))
+    residual = w * (jac @ (w @ jac)) - 1
+    assert (residual.abs() <= PROMISE_TOL * scale).all(), (residual / scale).tolist()
+
+
+def _equal_projections(jac, w):
+    """IMTL-G (Liu et al., 2021): ``sum(w) = 1`` and ``d . g_i / |g_i|`` is the same for every task."""
+    assert abs(float(w.sum()) - 1) < 1e-5
+    proj = jac @ (w @ jac) / jac.norm(dim=1)
+    scale = w.abs() @ jac.norm(dim=1)
+    assert ((proj - proj.mean()).abs() <= PROMISE_TOL * scale).all(), proj.tolist()
+
+
+PROMISES = {
+    "upgrad": _non_conflict,
+    "dualproj": _non_conflict,
+    "mgda": _min_norm_kkt,
+    "nashmtl": _bargaining,
+    "fairgrad": _bargaining,
+    "imtl_g": _equal_projections,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("family", ["spread", "tiny", "conflicting"])
+def test_badly_scaled_jacobians_keep_each_promise(name, family):
+    """Row norms spread over 1e-3..1e3, one task 1e4..1e7 times smaller than the others, strong
+    conflicts (float32, as in training): every method returns a finite output of the right shape,
+    and a Gramian weighting keeps the guarantee its paper makes (:data:`PROMISES`)."""
+    for m in (2, 3, 5):
+        for seed in range(3):
+            jac = badly_scaled_jacobians(m, seed)[family]
+            agg = create_aggregator(name)
+            torch.manual_seed(seed)
+            out = _call(agg, jac)
+            assert torch.isfinite(out).all(), (m, seed)
+            if agg.kind == "gramian":
+                assert out.shape == (m,) and out.dtype == torch.float32
+                promise = PROMISES.get(name)
+                if name == "pcgrad" and m == 2:  # each projected gradient is orthogonal to the other task
+                    promise = _non_conflict
+                if promise is not None:
+                    try:
+                        promise(jac.double(), out.double())
+                    except AssertionError as err:
+                        raise AssertionError(f"{name} on {family}, m={m}, seed={seed}: {err}") from None
+            elif agg.kind == "jacobian":
+                assert out.shape == (N,)
+            else:
+                assert out.dim() == 0

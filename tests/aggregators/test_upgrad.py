@@ -5,6 +5,7 @@ from scipy.optimize import minimize
 
 from lightning_mtl.aggregators import UPGrad
 from lightning_mtl.aggregators.upgrad import dual_cone_projection_weights
+from tests.helpers import badly_scaled_jacobians
 
 
 def _jac(m, n, seed):
@@ -95,3 +96,17 @@ def test_uncertified_active_set_falls_back_to_the_barrier_solver(monkeypatch):
     # zero iterations leave the start point x = lower, which is not optimal here
     monkeypatch.setattr(upgrad, "active_set_box_qp", lambda q, c, lower: (lower.clone(), torch.zeros(6, dtype=torch.bool)))
     torch.testing.assert_close(dual_cone_projection_weights(gram, u), expected, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["spread", "tiny"])
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_no_conflict_with_badly_scaled_gradients(family, m):
+    """A task 1e4..1e7 times smaller than the others (or norms over 1e-3..1e3) is not swamped by the
+    regularisation: ``g_i . d >= 0`` to float32 round-off, relative to the scale of each task."""
+    for seed in range(4):
+        jac = badly_scaled_jacobians(m, seed)[family].double()
+        w = UPGrad()(jac @ jac.T).double()
+        norms = jac.norm(dim=1)
+        slack = jac @ (w @ jac) / (norms * (w.abs() @ norms))
+        assert slack.min() >= -1e-6, (seed, slack)
+
