@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
-from lightning_mtl.aggregators._solvers import as_weights
-from lightning_mtl.aggregators.base import GramianWeighting
 from lightning_mtl.aggregators.registry import register_aggregator
-from lightning_mtl.aggregators.upgrad import dual_cone_projection_weights, preference_weights, trace_normalized
+from lightning_mtl.aggregators.upgrad import DualConeWeighting, dual_cone_projection_weights
 
 __all__ = ["DualProj"]
 
 
 @register_aggregator("dualproj", "dual_proj")
-class DualProj(GramianWeighting):
+class DualProj(DualConeWeighting):
     """Projection of the (preference-weighted) mean gradient onto the dual cone (DualProj).
 
     Quinton, P. and Rey, V. "Jacobian Descent for Multi-Objective Optimization." arXiv:2406.16232,
@@ -38,21 +34,6 @@ class DualProj(GramianWeighting):
         norm_eps: below this trace the Gramian is treated as zero (the weights are then ``p``).
     """
 
-    def __init__(
-        self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-10, norm_eps: float = 1e-30
-    ) -> None:
-        super().__init__()
-        if pref_vector is not None and any(p < 0 for p in pref_vector):
-            raise ValueError("DualProj pref_vector must be non-negative")
-        self.pref_vector = None if pref_vector is None else [float(p) for p in pref_vector]
-        self.reg_eps = float(reg_eps)
-        self.norm_eps = float(norm_eps)
-
-    def forward(self, gramian: Tensor) -> Tensor:
-        g_n = trace_normalized(gramian, self.norm_eps)
-        pref = preference_weights(self.pref_vector, g_n.shape[0], g_n, "DualProj")
-        v = dual_cone_projection_weights(g_n, pref.unsqueeze(0), self.reg_eps)
-        return as_weights(v[0], gramian)
-
-    def hparams_for_repr(self) -> dict[str, object]:
-        return {"pref_vector": self.pref_vector, "reg_eps": self.reg_eps}
+    def weights(self, g_n: Tensor, pref: Tensor) -> Tensor:
+        # one projection, of the preference-weighted mean (u = p)
+        return dual_cone_projection_weights(g_n, pref.unsqueeze(0), self.reg_eps)[0]

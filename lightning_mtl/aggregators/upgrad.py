@@ -89,8 +89,40 @@ def preference_weights(pref_vector: list[float] | None, m: int, like: Tensor, me
     return torch.tensor(pref_vector, dtype=like.dtype, device=like.device)
 
 
+class DualConeWeighting(GramianWeighting):
+    """What UPGrad and DualProj share: preference weights ``p`` and the dual-cone projection's settings.
+
+    Args:
+        pref_vector: preference weights ``p`` (non-negative, one per task); ``None`` gives ``1/m``.
+        reg_eps: added to the diagonal of the Gramian, times each task's ``G_ii``.
+        norm_eps: below this trace the Gramian is treated as zero (the weights are then ``p``).
+    """
+
+    def __init__(
+        self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-10, norm_eps: float = 1e-30
+    ) -> None:
+        super().__init__()
+        if pref_vector is not None and any(p < 0 for p in pref_vector):
+            raise ValueError(f"{type(self).__name__} pref_vector must be non-negative")
+        self.pref_vector = None if pref_vector is None else [float(p) for p in pref_vector]
+        self.reg_eps = float(reg_eps)
+        self.norm_eps = float(norm_eps)
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        g_n = trace_normalized(gramian, self.norm_eps)
+        pref = preference_weights(self.pref_vector, g_n.shape[0], g_n, type(self).__name__)
+        return as_weights(self.weights(g_n, pref), gramian)
+
+    def weights(self, g_n: Tensor, pref: Tensor) -> Tensor:
+        """The weights ``w`` (``d = J^T w``) from the trace-normalised Gramian and the preferences."""
+        raise NotImplementedError
+
+    def hparams_for_repr(self) -> dict[str, object]:
+        return {"pref_vector": self.pref_vector, "reg_eps": self.reg_eps}
+
+
 @register_aggregator("upgrad")
-class UPGrad(GramianWeighting):
+class UPGrad(DualConeWeighting):
     """Unconflicting projection of gradients (UPGrad).
 
     Quinton, P. and Rey, V. "Jacobian Descent for Multi-Objective Optimization." arXiv:2406.16232,
@@ -118,21 +150,6 @@ class UPGrad(GramianWeighting):
         norm_eps: below this trace the Gramian is treated as zero (the weights are then ``p``).
     """
 
-    def __init__(
-        self, pref_vector: Sequence[float] | None = None, reg_eps: float = 1e-10, norm_eps: float = 1e-30
-    ) -> None:
-        super().__init__()
-        if pref_vector is not None and any(p < 0 for p in pref_vector):
-            raise ValueError("UPGrad pref_vector must be non-negative")
-        self.pref_vector = None if pref_vector is None else [float(p) for p in pref_vector]
-        self.reg_eps = float(reg_eps)
-        self.norm_eps = float(norm_eps)
-
-    def forward(self, gramian: Tensor) -> Tensor:
-        g_n = trace_normalized(gramian, self.norm_eps)
-        pref = preference_weights(self.pref_vector, g_n.shape[0], g_n, "UPGrad")
-        v = dual_cone_projection_weights(g_n, torch.diag(pref), self.reg_eps)
-        return as_weights(v.sum(0), gramian)
-
-    def hparams_for_repr(self) -> dict[str, object]:
-        return {"pref_vector": self.pref_vector, "reg_eps": self.reg_eps}
+    def weights(self, g_n: Tensor, pref: Tensor) -> Tensor:
+        # one projection per task gradient (u = p_i e_i), summed
+        return dual_cone_projection_weights(g_n, torch.diag(pref), self.reg_eps).sum(0)
