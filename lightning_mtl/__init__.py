@@ -32,6 +32,8 @@ from lightning_mtl.callbacks import (  # noqa: E402
     GradientConflictMonitor,
     KNNMonitor,
     OnlineLinearProbe,
+    RunSummary,
+    TaskPredictionWriter,
 )
 from lightning_mtl.datamodules import (  # noqa: E402
     CIFAR10,
@@ -131,6 +133,7 @@ __all__ = [
     "ResNetDilated",
     "ResizeMix",
     "RhoSchedule",
+    "RunSummary",
     "SAM",
     "SSLAugmentation",
     "STL10",
@@ -141,6 +144,7 @@ __all__ = [
     "SurfaceNormalTask",
     "TabularMultiTask",
     "Task",
+    "TaskPredictionWriter",
     "TextMultiTask",
     "ThreeSampleMixup",
     "TimmEncoder",

@@ -1,4 +1,4 @@
-"""The command line: ``python -m lightning_mtl {fit,validate,test,predict} --config ...``.
+"""The command line: ``python -m lightning_mtl {fit,validate,test,predict} --config ...`` and ``... report``.
 
 A :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode for model and data, so configs pick
 any LightningModule / LightningDataModule by class path, or by short name for everything this
@@ -7,17 +7,40 @@ package exports (importing the package registers the names).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    Checkpoint,
+    EarlyStopping,
+    LearningRateMonitor,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from jsonargparse import lazy_instance
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from jsonargparse import ArgumentParser, lazy_instance
 
 import lightning_mtl  # noqa: F401  (registers every short class name)
 from lightning_mtl import __version__
-from lightning_mtl.callbacks import BestMetricsSummary
+from lightning_mtl.callbacks import BestMetricsSummary, RunSummary, TaskPredictionWriter
+
+DESCRIPTION = (
+    "lightning-mtl: multi-task gradient aggregators, sharpness-aware training, mixup, self-supervised and "
+    "continual learning as PyTorch Lightning plugins. Pick a module and a data module by class path or short "
+    "name in a YAML config (--config, repeatable), override any key on the command line."
+)
+# the listing's one-line help per subcommand (Lightning's is the first line of the Trainer method's
+# docstring, cut mid-sentence)
+SUBCOMMAND_HELP = {
+    "fit": "Train (and validate) the model; --test_after_fit true tests the best checkpoint afterwards.",
+    "validate": "Run one pass over the validation set and log its metrics.",
+    "test": "Run one pass over the test set (--ckpt_path picks the weights) and log its metrics.",
+    "predict": "Predict on the data module's predict set and write predictions.pt into the run folder.",
+    "report": "Compare finished runs: per-task metrics and Delta m % as Markdown, CSV and a chart.",
+}
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -34,9 +57,58 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 logger.experiment.config.update(resolved, allow_val_change=True)
 
 
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model.aggregator": "ls", "model.optimizer": "torch.optim.Adam", "model.optimizer.lr": 0.002, ...}``:
+    one key per leaf, a class's path under its own key and its arguments below it (``init_args`` left out)."""
+    out: dict[str, Any] = {}
+    if "class_path" in config:
+        out[prefix] = config["class_path"]
+        for key in ("init_args", "dict_kwargs"):
+            out.update(flat_config(config.get(key) or {}, prefix))
+        return out
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flat_config(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+class ConfigHyperparameters(pl.Callback):
+    """Logs the flat resolved config as hyper-parameters (TensorBoard's HParams tab, CSV's ``hparams.yaml``)
+    once per run, after Lightning logged the module's own; TensorBoard also gets the main metrics, to pair
+    them with each run (their initial value is NaN: no fake point on the curves). W&B gets the nested config
+    from :class:`LoggerSaveConfigCallback` instead."""
+
+    def __init__(self, params: dict[str, Any], metrics: list[str]) -> None:
+        self.params = params
+        self.metrics = metrics
+        self._logged = False
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        if self._logged or not trainer.is_global_zero:
+            return
+        self._logged = True
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.params, metrics={key: float("nan") for key in self.metrics})
+            elif not isinstance(logger, WandbLogger):
+                logger.log_hyperparams(self.params)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer)
+
+
 class MultiTaskCLI(LightningCLI):
     """LightningCLI with the package's defaults: CSV logging, rich progress bar, best-metric summary,
-    an optional test run after ``fit`` (``--test_after_fit true``), and ``--version``."""
+    an optional test run after ``fit`` (``--test_after_fit true``), and ``--version``; every run also
+    gets a :class:`~lightning_mtl.callbacks.RunSummary`, the flat config as hyper-parameters, a
+    ``LearningRateMonitor`` when it logs, and ``predict`` a
+    :class:`~lightning_mtl.callbacks.TaskPredictionWriter`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -62,6 +134,48 @@ class MultiTaskCLI(LightningCLI):
             help="After `fit`, run `test` with the best checkpoint (or the last weights) and print its metrics.",
         )
 
+    def _setup_parser_kwargs(self, parser_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        main_kwargs, subparser_kwargs = super()._setup_parser_kwargs(parser_kwargs)
+        main_kwargs.setdefault("prog", "lightning-mtl")
+        main_kwargs.setdefault("description", DESCRIPTION)
+        for name in self.subcommands():
+            subparser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
+        return main_kwargs, subparser_kwargs
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        for choice in action._choices_actions:
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        # listed only: `main` hands `report ...` to lightning_mtl.report before this parser sees it
+        action.add_subcommand("report", ArgumentParser(add_help=False), help=SUBCOMMAND_HELP["report"])
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        self._add_default_callbacks(trainer)
+        return trainer
+
+    def _add_default_callbacks(self, trainer: pl.Trainer) -> None:
+        """The run summary, the config as hyper-parameters, the learning rate and the prediction writer,
+        each unless the run brings its own; inserted before the checkpoint callbacks, which Lightning runs last."""
+        import yaml
+
+        config = self.config.get(str(self.subcommand), self.config)
+        resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=True, format="yaml")) or {}
+        params = flat_config(resolved)
+        params.pop("config", None)  # the paths of the config files, not a fact of the run
+        present = trainer.callbacks
+        monitors = [c.monitor for c in present if isinstance(c, (Checkpoint, EarlyStopping)) and getattr(c, "monitor", None)]
+        extra: list[pl.Callback] = [ConfigHyperparameters(params, list(dict.fromkeys(monitors)) or ["val/loss"])]
+        if not any(isinstance(c, RunSummary) for c in present):
+            extra.append(RunSummary(config={"subcommand": self.subcommand, **params}))
+        if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in present):
+            extra.append(LearningRateMonitor())
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in present):
+            extra.append(TaskPredictionWriter())
+        at = next((i for i, c in enumerate(present) if isinstance(c, Checkpoint)), len(present))
+        present[at:at] = extra
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> pl.Trainer:
         # The rich progress bar is the default, but only when the run wants a bar and has none of its
         # own (a bar in `trainer.defaults` would clash with `enable_progress_bar: false`).
@@ -81,9 +195,15 @@ class MultiTaskCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
-def main(args: list[str] | None = None) -> MultiTaskCLI:
-    """Entry point of ``python -m lightning_mtl`` and of the ``lightning-mtl`` script."""
-    return MultiTaskCLI(args=args)
+def main(args: list[str] | None = None, prog: str = "lightning-mtl") -> Any:
+    """Entry point of ``python -m lightning_mtl`` and of the ``lightning-mtl`` script: ``report ...`` goes to
+    :func:`lightning_mtl.report.main` (returns the written paths), anything else to :class:`MultiTaskCLI`."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        from lightning_mtl.report import main as report_main
+
+        return report_main(argv[1:], prog=f"{prog} report")
+    return MultiTaskCLI(args=args, parser_kwargs={"prog": prog})
 
 
-__all__ = ["LoggerSaveConfigCallback", "MultiTaskCLI", "main"]
+__all__ = ["ConfigHyperparameters", "LoggerSaveConfigCallback", "MultiTaskCLI", "flat_config", "main"]

@@ -5,9 +5,12 @@
     python -m lightning_mtl.report runs/nyuv2_pcgrad runs/nyuv2_mgda \\
         --baselines runs/nyuv2_single_segmentation runs/nyuv2_single_depth runs/nyuv2_single_normal --out report/
 
-A run folder is anything holding a CSV logger's ``metrics.csv`` (``<save_dir>/<name>/version_<k>/``) or a
-W&B offline run (``wandb/offline-run-*/files/wandb-summary.json``); a folder with several runs inside
-yields one row per run. Of the logged keys ``<stage>/<task>/<metric>`` the report keeps the last value
+A run folder is anything holding ``run_summary.json`` (written by
+:class:`~lightning_mtl.callbacks.RunSummary` into every CLI run's folder, whatever the logger: CSV,
+TensorBoard, W&B), a CSV logger's ``metrics.csv`` (``<save_dir>/<name>/version_<k>/``, older runs) or a
+W&B run's ``wandb-summary.json``; a folder with several runs inside yields one row per run, labelled by
+the shortest trailing path that tells it apart from the other rows. Runs without metrics of the stage
+(failed or unfinished ones) are left out with a note. Of the logged keys ``<stage>/<task>/<metric>`` the report keeps the last value
 (``--stage test`` by default, falling back to ``val`` for a run without test metrics); losses and the
 ``mean`` pseudo-task are left out.
 
@@ -16,7 +19,9 @@ Single-task runs given with ``--baselines`` provide ``B_tk`` for Delta m % (Mani
 the metrics of this package's tasks (``acc``, ``f1``, ``miou``, ``pixel_acc``, ``within_*`` higher; errors
 and angles lower); ``--higher NAME`` marks further metric names as higher-is-better.
 
-Writes ``report.md``, ``report.csv`` and ``report.png`` (Delta m % per run, then one panel per metric).
+Writes ``report.md``, ``report.csv`` and ``report.png`` (Delta m % per run, then one panel per metric: a
+dot per run on an axis spanning the values, with the value beside it; the chart needs matplotlib and is
+left out, with a warning, without it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import csv
 import json
 import math
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +64,7 @@ class Run:
     name: str
     source: str
     values: dict[str, float] = field(default_factory=dict)
+    folder: str = ""  # the run's folder, to tell apart runs whose labels coincide
 
     def task_metrics(self, stage: str) -> dict[str, dict[str, float]]:
         """``{task: {metric: value}}`` for ``stage`` (``mean`` and losses left out)."""
@@ -94,8 +102,20 @@ def _read_csv(path: Path) -> dict[str, float]:
 def _read_wandb(path: Path) -> dict[str, float]:
     """Numeric top-level entries of a W&B ``wandb-summary.json``."""
     with open(path) as f:
-        summary = json.load(f)
+        return _read_wandb_values(json.load(f))
+
+
+def _read_summary(path: Path) -> dict[str, float]:
+    """The final metrics of a ``run_summary.json`` (see :class:`~lightning_mtl.callbacks.RunSummary`)."""
+    with open(path) as f:
+        return _read_wandb_values(json.load(f).get("metrics", {}))
+
+
+def _read_wandb_values(summary: dict[str, object]) -> dict[str, float]:
     return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+_SOURCES = ("run_summary.json", "metrics.csv", "wandb-summary.json")  # by preference, one per run folder
 
 
 def find_runs(path: str | os.PathLike[str]) -> list[Run]:
@@ -103,30 +123,52 @@ def find_runs(path: str | os.PathLike[str]) -> list[Run]:
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"run folder {root} does not exist")
-    if root.is_file():
-        files = [root]
-    else:
-        files = sorted(root.rglob("metrics.csv")) + sorted(root.rglob("wandb-summary.json"))
+    found: dict[Path, Path] = {root.parent: root} if root.is_file() else {}
+    for file in [] if root.is_file() else sorted(f for name in _SOURCES for f in root.rglob(name)):
+        folder = file.parent
+        if file.name == "wandb-summary.json" and folder.name == "files":  # wandb/<run>/files/wandb-summary.json
+            folder = folder.parent
+        if folder not in found or _SOURCES.index(file.name) < _SOURCES.index(found[folder].name):
+            found[folder] = file
     runs = []
-    for file in files:
-        if file.name == "metrics.csv":
-            values, folder = _read_csv(file), file.parent
+    for folder, file in sorted(found.items()):
+        if file.name == "run_summary.json":
+            values = _read_summary(file)
+        elif file.suffix == ".csv":
+            values = _read_csv(file)
         else:
-            values, folder = _read_wandb(file), file.parent
-            if folder.name == "files":  # wandb/offline-run-<time>-<id>/files/wandb-summary.json
-                folder = folder.parent
+            values = _read_wandb(file)
         try:
             relative = folder.relative_to(root)
             label = root.name if str(relative) == "." else f"{root.name}/{relative}"
         except ValueError:
             label = folder.name
-        runs.append(Run(label, str(file), values))
+        runs.append(Run(label, str(file), values, str(folder.resolve())))
     if not runs:
         raise FileNotFoundError(
-            f"no run found under {root}: expected a CSV logger's metrics.csv or a W&B offline run "
-            "(wandb/offline-run-*/files/wandb-summary.json)"
+            f"no run found under {root}: expected a run_summary.json (any run of `python -m lightning_mtl`), "
+            "a CSV logger's metrics.csv or a W&B offline run (wandb/offline-run-*/files/wandb-summary.json)"
         )
     return runs
+
+
+def _distinct_names(runs: Sequence[Run]) -> list[str]:
+    """The runs' labels, each colliding one lengthened by its parent folders until all differ."""
+    names = [run.name for run in runs]
+    while True:
+        seen: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            seen.setdefault(name, []).append(i)
+        clashes = [i for group in seen.values() if len(group) > 1 for i in group]
+        grown = False
+        for i in clashes:
+            parts = Path(runs[i].folder).parts if runs[i].folder else ()
+            depth = len(Path(names[i]).parts)
+            if len(parts) > depth:
+                names[i] = str(Path(*parts[len(parts) - depth - 1 :]))
+                grown = True
+        if not grown:
+            return names
 
 
 def _baseline_values(baselines: Sequence[Run], stage: str) -> dict[str, dict[str, float]]:
@@ -148,11 +190,12 @@ def build_rows(
     base = _baseline_values(baselines, stage)
     rows: list[dict[str, object]] = []
     columns: list[str] = []
+    names = dict(zip(map(id, [*baselines, *runs]), _distinct_names([*baselines, *runs])))
     for kind, group in (("single-task", baselines), ("multi-task", runs)):
         for run in group:
             used = run.stage(stage)
             metrics = run.task_metrics(used)
-            row: dict[str, object] = {"run": run.name, "kind": kind, "stage": used}
+            row: dict[str, object] = {"run": names[id(run)], "kind": kind, "stage": used}
             for task in sorted(metrics):
                 for metric in sorted(metrics[task]):
                     key = f"{task}/{metric}"
@@ -178,7 +221,8 @@ def _fmt(value: object) -> str:
 
 
 def write_report(columns: list[str], rows: list[dict[str, object]], out: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``; returns their paths."""
+    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``; returns their paths (no ``png``
+    without matplotlib)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = ["run", "kind", "stage", *columns]
@@ -192,46 +236,102 @@ def write_report(columns: list[str], rows: list[dict[str, object]], out: str | o
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in header) + " |" for row in rows]
     paths["md"].write_text("\n".join(lines) + "\n")
-    _plot(columns, rows, paths["png"])
+    figure = _figure(columns, rows)
+    if figure is None:
+        del paths["png"]
+    else:
+        figure.savefig(paths["png"], dpi=110)
     return paths
 
 
-def _plot(columns: list[str], rows: list[dict[str, object]], path: Path) -> None:
-    try:
-        import matplotlib
+_SINGLE, _MULTI, _BETTER, _WORSE = "#9aa5b1", "#3b7dd8", "#2e9e5b", "#d0473c"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("the report's chart needs matplotlib: pip install \"lightning-mtl[plots]\" (or matplotlib)") from error
+
+def _span(values: Sequence[float], include: float | None = None) -> tuple[float, float]:
+    """An axis range around ``values`` (and ``include``) with room for the value labels: the differences
+    between runs, not the distance from zero, fill the panel."""
+    low, high = min(values), max(values)
+    if include is not None:
+        low, high = min(low, include), max(high, include)
+    pad = (high - low) * 0.15 or max(abs(high) * 0.05, 1e-3)
+    return low - pad, high + pad * 2.5  # more room on the right, where the labels go
+
+
+def _figure(columns: list[str], rows: list[dict[str, object]]):  # -> matplotlib.figure.Figure | None
+    """The chart: one panel per column, a dot per run with its value, or ``None`` without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401  (first: an absent package fails here, not halfway through the drawing)
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError:
+        warnings.warn(
+            "the report's chart needs matplotlib (pip install \"lightning-mtl[plots]\"); report.png is not written",
+            stacklevel=3,
+        )
+        return None
     panels = (["delta_m"] if "delta_m" in columns else []) + [c for c in columns if c != "delta_m"][:11]
     cols = min(3, max(1, len(panels)))
     nrows = math.ceil(len(panels) / cols) or 1
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    height = max(2.4, 0.8 + 0.32 * len(rows))
+    fig = Figure(figsize=(5.2 * cols, height * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, column in zip(axes.flat, panels):
-        shown = [r for r in rows if isinstance(r.get(column), float)]
+        shown = [r for r in rows if isinstance(r.get(column), float) and not math.isnan(r[column])]  # type: ignore[arg-type]
+        if not shown:
+            ax.axis("off")
+            continue
         names = [str(r["run"]) for r in shown]
         values = [float(r[column]) for r in shown]  # type: ignore[arg-type]
-        colors = ["#9aa5b1" if r["kind"] == "single-task" else "#3b7dd8" for r in shown]
+        y = list(range(len(values)))[::-1]  # first row on top, as in the table
         if column == "delta_m":
-            colors = ["#2e9e5b" if v < 0 else "#d0473c" for v in values]
-        ax.bar(range(len(values)), values, color=colors)
-        ax.set_xticks(range(len(values)), names, rotation=30, ha="right", fontsize=7)
-        ax.set_title("Delta m % (lower is better)" if column == "delta_m" else column, fontsize=9)
-        if column == "delta_m":
-            ax.axhline(0.0, color="black", linewidth=0.8)
+            colors = [_BETTER if v < 0 else _WORSE for v in values]
+            handles = [("better than single-task (< 0)", _BETTER), ("worse than single-task (> 0)", _WORSE)]
+            ax.axvline(0.0, color="black", linewidth=0.8)
+            ax.set_xlim(*_span(values, include=0.0))
+            ax.set_title("Delta m % (lower is better)", fontsize=9)
+            ax.set_xlabel("Delta m % vs single-task runs", fontsize=8)
+        else:
+            colors = [_SINGLE if r["kind"] == "single-task" else _MULTI for r in shown]
+            handles = [("single-task run", _SINGLE), ("multi-task run", _MULTI)]
+            ax.set_xlim(*_span(values))
+            ax.set_title(column, fontsize=9)
+            metric = column.rsplit("/", 1)[-1]
+            direction = {True: " (higher is better)", False: " (lower is better)"}.get(_direction(metric), "")
+            ax.set_xlabel(f"{column}{direction}", fontsize=8)
+        ax.hlines(y, ax.get_xlim()[0], values, color="#d9dde2", linewidth=1.0, zorder=1)
+        ax.scatter(values, y, color=colors, s=36, zorder=2)
+        for value, row in zip(values, y):
+            ax.annotate(_fmt(value), (value, row), xytext=(5, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.set_yticks(y, names, fontsize=7)
+        ax.set_ylim(-0.6, len(values) - 0.4)
+        ax.set_ylabel("run", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", color="#eeeeee", linewidth=0.6)
+        ax.legend(
+            [Line2D([], [], marker="o", linestyle="", color=c) for _, c in handles],
+            [label for label, _ in handles],
+            fontsize=6,
+            loc="best",
+        )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+def _direction(metric: str) -> bool | None:
+    try:
+        return higher_is_better(metric)
+    except ValueError:
+        return None
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m lightning_mtl report") -> dict[str, Path]:
+    """``report RUN ... --out DIR``: print the Markdown table and write the files; returns their paths."""
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_mtl report",
-        description="Per-task metrics and Delta m %% of runs (CSV logger or W&B offline folders): "
-        "writes report.md, report.csv and report.png.",
+        prog=prog,
+        description="Per-task metrics and Delta m % of runs (folders of `python -m lightning_mtl` runs with any "
+        "logger, CSV logger or W&B offline runs): writes report.md, report.csv and report.png.",
     )
     parser.add_argument("runs", nargs="+", help="run folders (multi-task runs)")
     parser.add_argument("--baselines", nargs="*", default=[], help="single-task run folders for Delta m %%")
@@ -239,13 +339,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--stage", choices=("test", "val"), default="test", help="which logged metrics to report")
     parser.add_argument("--higher", nargs="*", default=[], help="further metric names where higher is better")
     args = parser.parse_args(argv)
-    runs = [run for path in args.runs for run in find_runs(path)]
-    baselines = [run for path in args.baselines for run in find_runs(path)]
+    runs = _with_metrics([run for path in args.runs for run in find_runs(path)], args.stage)
+    baselines = _with_metrics([run for path in args.baselines for run in find_runs(path)], args.stage)
+    if not runs:
+        raise SystemExit(f"no run under {' '.join(args.runs)} has {args.stage} or val metrics to report")
     columns, rows = build_rows(runs, baselines, stage=args.stage, extra_higher=args.higher)
     paths = write_report(columns, rows, args.out)
     print(paths["md"].read_text(), end="")
-    print(f"wrote {paths['md']}, {paths['csv']} and {paths['png']}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths
+
+
+def _with_metrics(runs: list[Run], stage: str) -> list[Run]:
+    """The runs with task metrics for ``stage`` (or the fallback stage); a note on stderr for each other."""
+    kept = []
+    for run in runs:
+        if run.task_metrics(run.stage(stage)):
+            kept.append(run)
+        else:
+            print(f"skipped {run.name}: no {stage} or val metrics in {run.source} (a failed or unfinished run?)",
+                  file=sys.stderr)  # fmt: skip
+    return kept
 
 
 if __name__ == "__main__":

@@ -118,3 +118,56 @@ def test_the_package_entry_dispatches_report(tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (out / "report.md").read_text().startswith("| run |")
+
+
+def test_chart_reads_close_values_labels_them_and_names_every_row_apart(tmp_path):
+    """Two runs 0.9475 and 0.961 apart on the axis, value labels, axis labels, a legend, and rows from different
+    folders that share `quickstart/version_0` told apart by their parent folders."""
+    _csv_run(tmp_path / "a" / "quickstart" / "version_0", [{"test/left/acc": 0.9475}])
+    _csv_run(tmp_path / "b" / "quickstart" / "version_0", [{"test/left/acc": 0.961}])
+    _csv_run(tmp_path / "single" / "quickstart" / "version_0", [{"test/left/acc": 0.95}])
+    runs = find_runs(tmp_path / "a" / "quickstart") + find_runs(tmp_path / "b" / "quickstart")
+    columns, rows = build_rows(runs, find_runs(tmp_path / "single" / "quickstart"))
+    names = [r["run"] for r in rows]
+    assert len(set(names)) == len(names) == 3
+    assert {"a/quickstart/version_0", "b/quickstart/version_0"} <= set(names)
+    from lightning_mtl.report import _figure
+
+    fig = _figure(columns, rows)
+    acc = next(ax for ax in fig.axes if ax.get_title() == "left/acc")
+    low, high = sorted(acc.get_xlim())
+    assert low > 0.5  # not from zero: 0.9475 and 0.961 are far apart on the axis
+    assert low <= 0.9475 and high >= 0.961 and (0.961 - 0.9475) / (high - low) > 0.5
+    assert acc.get_xlabel() and acc.get_ylabel()
+    texts = {t.get_text() for t in acc.texts}
+    assert {"0.9475", "0.9610", "0.9500"} <= texts
+    legend = acc.get_legend() or fig.legends[0]
+    assert {t.get_text() for t in legend.get_texts()} >= {"single-task run", "multi-task run"}
+    assert {t.get_text() for t in acc.get_yticklabels()} == set(names)
+
+
+def test_runs_without_metrics_are_skipped_with_a_note(tmp_path, capsys):
+    _fixture(tmp_path)
+    _csv_run(tmp_path / "pcgrad" / "version_1", [{"epoch": 0, "step": 3, "train/seg/loss": 1.0}])  # failed early
+    paths = main([str(tmp_path / "pcgrad"), "--out", str(tmp_path / "out")])
+    markdown = paths["md"].read_text().splitlines()
+    assert len(markdown) == 2 + 1 and "version_1" not in paths["md"].read_text()
+    assert "skipped pcgrad/version_1" in capsys.readouterr().err
+
+
+def test_report_help_shows_one_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Delta m %" in out and "%%" not in out
+
+
+def test_without_matplotlib_the_tables_are_written_and_one_warning_says_why(tmp_path, monkeypatch):
+    import sys
+
+    _fixture(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.warns(UserWarning, match="matplotlib") as record:
+        paths = main([str(tmp_path / "pcgrad"), "--out", str(tmp_path / "out")])
+    assert len([w for w in record if "matplotlib" in str(w.message)]) == 1
+    assert paths["md"].is_file() and paths["csv"].is_file() and "png" not in paths
