@@ -7,6 +7,7 @@ package exports (importing the package registers the names).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -44,8 +45,34 @@ SUBCOMMAND_HELP = {
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Saves the resolved config beside the run (overwriting, so re-runs into a folder work) and
-    sends it to every W&B run as its config."""
+    """Gives every run a folder of its own, saves the resolved config there (never over an earlier
+    run's), points the checkpoints there, and sends the config to every W&B run as its config.
+
+    The run folder is the logger's versioned folder (``<save_dir>/<name>/version_<n>`` for CSV and
+    TensorBoard, ``<save_dir>/<project>/<run id>`` for W&B), and ``runs/lightning_logs/version_<n>``
+    without a logger; a new ``version_<n>`` is claimed with an atomic ``mkdir``, so concurrent runs
+    never share one. A fixed logger version whose folder already holds a run is refused."""
+
+    run_dir: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        claimed = _claim_run_dir(trainer) if trainer.is_global_zero else None
+        run_dir, error = trainer.strategy.broadcast(claimed)
+        if error:
+            raise RuntimeError(error)
+        self.run_dir = run_dir
+        for checkpoint in trainer.checkpoint_callbacks:
+            if getattr(checkpoint, "dirpath", "") is None:  # not chosen by the user
+                checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+        if not trainer.loggers:
+            trainer._default_root_dir = run_dir  # so trainer.log_dir is the run folder too
+        if trainer.is_global_zero:
+            self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False,
+                             multifile=self.multifile)  # fmt: skip
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         config = self.parser.dump(self.config, skip_none=False, format="yaml")
@@ -103,6 +130,43 @@ class ConfigHyperparameters(pl.Callback):
         self._log(trainer)
 
 
+def _claim_run_dir(trainer: pl.Trainer) -> tuple[str, str | None]:
+    """This run's folder (created) and, when it already holds an earlier run, the error to raise."""
+    if not trainer.loggers:
+        return _claim_version(os.path.join(trainer.default_root_dir, "runs", "lightning_logs")), None
+    logger = trainer.loggers[0]
+    if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger._version is None:
+        # claim the next free version_<n> ourselves: the logger's own pick lists the folder, which
+        # two runs starting together can both read before either writes
+        run_dir = _claim_version(logger.root_dir)
+        logger._version = int(os.path.basename(run_dir).removeprefix("version_"))
+        return run_dir, None
+    logger.experiment  # noqa: B018  (W&B and the like choose their run id when the run starts)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    run_dir = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if os.path.isfile(os.path.join(run_dir, "config.yaml")) or (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        return run_dir, (
+            f"{run_dir} already holds an earlier run, which this run would overwrite: give the logger a new "
+            "version (trainer.logger.init_args.version, or a new W&B id) or leave it unset for a fresh folder"
+        )
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir, None
+
+
+def _claim_version(root: str) -> str:
+    """Create ``root/version_<n>`` for the first free n (``mkdir`` fails on a taken name, atomically)."""
+    os.makedirs(root, exist_ok=True)
+    taken = [int(d.removeprefix("version_")) for d in os.listdir(root) if d.removeprefix("version_").isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(os.path.join(root, f"version_{n}"))
+            return os.path.join(root, f"version_{n}")
+        except FileExistsError:
+            n += 1
+
+
 class MultiTaskCLI(LightningCLI):
     """LightningCLI with the package's defaults: CSV logging, rich progress bar, best-metric summary,
     an optional test run after ``fit`` (``--test_after_fit true``), and ``--version``; every run also
@@ -114,7 +178,6 @@ class MultiTaskCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         trainer_defaults = {"logger": lazy_instance(CSVLogger, save_dir="runs")}
         trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})

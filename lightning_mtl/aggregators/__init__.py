@@ -9,6 +9,7 @@ from lightning_mtl.aggregators.rlw import RandomLossWeighting
 from lightning_mtl.aggregators.scale_invariant import ScaleInvariantLS
 from lightning_mtl.aggregators.uncertainty import UncertaintyWeighting
 from lightning_mtl.aggregators.registry import (
+    AggregatorName,
     create_aggregator,
     get_aggregator_class,
     list_aggregators,
@@ -17,6 +18,7 @@ from lightning_mtl.aggregators.registry import (
 
 __all__ = [
     "Aggregator",
+    "AggregatorName",
     "GramianWeighting",
     "JacobianAggregator",
     "DynamicWeightAverage",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable, TypeVar
 
 from lightning_mtl.aggregators.base import Aggregator
@@ -34,10 +35,53 @@ def get_aggregator_class(name: str) -> type[Aggregator]:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        known = ", ".join(list_aggregators())
-        raise ValueError(f"unknown aggregator {name!r}; known aggregators: {known}") from None
+        raise ValueError(_unknown(name)) from None
+
+
+def _unknown(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown aggregator {name!r}; {hint}known aggregators: {', '.join(list_aggregators())}"
 
 
 def create_aggregator(name: str, **kwargs: object) -> Aggregator:
     """Build an aggregator from its registered name and keyword arguments."""
     return get_aggregator_class(name)(**kwargs)
+
+
+class AggregatorName(str):
+    """A registered aggregator name (a plain ``str`` in Python; configs check it when they are parsed)."""
+
+
+def _check_name(value: str) -> AggregatorName:
+    get_aggregator_class(value)  # the one-line error with the close matches
+    return AggregatorName(value)
+
+
+def _teach_jsonargparse() -> None:
+    """Configs take the registered names wherever an aggregator class path goes (``class_path: cagrad``
+    with ``init_args``, ``--model.aggregator cagrad --model.aggregator.c 0.4``), and a bare name is
+    checked when the config is parsed. jsonargparse has no hook for names, so its class-name lookup
+    is wrapped: registered names resolve to their class, everything else is left to it."""
+    from jsonargparse import _typehints
+    from jsonargparse.typing import register_type
+
+    register_type(AggregatorName, str, _check_name)
+    lookup = _typehints.resolve_class_path_by_name
+    if getattr(lookup, "_knows_aggregator_names", False):
+        return
+
+    def resolve(cls: type | tuple[type, ...], name: str) -> str:
+        path = lookup(cls, name)  # calls back here for each type of a tuple
+        if "." in path or isinstance(cls, tuple) or not (isinstance(cls, type) and issubclass(cls, Aggregator)):
+            return path
+        if name.lower() not in _REGISTRY:
+            raise ValueError(_unknown(name))
+        found = _REGISTRY[name.lower()]
+        return f"{found.__module__}.{found.__qualname__}"
+
+    resolve._knows_aggregator_names = True  # type: ignore[attr-defined]
+    _typehints.resolve_class_path_by_name = resolve
+
+
+_teach_jsonargparse()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.aggregators import (
     Aggregator,
+    AggregatorName,
     GramianWeighting,
     LinearScalarization,
     LossWeighting,
@@ -59,8 +60,8 @@ class MultiTaskModule(pl.LightningModule):
             wrap each task's head; gradient methods aggregate over the encoder's shared parameters).
         tasks: task name -> :class:`~lightning_mtl.multitask.tasks.Task`; names must match the keys of
             the labels the data module yields.
-        aggregator: how task losses are combined: a registered name (``"ls"``) or an
-            :class:`~lightning_mtl.aggregators.Aggregator`. Linear scalarization uses each task's
+        aggregator: how task losses are combined: a registered name (``"ls"``; in configs also as a
+            ``class_path`` with ``init_args``) or an :class:`~lightning_mtl.aggregators.Aggregator`. Linear scalarization uses each task's
             ``weight`` unless it is given weights of its own.
         optimizer: optimizer factory (dependency injection from the CLI), called with the parameters.
         lr_scheduler: optional LR scheduler factory, called with the optimizer; ``ReduceLROnPlateau``
@@ -93,7 +94,7 @@ class MultiTaskModule(pl.LightningModule):
         self,
         encoder: nn.Module,
         tasks: dict[str, Task],
-        aggregator: Aggregator | str = "ls",
+        aggregator: Aggregator | AggregatorName = "ls",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         baselines: dict[str, dict[str, float]] | None = None,

@@ -38,16 +38,55 @@ def test_every_recipe_runs_through_the_cli(config):
     assert cli.trainer.global_step == 1
 
 
-def test_configs_compose_and_the_resolved_config_is_saved_twice_into_one_folder(tmp_path):
+def test_configs_compose_and_a_fixed_version_is_never_written_twice(tmp_path, capsys):
     args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "configs/loggers/csv.yaml"),
             "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--test_after_fit=false",
             "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.logger.init_args.version=fixed"]  # fmt: skip
-    for _ in range(2):  # the second run writes into the same folder: the config is overwritten, not refused
-        cli = main(args)
-    saved = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    cli = main(args)
+    config = Path(cli.trainer.log_dir) / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
     assert saved["model"]["class_path"].endswith("MultiTaskModule")
     assert saved["trainer"]["max_steps"] == 1
+    before = _snapshot(config.parent)
+    with pytest.raises(RuntimeError, match="trainer.logger.init_args.version"):  # the folder is taken: refuse
+        main(args)
+    assert _snapshot(config.parent) == before
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+SHORT_FIT = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--test_after_fit=false",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+LOGGERS = {
+    "csv": ["--config", str(ROOT / "configs/loggers/csv.yaml")],
+    "wandb": ["--config", str(ROOT / "configs/loggers/wandb.yaml")],
+    "none": ["--trainer.logger=false"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", list(LOGGERS))
+def test_two_runs_get_two_folders_and_the_first_is_untouched(tmp_path, monkeypatch, logger):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *LOGGERS[logger], *SHORT_FIT]
+    first = main(args)
+    first_dir = Path(first.trainer.checkpoint_callback.dirpath).parent
+    if logger == "wandb":
+        first.trainer.logger.experiment.finish()
+    before = _snapshot(first_dir)
+    second = main(args)
+    second_dir = Path(second.trainer.checkpoint_callback.dirpath).parent
+    if logger == "wandb":
+        second.trainer.logger.experiment.finish()
+    assert first_dir.resolve() != second_dir.resolve()
+    for run_dir in (first_dir, second_dir):
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+        assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert not list(Path.cwd().glob("*.yaml")) and not (Path.cwd() / "checkpoints").exists()
+    assert _snapshot(first_dir) == before
 
 
 def test_print_config_and_version(capsys):
@@ -149,3 +188,28 @@ def test_the_console_script_entry_runs_the_report(tmp_path):
     (run / "metrics.csv").write_text("test/left/acc,test/right/acc\n0.5,0.75\n")
     paths = main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")])
     assert "| run/version_0 | multi-task | test | 0.5000 | 0.7500 |" in paths["md"].read_text()
+
+
+def test_aggregator_short_names_take_init_args_like_class_paths(tmp_path):
+    from lightning_mtl.aggregators import CAGrad
+    from lightning_mtl.cli import MultiTaskCLI
+
+    base = ["--config", str(ROOT / "configs/quickstart.yaml")]
+    cli = MultiTaskCLI(args=[*base, "--model.init_args.aggregator=cagrad", "--model.init_args.aggregator.c=0.3"], run=False)
+    assert isinstance(cli.model.aggregator, CAGrad) and cli.model.aggregator.c == 0.3
+    config = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    config["model"]["init_args"]["aggregator"] = {"class_path": "cagrad", "init_args": {"c": 0.2}}
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(config))
+    cli = MultiTaskCLI(args=["--config", str(tmp_path / "short.yaml")], run=False)
+    assert isinstance(cli.model.aggregator, CAGrad) and cli.model.aggregator.c == 0.2
+
+
+def test_misspelled_aggregator_fails_when_parsed_naming_close_matches(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--model.init_args.aggregator=pcgrd",
+              "--print_config"])  # fmt: skip
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "'pcgrd'" in line)
+    assert "pcgrad" in line
+    assert "Traceback" not in err and len(err[err.index("error:"):].splitlines()) < 25  # the usage, then a short error
