@@ -7,6 +7,7 @@ package exports (importing the package registers the names).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -188,6 +189,9 @@ class MultiTaskCLI(LightningCLI):
         parser.add_argument("--version", action="version", version=f"lightning-mtl {__version__}")
         return parser
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, _with_checkpoint_config(sys.argv[1:] if args is None else args))
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(BestMetricsSummary, "best_metrics")
         parser.add_argument(
@@ -256,6 +260,31 @@ class MultiTaskCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         ckpt_path = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def _with_checkpoint_config(args: Any) -> Any:
+    """``test --ckpt_path X`` needs no config: the model and data written into a CLI run's checkpoint
+    (class paths and init args) come first, so that a config or flags given too still override them."""
+    if not isinstance(args, list) or not args or args[0] not in ("validate", "test", "predict"):
+        return args
+    flags = [a.split("=", 1)[0] for a in args]
+    if "--ckpt_path" not in flags:
+        return args
+    i = flags.index("--ckpt_path")
+    path = args[i].split("=", 1)[1] if "=" in args[i] else (args[i + 1] if i + 1 < len(args) else "")
+    if not os.path.isfile(path):
+        return args
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    given = []
+    for key, group in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+        hparams = dict(checkpoint.get(group) or {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" in hparams:  # written by the CLI (Lightning's instantiator)
+            config = {"class_path": hparams.pop("_class_path"), "init_args": hparams}
+            given += [f"--{key}", json.dumps(config)]
+    return [args[0], *given, *args[1:]]
 
 
 def main(args: list[str] | None = None, prog: str = "lightning-mtl") -> Any:

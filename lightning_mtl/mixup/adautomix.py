@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_mtl._hparams import save_init_hyperparameters
 from lightning_mtl.mixup._base import MixedBatch, mix_targets, sample_beta
 from lightning_mtl.mixup.generator import MixMaskGenerator
 from lightning_mtl.mixup.losses import soft_target_cross_entropy
@@ -150,8 +151,8 @@ class AdAutoMix(pl.LightningModule):
             raise ValueError(f"cosine_sign must be 'paper' or 'code', got {cosine_sign!r}")
         if evaluate not in ("teacher", "student", "both"):
             raise ValueError(f"evaluate must be 'teacher', 'student' or 'both', got {evaluate!r}")
-        self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler", "generator_optimizer",
-                                          "generator_lr_scheduler"], logger=False)  # fmt: skip
+        save_init_hyperparameters(self, ["encoder", "optimizer", "lr_scheduler", "generator_optimizer",
+                                         "generator_lr_scheduler"], logger=False)  # fmt: skip
         self.encoder = encoder
         dim = feature_dim or getattr(encoder, "out_features", None) or getattr(encoder, "num_features", None)
         if not isinstance(dim, int):

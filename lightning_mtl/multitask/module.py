@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_mtl._hparams import save_init_hyperparameters
 from lightning_mtl.aggregators import (
     Aggregator,
     AggregatorName,
@@ -61,8 +62,8 @@ class MultiTaskModule(pl.LightningModule):
         tasks: task name -> :class:`~lightning_mtl.multitask.tasks.Task`; names must match the keys of
             the labels the data module yields.
         aggregator: how task losses are combined: a registered name (``"ls"``; in configs also as a
-            ``class_path`` with ``init_args``) or an :class:`~lightning_mtl.aggregators.Aggregator`. Linear scalarization uses each task's
-            ``weight`` unless it is given weights of its own.
+            ``class_path`` with ``init_args``) or an :class:`~lightning_mtl.aggregators.Aggregator`.
+            Linear scalarization uses each task's ``weight`` unless it is given weights of its own.
         optimizer: optimizer factory (dependency injection from the CLI), called with the parameters.
         lr_scheduler: optional LR scheduler factory, called with the optimizer; ``ReduceLROnPlateau``
             watches ``val/loss``.
@@ -88,6 +89,10 @@ class MultiTaskModule(pl.LightningModule):
     clips the aggregated gradient; ``strategy="ddp"`` averages the Jacobian (parameter level) or
     sums the m x m Gramian (representation level) over ranks, which equals the single-process
     update on the concatenated batch. ``accumulate_grad_batches > 1`` is refused at setup.
+
+    Checkpoints of CLI runs rebuild the model alone (``MultiTaskModule.load_from_checkpoint(path)``,
+    ``test --ckpt_path path``): they hold the class paths and init args of the encoder and tasks. Built
+    in Python, pass the objects again: ``load_from_checkpoint(path, encoder=..., tasks=...)``.
     """
 
     def __init__(
@@ -117,9 +122,8 @@ class MultiTaskModule(pl.LightningModule):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
         if gradient_mode not in ("parameter", "representation"):
             raise ValueError(f"gradient_mode must be 'parameter' or 'representation', got {gradient_mode!r}")
-        self.save_hyperparameters(
-            ignore=["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler", "fmtl"], logger=False
-        )
+        injected = ["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler", "fmtl"]
+        save_init_hyperparameters(self, injected, logger=False)
         if callable(getattr(encoder, "attach", None)):
             # a multi-task architecture (MTAN, MMoE, PLE, cross-stitch, ...; lightning_mtl.architectures):
             # the encoder holds the shared parameters, its task-specific parts wrap each task's head

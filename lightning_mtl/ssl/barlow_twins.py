@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_mtl._hparams import save_init_hyperparameters
 from lightning_mtl.ssl.losses import BarlowTwinsLossTerms, barlow_twins_loss
 
 __all__ = ["BarlowTwins", "build_projector", "split_views", "warmup_cosine_factor"]
@@ -132,7 +133,7 @@ class BarlowTwins(pl.LightningModule):
             raise ValueError(f"lambda_bt must be >= 0, got {lambda_bt}")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"], logger=False)
+        save_init_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"], logger=False)
         self.backbone = backbone
         self.feature_dim = int(feature_dim) if feature_dim is not None else _infer_feature_dim(backbone)
         self.projector = build_projector(self.feature_dim, projector_hidden, embedding_dim)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_mtl._hparams import save_init_hyperparameters
 from lightning_mtl.ssl.barlow_twins import _infer_feature_dim, split_views
 
 __all__ = ["LinearEvaluation", "load_backbone_weights"]
@@ -92,7 +93,7 @@ class LinearEvaluation(pl.LightningModule):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"], logger=False)
+        save_init_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"], logger=False)
         if checkpoint_path is not None:
             load_backbone_weights(backbone, checkpoint_path, checkpoint_prefix)
         else:

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_mtl._hparams import save_init_hyperparameters
 from lightning_mtl.ssl.barlow_twins import BarlowTwins
 from lightning_mtl.ssl.losses import BarlowTwinsLossTerms, mixed_barlow_twins_loss
 
@@ -69,7 +70,7 @@ class MixedBarlowTwins(BarlowTwins):
             raise ValueError(f"mix_beta must be two positive Beta parameters, got {list(mix_beta)}")
         if reg_warmup_epochs < 0:
             raise ValueError(f"reg_warmup_epochs must be >= 0, got {reg_warmup_epochs}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"], logger=False)
+        save_init_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"], logger=False)
         self.lambda_reg = float(lambda_reg)
         self.mix_beta = (float(mix_beta[0]), float(mix_beta[1]))
         self.reg_warmup_epochs = float(reg_warmup_epochs)

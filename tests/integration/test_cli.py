@@ -38,7 +38,7 @@ def test_every_recipe_runs_through_the_cli(config):
     assert cli.trainer.global_step == 1
 
 
-def test_configs_compose_and_a_fixed_version_is_never_written_twice(tmp_path, capsys):
+def test_configs_compose_and_a_fixed_version_is_never_written_twice(tmp_path):
     args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "configs/loggers/csv.yaml"),
             "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--test_after_fit=false",
             "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
@@ -195,7 +195,8 @@ def test_aggregator_short_names_take_init_args_like_class_paths(tmp_path):
     from lightning_mtl.cli import MultiTaskCLI
 
     base = ["--config", str(ROOT / "configs/quickstart.yaml")]
-    cli = MultiTaskCLI(args=[*base, "--model.init_args.aggregator=cagrad", "--model.init_args.aggregator.c=0.3"], run=False)
+    cli = MultiTaskCLI(args=[*base, "--model.init_args.aggregator=cagrad", "--model.init_args.aggregator.c=0.3"],
+                       run=False)  # fmt: skip
     assert isinstance(cli.model.aggregator, CAGrad) and cli.model.aggregator.c == 0.3
     config = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
     config["model"]["init_args"]["aggregator"] = {"class_path": "cagrad", "init_args": {"c": 0.2}}
