@@ -367,8 +367,8 @@ class MultiTaskModule(pl.LightningModule):
         batch_size = inputs.shape[0]
         detached = losses.detach()
         logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
-        logged["train/loss"] = loss.detach()
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size, prog_bar=True)
         return closure_loss if self.uses_gradients else loss
 
     def _weighted_objective(self, terms: list[Tensor], losses: Tensor) -> Tensor:
@@ -691,8 +691,13 @@ class MultiTaskModule(pl.LightningModule):
         if self.baselines and all(m in values[t] for t, ms in self.baselines.items() for m in ms):
             logged[f"{stage}/delta_m"] = torch.tensor(delta_m(values, self.baselines, higher))
             self.metric_directions[f"{stage}/delta_m"] = False
-        if logged:
-            self.log_dict(logged, on_step=False, on_epoch=True)
+        # the progress bar shows each task's validation metrics (the bar has room for a few keys only)
+        shown = {k: v for k, v in logged.items() if stage == "val" and k.split("/")[1] in self.task_names}
+        if shown:
+            self.log_dict(shown, on_step=False, on_epoch=True, prog_bar=True)
+        rest = {k: v for k, v in logged.items() if k not in shown}
+        if rest:
+            self.log_dict(rest, on_step=False, on_epoch=True)
 
     # -- optimization ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -207,3 +207,11 @@ def test_nonfinite_loss_with_finite_inputs_and_labels_blames_the_model():
     module = tiny_module(tasks={"left": ClassificationTask(10), "right": ClassificationTask(10, head=_NanAfter(0))})
     with pytest.raises(FloatingPointError, match=r"inputs and labels are finite, so the model's outputs went"):
         module.training_step(_batch(), 0)
+
+
+def test_progress_bar_shows_the_training_loss_and_each_tasks_validation_metrics():
+    trainer = tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(tiny_module(), datamodule=tiny_multidigits())
+    shown = set(trainer.progress_bar_metrics)
+    assert {"train/loss", "val/left/acc", "val/right/acc"} <= shown
+    assert "val/mean/acc" in trainer.callback_metrics and "val/mean/acc" not in shown  # short: the tasks only
