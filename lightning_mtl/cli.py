@@ -143,16 +143,27 @@ def _claim_run_dir(trainer: pl.Trainer) -> tuple[str, str | None]:
         logger._version = int(os.path.basename(run_dir).removeprefix("version_"))
         return run_dir, None
     logger.experiment  # noqa: B018  (W&B and the like choose their run id when the run starts)
+    run_dir = _fixed_run_dir(trainer, logger)
+    error = _taken(run_dir)
+    if error is None:
+        os.makedirs(run_dir, exist_ok=True)
+    return run_dir, error
+
+
+def _fixed_run_dir(trainer: pl.Trainer, logger: Any) -> str:
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    run_dir = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+
+
+def _taken(run_dir: str) -> str | None:
+    """The error to raise when ``run_dir`` already holds a run (its config or checkpoints)."""
     checkpoints = os.path.join(run_dir, "checkpoints")
     if os.path.isfile(os.path.join(run_dir, "config.yaml")) or (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-        return run_dir, (
+        return (
             f"{run_dir} already holds an earlier run, which this run would overwrite: give the logger a new "
             "version (trainer.logger.init_args.version, or a new W&B id) or leave it unset for a fresh folder"
         )
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir, None
+    return None
 
 
 def _claim_version(root: str) -> str:
@@ -253,6 +264,16 @@ class MultiTaskCLI(LightningCLI):
         ):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A CSV or TensorBoard logger with a fixed version starts its experiment before any callback runs,
+        # and starting it deletes the metrics.csv in its folder: refuse a taken folder before the Trainer runs
+        logger = self.trainer.logger
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger._version is not None:
+            error = _taken(_fixed_run_dir(self.trainer, logger))
+            if error:
+                raise RuntimeError(error)
+        super()._run_subcommand(subcommand)
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

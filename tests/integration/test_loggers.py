@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_mtl.aggregators import get_aggregator_class
 from lightning_mtl.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +74,8 @@ def test_the_report_reads_a_run_of_every_logger(logger, tmp_path, monkeypatch):
     tracker = next(c for c in cli.trainer.callbacks if type(c).__name__ == "BestMetricsSummary")
     assert summary["best"] == pytest.approx({f"best/{k}": v for k, v in tracker.best.items()})
     config = _quickstart()["model"]["init_args"]
-    assert summary["config"]["model.aggregator"] == config["aggregator"]
+    # the short name, resolved to its class path when the config is parsed
+    assert summary["config"]["model.aggregator"].rsplit(".", 1)[-1] == get_aggregator_class(config["aggregator"]).__name__
     assert summary["config"]["model.optimizer.lr"] == config["optimizer"]["init_args"]["lr"]
 
 
@@ -90,7 +92,7 @@ def test_tensorboard_gets_the_hyperparameters_and_the_learning_rate(tmp_path):
     content = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     config = _quickstart()["model"]["init_args"]
-    assert hparams["model.aggregator"].string_value == config["aggregator"]
+    assert hparams["model.aggregator"].string_value.rsplit(".", 1)[-1] == get_aggregator_class(config["aggregator"]).__name__
     assert hparams["model.optimizer.lr"].number_value == pytest.approx(config["optimizer"]["init_args"]["lr"])
     # the HParams tab pairs each run with its main metric (the checkpoint's monitor), logged as a scalar
     monitor = _quickstart()["trainer"]["callbacks"][0]["init_args"]["monitor"]
@@ -109,7 +111,7 @@ def test_csv_hparams_hold_the_aggregator_and_the_learning_rate(tmp_path):
                 "--test_after_fit=false", *TINY])  # fmt: skip
     hparams = yaml.safe_load((Path(cli.trainer.log_dir) / "hparams.yaml").read_text())
     config = _quickstart()["model"]["init_args"]
-    assert hparams["model.aggregator"] == config["aggregator"]
+    assert hparams["model.aggregator"].rsplit(".", 1)[-1] == get_aggregator_class(config["aggregator"]).__name__
     assert hparams["model.optimizer.lr"] == config["optimizer"]["init_args"]["lr"]
     with open(Path(cli.trainer.log_dir) / "metrics.csv", newline="") as f:
         rates = [float(r["lr-Adam"]) for r in csv.DictReader(f) if r.get("lr-Adam")]
