@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -18,11 +19,13 @@ from lightning.pytorch.callbacks import (
     Checkpoint,
     EarlyStopping,
     LearningRateMonitor,
+    ModelCheckpoint,
     ProgressBar,
     RichProgressBar,
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from jsonargparse import ArgumentParser, lazy_instance
 
 import lightning_mtl  # noqa: F401  (registers every short class name)
@@ -131,6 +134,40 @@ class ConfigHyperparameters(pl.Callback):
         self._log(trainer)
 
 
+class SigtermCheckpoint(pl.Callback):
+    """On SIGTERM during ``fit`` (a cluster scheduler's pre-emption or time limit), saves a checkpoint into
+    the run's checkpoints folder and says how to resume; :class:`MultiTaskCLI` then exits with status 143
+    (128 + SIGTERM) instead of Lightning's 0, which schedulers read as success.
+
+    The checkpoint is ``last.ckpt`` of a ``ModelCheckpoint(save_last=...)`` when the run has one (it is the
+    last state), else ``sigterm.ckpt``; it is written under a temporary name and renamed, so a second signal
+    or a crash mid-write never leaves a truncated file where a good checkpoint was."""
+
+    ckpt_path: str | None = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        path = self._path(trainer)
+        partial = f"{path}.partial"
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, path)
+            print(f"Stopped by SIGTERM: saved {path}; resume with the same command and --ckpt_path {path}",
+                  flush=True)  # fmt: skip
+        self.ckpt_path = path
+
+    @staticmethod
+    def _path(trainer: pl.Trainer) -> str:
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
+                candidates = checkpoint._monitor_candidates(trainer)
+                return checkpoint.format_checkpoint_name(candidates, checkpoint.CHECKPOINT_NAME_LAST)
+        claimed = [c.run_dir for c in trainer.callbacks if isinstance(c, LoggerSaveConfigCallback) and c.run_dir]
+        run_dir = claimed[0] if claimed else (trainer.log_dir or trainer.default_root_dir)
+        return os.path.join(run_dir, "checkpoints", "sigterm.ckpt")
+
+
 def _claim_run_dir(trainer: pl.Trainer) -> tuple[str, str | None]:
     """This run's folder (created) and, when it already holds an earlier run, the error to raise."""
     if not trainer.loggers:
@@ -183,8 +220,9 @@ class MultiTaskCLI(LightningCLI):
     """LightningCLI with the package's defaults: CSV logging, rich progress bar, best-metric summary,
     an optional test run after ``fit`` (``--test_after_fit true``), and ``--version``; every run also
     gets a :class:`~lightning_mtl.callbacks.RunSummary`, the flat config as hyper-parameters, a
-    ``LearningRateMonitor`` when it logs, and ``predict`` a
-    :class:`~lightning_mtl.callbacks.TaskPredictionWriter`."""
+    ``LearningRateMonitor`` when it logs, ``predict`` a
+    :class:`~lightning_mtl.callbacks.TaskPredictionWriter`, and ``fit`` a :class:`SigtermCheckpoint`:
+    a run stopped by SIGTERM leaves a checkpoint and exits with status 143."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -251,6 +289,8 @@ class MultiTaskCLI(LightningCLI):
             extra.append(LearningRateMonitor())
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in present):
             extra.append(TaskPredictionWriter())
+        if self.subcommand == "fit" and not any(isinstance(c, SigtermCheckpoint) for c in present):
+            extra.append(SigtermCheckpoint())
         at = next((i for i, c in enumerate(present) if isinstance(c, Checkpoint)), len(present))
         present[at:at] = extra
 
@@ -273,7 +313,12 @@ class MultiTaskCLI(LightningCLI):
             error = _taken(_fixed_run_dir(self.trainer, logger))
             if error:
                 raise RuntimeError(error)
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            # Lightning stops gracefully and exits 0; by now the loggers are finalised (and a `fit`
+            # checkpoint saved), so leave with 128 + SIGTERM as a killed job would
+            sys.exit(128 + signal.SIGTERM)
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -319,4 +364,4 @@ def main(args: list[str] | None = None, prog: str = "lightning-mtl") -> Any:
     return MultiTaskCLI(args=args, parser_kwargs={"prog": prog})
 
 
-__all__ = ["ConfigHyperparameters", "LoggerSaveConfigCallback", "MultiTaskCLI", "flat_config", "main"]
+__all__ = ["ConfigHyperparameters", "LoggerSaveConfigCallback", "MultiTaskCLI", "SigtermCheckpoint", "flat_config", "main"]

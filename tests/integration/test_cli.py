@@ -214,3 +214,44 @@ def test_misspelled_aggregator_fails_when_parsed_naming_close_matches(capsys):
     line = next(line for line in err.splitlines() if "'pcgrd'" in line)
     assert "pcgrad" in line
     assert "Traceback" not in err and len(err[err.index("error:"):].splitlines()) < 25  # the usage, then a short error
+
+
+@pytest.mark.slow
+def test_sigterm_during_fit_saves_a_checkpoint_exits_143_and_the_run_resumes_from_it(tmp_path):
+    """A cluster scheduler's SIGTERM: a checkpoint in the run folder, exit status 128 + SIGTERM, and the
+    checkpoint resumes like any other."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
+    base = [sys.executable, "-m", "lightning_mtl", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+            "--test_after_fit=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1", "--data.init_args.batch_size=16",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.flush_logs_every_n_steps=1"]  # fmt: skip
+    proc = subprocess.Popen([*base, "--trainer.max_epochs=50"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = tmp_path / "quickstart" / "version_0" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while not metrics.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metrics.is_file(), proc.communicate(timeout=60)[0] if proc.poll() is not None else "training never started"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    saved = [p for p in checkpoints.iterdir() if p.suffix == ".ckpt"]
+    assert len(saved) == 1 and not [p for p in checkpoints.iterdir() if p.suffix != ".ckpt"], saved  # no temp file left
+    line = next(line for line in out.splitlines() if str(saved[0]) in line)
+    assert "--ckpt_path" in line
+    checkpoint = torch.load(saved[0], map_location="cpu", weights_only=True)
+    step = checkpoint["global_step"]
+    assert step >= 1
+    resumed = subprocess.run([*base, "--ckpt_path", str(saved[0]), f"--trainer.max_steps={step + 1}"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    last = torch.load(tmp_path / "quickstart" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)  # fmt: skip
+    assert last["global_step"] == step + 1
