@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_mtl._schedules import check_horizon
+
 __all__ = ["ContinualModule", "mask_unseen"]
 
 
@@ -149,7 +151,8 @@ class ContinualModule(pl.LightningModule):
             optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+        config = {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, config)}
 
     @staticmethod
     def mask_unseen(logits: Tensor, num_seen: Tensor | int) -> Tensor:

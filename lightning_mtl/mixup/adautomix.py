@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_mtl._hparams import save_init_hyperparameters
+from lightning_mtl._schedules import check_horizon
 from lightning_mtl.mixup._base import MixedBatch, mix_targets, sample_beta
 from lightning_mtl.mixup.generator import MixMaskGenerator
 from lightning_mtl.mixup.losses import soft_target_cross_entropy
@@ -252,12 +253,13 @@ class AdAutoMix(pl.LightningModule):
             self._generator_optimizer = self.generator_optimizer_factory(self.generator.parameters())
             if self.generator_lr_scheduler_factory is not None:
                 self._generator_scheduler = self.generator_lr_scheduler_factory(self._generator_optimizer)
+                check_horizon(self, {"scheduler": self._generator_scheduler, "interval": "step"}, "generator_lr_scheduler")
             if self._pending_generator_state is not None:
                 self._load_generator_state(self._pending_generator_state)
                 self._pending_generator_state = None
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+        return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)})}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

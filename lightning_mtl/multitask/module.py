@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mtl._hparams import save_init_hyperparameters
+from lightning_mtl._schedules import check_horizon
 from lightning_mtl.aggregators import (
     Aggregator,
     AggregatorName,
@@ -708,7 +709,7 @@ class MultiTaskModule(pl.LightningModule):
         config: dict[str, Any] = {"scheduler": scheduler}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, config)}
 
 
 def _all_mean(tensor: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mtl._hparams import save_init_hyperparameters
+from lightning_mtl._schedules import check_horizon
 from lightning_mtl.ssl.losses import BarlowTwinsLossTerms, barlow_twins_loss
 
 __all__ = ["BarlowTwins", "build_projector", "split_views", "warmup_cosine_factor"]
@@ -218,7 +219,7 @@ class BarlowTwins(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is not None:
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+            return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)})}
         if self.warmup_epochs == 0 and not self.cosine:
             return optimizer
         total = self.trainer.estimated_stepping_batches

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_mtl._hparams import save_init_hyperparameters
+from lightning_mtl._schedules import check_horizon
 from lightning_mtl.ssl.barlow_twins import _infer_feature_dim, split_views
 
 __all__ = ["LinearEvaluation", "load_backbone_weights"]
@@ -157,7 +158,7 @@ class LinearEvaluation(pl.LightningModule):
         optimizer = self.optimizer_factory(self.head.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+        return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)})}
 
 
 def _acc_name(k: int) -> str:

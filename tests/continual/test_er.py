@@ -156,3 +156,27 @@ def test_a_head_narrower_than_the_stream_is_a_clear_error():
     module = tiny()  # 6 classes; the digits stream has 10
     with pytest.raises(ValueError, match="set model.init_args.num_classes to 10"):
         tiny_trainer(max_steps=1).fit(module, datamodule=stream)
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_a_step_schedule_horizon_other_than_the_estimated_optimizer_steps_is_named_in_a_warning(extra):
+    import functools
+    import warnings
+
+    batches = [batch(num_seen=3)._replace(x=torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)))
+               for i in range(4)]  # fmt: skip
+    steps = 2 * len(batches) // 2  # two epochs of four batches, accumulated in pairs
+    module = tiny(optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+                  lr_scheduler=functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1,
+                                                 total_steps=steps + extra))  # fmt: skip
+    trainer = tiny_trainer(max_epochs=2, limit_val_batches=0, accumulate_grad_batches=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    found = [str(w.message) for w in caught if "total_steps" in str(w.message)]
+    if extra == 0:
+        assert found == []
+    else:
+        assert len(found) == 1, found
+        assert f"total_steps={steps + extra}" in found[0] and f"estimated_stepping_batches={steps}" in found[0]
+        assert "model.init_args.lr_scheduler.init_args.total_steps" in found[0]

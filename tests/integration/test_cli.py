@@ -255,3 +255,23 @@ def test_sigterm_during_fit_saves_a_checkpoint_exits_143_and_the_run_resumes_fro
     last = torch.load(tmp_path / "quickstart" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=True)  # fmt: skip
     assert last["global_step"] == step + 1
+
+
+@pytest.mark.parametrize("max_epochs", [1, 6])
+def test_a_cosine_horizon_other_than_the_trainers_is_named_in_a_warning(tmp_path, max_epochs):
+    import warnings
+
+    t_max = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())["model"]["init_args"]["lr_scheduler"]["init_args"]["T_max"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--trainer.max_epochs={max_epochs}",
+              "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", "--test_after_fit=false",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
+    horizon = [str(w.message) for w in caught if "T_max" in str(w.message)]
+    if max_epochs == t_max:
+        assert horizon == []
+    else:
+        assert len(horizon) == 1, horizon
+        assert f"T_max={t_max}" in horizon[0] and f"max_epochs={max_epochs}" in horizon[0]
+        assert "model.init_args.lr_scheduler.init_args.T_max" in horizon[0]
