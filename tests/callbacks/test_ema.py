@@ -314,24 +314,30 @@ class _TeacherAtStart(pl.Callback):
         self.teacher = {k: v.clone() for k, v in self.ema.teacher_weights().items()}
 
 
-@pytest.mark.parametrize("same_callback", [False, True], ids=["new-callback", "same-callback"])
-def test_checkpoint_loads_into_a_plain_module_and_resume_restores_the_teacher(tmp_path, same_callback):
-    def make_ema():
-        return EMATeacher(decay=0.9, schedule="hold_cosine", final_decay=0.99, hold_fraction=0.2)
+def _hold_cosine_ema():
+    return EMATeacher(decay=0.9, schedule="hold_cosine", final_decay=0.99, hold_fraction=0.2)
 
-    full, ema_full = Bare(), make_ema()
+
+def _uninterrupted_and_crashed(checkpoint):
+    """A 2-epoch run, and the same run stopped after its first epoch and saved to ``checkpoint``."""
+    full, ema_full = Bare(), _hold_cosine_ema()
     tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_full]).fit(full)
-
-    part, ema_part = Bare(), make_ema()
+    part, ema_part = Bare(), _hold_cosine_ema()
     trainer = tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_part, _StopAfterFirstEpoch()])
     trainer.fit(part)
-    trainer.save_checkpoint(tmp_path / "crash.ckpt")
+    trainer.save_checkpoint(checkpoint)
+    return (full, ema_full), (part, ema_part)
+
+
+@pytest.mark.parametrize("same_callback", [False, True], ids=["new-callback", "same-callback"])
+def test_checkpoint_loads_into_a_plain_module_and_resume_restores_the_teacher(tmp_path, same_callback):
+    (full, ema_full), (part, ema_part) = _uninterrupted_and_crashed(tmp_path / "crash.ckpt")
     loaded = Bare.load_from_checkpoint(tmp_path / "crash.ckpt")  # strict: no teacher keys in the module's state
     for name, value in part.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     at_crash = {k: v.clone() for k, v in ema_part.teacher_weights().items()}
 
-    resumed, ema_resumed = Bare(), ema_part if same_callback else make_ema()
+    resumed, ema_resumed = Bare(), ema_part if same_callback else _hold_cosine_ema()
     probe = _TeacherAtStart(ema_resumed)
     tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_resumed, probe]).fit(
         resumed, ckpt_path=tmp_path / "crash.ckpt"
@@ -350,15 +356,7 @@ def test_resume_from_a_checkpoint_with_the_teacher_in_the_module_state(tmp_path)
     """Checkpoints of earlier versions held the teacher as the module's `ema_teacher.*` entries: resuming from
     one loads strictly and continues from that teacher."""
 
-    def make_ema():
-        return EMATeacher(decay=0.9, schedule="hold_cosine", final_decay=0.99, hold_fraction=0.2)
-
-    full, ema_full = Bare(), make_ema()
-    tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_full]).fit(full)
-    part, ema_part = Bare(), make_ema()
-    trainer = tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_part, _StopAfterFirstEpoch()])
-    trainer.fit(part)
-    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    (_, ema_full), _ = _uninterrupted_and_crashed(tmp_path / "new.ckpt")
     # rewrite it in the earlier layout: the teacher under ema_teacher.* in the module's state
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
     (key,) = [k for k in checkpoint["callbacks"] if k.startswith("EMATeacher")]
@@ -366,7 +364,7 @@ def test_resume_from_a_checkpoint_with_the_teacher_in_the_module_state(tmp_path)
     checkpoint["state_dict"].update({f"ema_teacher.{name}": value for name, value in teacher.items()})
     torch.save(checkpoint, tmp_path / "old.ckpt")
 
-    resumed, ema_resumed = Bare(), make_ema()
+    resumed, ema_resumed = Bare(), _hold_cosine_ema()
     probe = _TeacherAtStart(ema_resumed)
     tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ema_resumed, probe]).fit(
         resumed, ckpt_path=tmp_path / "old.ckpt"

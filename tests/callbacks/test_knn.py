@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.neighbors import KNeighborsClassifier
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.knn import KNNMonitor, weighted_knn_predict
 from tests.helpers import tiny_trainer
-from tests.ssl._toys import FixedFeatureModule, ToyData, clusters
+from tests.ssl._toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData, clusters
 
 
 def _sklearn_knn(bank, bank_labels, k, temperature):
@@ -138,36 +137,12 @@ def test_bank_features_are_normalized():
     assert torch.allclose(bank, F.normalize(monitor._features[0], dim=1))
 
 
-class _Counting(FixedFeatureModule):
-    """Counts its training steps; ``hook=False`` renames the backbone so the module has no feature hook."""
-
-    def __init__(self, hook=True, **kwargs):
-        super().__init__(return_features=False, **kwargs)
-        if not hook:
-            self.net = self.backbone
-            del self.backbone
-        self.steps = 0
-
-    def training_step(self, batch, batch_idx):
-        self.steps += 1
-        x = batch[0][0] if isinstance(batch[0], (list, tuple)) else batch[0]  # ((x, x), y) or [x]
-        return (getattr(self, "net", None) or self.backbone)(x).sum()  # a real gradient: SGD would move the weights
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class _UnlabelledTrain(ToyData):
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x_train), batch_size=self.batch_size)  # batches [x]: no labels
-
-
 @pytest.mark.parametrize(
     "module, data, monitor, match",
     [
-        (lambda: _Counting(hook=False), ToyData, lambda: KNNMonitor(), "extract_features.*backbone.*forward"),
-        (_Counting, _UnlabelledTrain, lambda: KNNMonitor(), "labelled training batches"),
-        (_Counting, ToyData, lambda: KNNMonitor(num_classes=2), r"num_classes=2.*datamodule's num_classes=4"),
+        (lambda: CountingModule(hook=False), ToyData, lambda: KNNMonitor(), "extract_features.*backbone.*forward"),
+        (CountingModule, UnlabelledTrainData, lambda: KNNMonitor(), "labelled training batches"),
+        (CountingModule, ToyData, lambda: KNNMonitor(num_classes=2), r"num_classes=2.*datamodule's num_classes=4"),
     ],
     ids=["no-feature-hook", "no-labels", "too-few-classes"],
 )

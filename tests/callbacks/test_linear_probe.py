@@ -9,13 +9,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.architectures import DigitsCNN
 from lightning_mtl.callbacks.linear_probe import OnlineLinearProbe
 from lightning_mtl.ssl import BarlowTwins
 from tests.helpers import tiny_trainer
-from tests.ssl._toys import FixedFeatureModule, ToyData
+from tests.ssl._toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData
 
 
 class _NoTrainer:
@@ -99,36 +98,12 @@ def test_probe_copies_stay_identical_under_ddp(tmp_path):
     assert weights[0] == weights[1]
 
 
-class _Counting(FixedFeatureModule):
-    """Counts its training steps; ``hook=False`` renames the backbone so the module has no feature hook."""
-
-    def __init__(self, hook=True, **kwargs):
-        super().__init__(return_features=False, **kwargs)
-        if not hook:
-            self.net = self.backbone
-            del self.backbone
-        self.steps = 0
-
-    def training_step(self, batch, batch_idx):
-        self.steps += 1
-        x = batch[0][0] if isinstance(batch[0], (list, tuple)) else batch[0]  # ((x, x), y) or [x]
-        return (getattr(self, "net", None) or self.backbone)(x).sum()  # a real gradient: SGD would move the weights
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class _UnlabelledTrain(ToyData):
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x_train), batch_size=self.batch_size)  # batches [x]: no labels
-
-
 @pytest.mark.parametrize(
     "module, data, probe, match",
     [
-        (lambda: _Counting(hook=False), ToyData, lambda: OnlineLinearProbe(4), "extract_features.*backbone.*forward"),
-        (_Counting, _UnlabelledTrain, lambda: OnlineLinearProbe(4), "labelled training batches"),
-        (_Counting, ToyData, lambda: OnlineLinearProbe(3), r"num_classes=3.*datamodule's num_classes=4"),
+        (lambda: CountingModule(hook=False), ToyData, lambda: OnlineLinearProbe(4), "extract_features.*backbone.*forward"),
+        (CountingModule, UnlabelledTrainData, lambda: OnlineLinearProbe(4), "labelled training batches"),
+        (CountingModule, ToyData, lambda: OnlineLinearProbe(3), r"num_classes=3.*datamodule's num_classes=4"),
     ],
     ids=["no-feature-hook", "no-labels", "too-few-classes"],
 )

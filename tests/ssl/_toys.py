@@ -71,3 +71,27 @@ class FixedFeatureModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class CountingModule(FixedFeatureModule):
+    """Counts its training steps; ``hook=False`` renames the backbone so the module has no feature hook."""
+
+    def __init__(self, hook=True, **kwargs):
+        super().__init__(return_features=False, **kwargs)
+        if not hook:
+            self.net = self.backbone
+            del self.backbone
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        x = batch[0][0] if isinstance(batch[0], (list, tuple)) else batch[0]  # ((x, x), y) or [x]
+        return (getattr(self, "net", None) or self.backbone)(x).sum()  # a real gradient: SGD would move the weights
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class UnlabelledTrainData(ToyData):
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x_train), batch_size=self.batch_size)  # batches [x]: no labels
