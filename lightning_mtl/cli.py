@@ -239,7 +239,12 @@ class MultiTaskCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, _with_checkpoint_config(sys.argv[1:] if args is None else args))
+        argv = sys.argv[1:] if args is None else args
+        given = _with_checkpoint_config(argv)
+        if given is argv:
+            super().parse_arguments(parser, args)
+        else:  # the command line with the checkpoint's model and data in front (no "args and argv" warning)
+            self.config = parser.parse_args(given)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(BestMetricsSummary, "best_metrics")
@@ -342,7 +347,7 @@ def _with_checkpoint_config(args: Any) -> Any:
         return args
     import torch
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # only its hparams are read
     given = []
     for key, group in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
         hparams = dict(checkpoint.get(group) or {})
