@@ -90,6 +90,32 @@ def test_expected_methods_are_registered():
             assert get_aggregator_class(alias) is get_aggregator_class(name)
 
 
+def test_a_parsers_help_lists_the_names_its_aggregator_argument_takes():
+    """Wherever an argument takes an aggregator, its help lists the registered names that fit its type."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_mtl.aggregators import AggregatorName, LossWeighting, PCGrad
+    from lightning_mtl.aggregators.registry import describe_names
+
+    def listed(typehint: object) -> dict[str, str]:
+        parser = ArgumentParser(prog="demo")
+        parser.add_argument("--agg", type=typehint)
+        text = " ".join(parser.format_help().split())
+        if "registered names: " not in text:
+            return {}
+        entries = text.split("registered names: ")[1].split(")")[0].split(", ")
+        return {name: entry.split(" -> ")[1] for entry in entries for name in entry.split(" -> ")[0].split("/")}
+
+    everything = listed(AggregatorName)
+    assert set(NAMES) <= set(everything) and everything["ew"] == "LinearScalarization"
+    assert listed(PCGrad | None) == {"pcgrad": "PCGrad"}
+    losses = listed(LossWeighting)
+    assert set(losses) >= {name for name in NAMES if get_aggregator_class(name).kind == "loss"}
+    assert all(get_aggregator_class(name).kind == "loss" for name in losses)
+    assert listed(int) == {}  # other arguments keep their help as it was
+    assert describe_names((PCGrad,)) == "pcgrad -> PCGrad"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_builds_with_default_arguments(name):
     """Every registered aggregator can be built from its name alone (configs may omit arguments)."""

@@ -216,6 +216,32 @@ def test_misspelled_aggregator_fails_when_parsed_naming_close_matches(capsys):
     assert "Traceback" not in err and len(err[err.index("error:"):].splitlines()) < 25  # the usage, then a short error
 
 
+def test_the_models_help_lists_every_aggregator_name_with_its_class(capsys):
+    import re
+
+    from lightning_mtl.aggregators import get_aggregator_class, list_aggregators
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "MultiTaskModule", "--model.help", "MultiTaskModule"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    # the help of the aggregator argument alone (not the usage line), its wrapped lines joined
+    entry = re.search(r"^  --model\.aggregator AGGREGATOR\b(.*?)^  --", out, re.MULTILINE | re.DOTALL).group(1)
+    entry = " ".join(entry.split())
+    listed = entry[entry.index("registered names: ") + len("registered names: "): entry.rindex(")")]
+    shown: dict[str, str] = {}
+    for item in listed.split(", "):
+        names, cls = re.fullmatch(r"(\S+) -> (\w+)", item).groups()
+        for name in names.split("/"):
+            shown[name] = cls
+    assert "pcgrad -> PCGrad" in listed
+    for name in list_aggregators():
+        assert shown.get(name) == get_aggregator_class(name).__name__, name
+    for name, cls in shown.items():  # the aliases listed are real and name the class they build
+        assert get_aggregator_class(name).__name__ == cls, name
+    assert len(shown) > len(list_aggregators())  # the aliases (ew, imtl, ...) are there too
+
+
 @pytest.mark.slow
 def test_sigterm_during_fit_saves_a_checkpoint_exits_143_and_the_run_resumes_from_it(tmp_path):
     """A cluster scheduler's SIGTERM: a checkpoint in the run folder, exit status 128 + SIGTERM, and the
