@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
@@ -298,10 +299,19 @@ class VirtualOutlierRegularization(pl.Callback):
     Logs ``train/vor/ce``, ``train/vor/reg``, ``train/vor/energy_id``, ``train/vor/energy_ood`` (means
     over the last epoch of the head phase) at each task end.
 
+    Horizon: the head phase's cosine spans its own ``epochs`` whatever the Trainer's length, so no
+    Trainer setting can leave it stale. What the Trainer does decide is which task ends it reaches: at
+    the start of training the callback warns, naming the setting to change, when the run stops before a
+    task's end (``trainer.max_steps``, ``trainer.limit_train_batches``: that task and those after it get
+    no head phase, and the head evaluated last is not regularized for their classes) or replays the
+    stream (``trainer.max_epochs`` above 1: each task is regularized once, so the run ends on training
+    that no head phase follows).
+
     Args:
         epochs: passes of the head phase per task (10, the official ``--epochs 0 40 10``).
         optimizer: optimizer factory for the head's parameters (default Adam, lr 3e-4).
-        cosine: anneal the learning rate to 0 with a per-epoch cosine over the phase.
+        cosine: anneal the learning rate to 0 with a per-epoch cosine over the phase (``T_max = epochs``,
+            the phase's own length; the Trainer's ``max_epochs`` does not enter it).
         batch_size: in-distribution features per head step (128).
         k: neighbour rank of the k-NN distances (50).
         num_boundary: boundary points per class (50).
@@ -390,6 +400,41 @@ class VirtualOutlierRegularization(pl.Callback):
             raise ValueError(
                 "VirtualOutlierRegularization needs a data module with `schedule` and `task_dataset(task)` "
                 "(SiBlurryStream), passed as trainer.fit(..., datamodule=...)"
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_task_ends(trainer)
+
+    def check_task_ends(self, trainer: pl.Trainer) -> None:
+        """Warns when the Trainer's run does not end on the stream's last head phase: it stops before a
+        task end (``max_steps`` or ``limit_train_batches`` shorter than the stream) or runs more than the
+        stream's one epoch. Call once the training loader is set up (``on_train_start``)."""
+        if trainer.fast_dev_run:
+            return
+        ends: dict[int, int] = {}  # task -> the batch at which its head phase runs
+        for index, step in enumerate(trainer.datamodule.schedule):
+            if step.task_end:
+                ends.setdefault(int(step.task), index)
+        batches, key, value = trainer.num_training_batches, "trainer.limit_train_batches", trainer.limit_train_batches
+        steps = trainer.max_steps
+        if steps is not None and steps >= 0 and steps * trainer.accumulate_grad_batches < batches:
+            batches, key, value = steps * trainer.accumulate_grad_batches, "trainer.max_steps", steps
+        missed = sorted(task for task, index in ends.items() if index >= batches and task not in self.done_tasks)
+        if missed and math.isfinite(batches):
+            rank_zero_warn(
+                f"VirtualOutlierRegularization: the Trainer runs {int(batches)} of the stream's "
+                f"{len(trainer.datamodule.schedule)} training batches ({key}={value}) and stops before the end of "
+                f"tasks {missed}: no head phase follows their training, and the head evaluated last is not "
+                f"regularized for their classes. Set {key} to {-1 if key == 'trainer.max_steps' else 1.0} to run "
+                "the whole stream (or shorten the stream itself)."
+            )
+        epochs = trainer.max_epochs
+        replays = steps is None or steps < 0 or steps * trainer.accumulate_grad_batches > trainer.num_training_batches
+        if not missed and (epochs is None or epochs < 0 or epochs > 1) and replays:
+            rank_zero_warn(
+                f"VirtualOutlierRegularization: the stream is one epoch but the Trainer may run more "
+                f"(trainer.max_epochs={epochs}): each task gets one head phase, in the first epoch, so the run "
+                "ends on training that no head phase follows. Set trainer.max_epochs to 1."
             )
 
     def on_train_batch_end(

@@ -297,6 +297,39 @@ def test_same_seed_same_head_and_resume_skips_regularized_tasks():
         assert torch.equal(probe.seen[0]["state"][f"head.{name}"], value)
 
 
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ({}, None),  # the whole stream: every task gets its head phase, nothing to say
+        ({"max_steps": 3}, "trainer.max_steps=3"),  # stops one batch before task 1's end
+        ({"limit_train_batches": 2}, "trainer.limit_train_batches=2"),
+        ({"max_steps": 2, "accumulate_grad_batches": 2}, None),  # 2 optimizer steps are the stream's 4 batches
+        ({"max_epochs": 2}, "trainer.max_epochs=2"),  # the stream replayed without head phases
+        ({"max_epochs": 2, "max_steps": 4}, None),  # ... unless max_steps ends the run with the stream
+    ],
+)
+def test_a_run_that_misses_a_task_end_or_replays_the_stream_is_named_in_a_warning(limits, expected):
+    """The head phase's cosine follows its own epochs; what the Trainer's length decides is which task ends it
+    reaches, and a run that stops before one (or runs past the stream) says which setting to change."""
+    import warnings
+
+    vor = _vor(epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = tiny_trainer(callbacks=[vor], limit_val_batches=0, use_distributed_sampler=False, **limits)
+        trainer.fit(_FakeModule(), datamodule=_FakeStream())
+    said = [str(w.message) for w in caught if "VirtualOutlierRegularization" in str(w.message)]
+    if expected is None:
+        assert said == [] and vor.done_tasks == {0, 1}
+        return
+    assert len(said) == 1 and expected in said[0], said
+    if "max_epochs" in expected:
+        assert "Set trainer.max_epochs to 1" in said[0] and vor.done_tasks == {0, 1}
+    else:
+        assert "tasks [1]" in said[0] and vor.done_tasks == {0}  # task 1's end was never reached
+        assert f"Set {expected.split('=')[0]} to" in said[0]
+
+
 def test_bad_setups_are_clear_errors():
     with pytest.raises(ValueError, match="epochs must be positive"):
         VirtualOutlierRegularization(epochs=0)
