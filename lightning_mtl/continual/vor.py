@@ -424,8 +424,8 @@ class VirtualOutlierRegularization(pl.Callback):
             rank_zero_warn(
                 f"VirtualOutlierRegularization: the Trainer runs {int(batches)} of the stream's "
                 f"{len(trainer.datamodule.schedule)} training batches ({key}={value}) and stops before the end of "
-                f"tasks {missed}: no head phase follows their training, and the head evaluated last is not "
-                f"regularized for their classes. Set {key} to {-1 if key == 'trainer.max_steps' else 1.0} to run "
+                f"tasks {missed}: they get no head phase, so the head evaluated last is not regularized for the "
+                f"classes trained since the last one. Set {key} to {-1 if key == 'trainer.max_steps' else 1.0} to run "
                 "the whole stream (or shorten the stream itself)."
             )
         epochs = trainer.max_epochs
