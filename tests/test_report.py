@@ -9,7 +9,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mtl.report import build_rows, find_runs, main
-from tests.helpers import tiny_module, tiny_multidigits, tiny_trainer
+from tests.fixtures.trainers import tiny_module, tiny_multidigits, tiny_trainer
 
 
 def _csv_run(folder, rows):

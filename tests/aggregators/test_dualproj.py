@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_mtl.aggregators import DualProj, UPGrad, create_aggregator
-from tests.helpers import badly_scaled_jacobians
+from tests.fixtures.jacobians import badly_scaled_jacobians
 
 
 def _jac(m, n, seed):

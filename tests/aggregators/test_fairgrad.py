@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_mtl.aggregators import FairGrad, NashMTL
-from tests.helpers import badly_scaled_jacobians
+from tests.fixtures.jacobians import badly_scaled_jacobians
 
 
 def _gram(m, seed, scale=1.0):

@@ -8,7 +8,7 @@ from scipy.optimize import minimize
 from lightning_mtl.aggregators import MGDA
 from lightning_mtl.aggregators._solvers import min_norm_point
 from lightning_mtl.aggregators.mgda import min_norm_weights
-from tests.helpers import badly_scaled_jacobians
+from tests.fixtures.jacobians import badly_scaled_jacobians
 
 
 def _problems():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_mtl.aggregators import FairGrad, NashMTL
-from tests.helpers import badly_scaled_jacobians
+from tests.fixtures.jacobians import badly_scaled_jacobians
 
 
 def _gram(m, n, seed, correlated=False):

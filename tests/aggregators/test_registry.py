@@ -15,7 +15,7 @@ import torch
 
 from lightning_mtl.aggregators import create_aggregator, get_aggregator_class, list_aggregators
 from lightning_mtl.aggregators.base import Aggregator
-from tests.helpers import badly_scaled_jacobians
+from tests.fixtures.jacobians import badly_scaled_jacobians
 
 NAMES = list_aggregators()
 GRAMIAN_NAMES = [name for name in NAMES if get_aggregator_class(name).kind == "gramian"]

@@ -23,7 +23,7 @@ import torch
 
 from lightning_mtl.aggregators import create_aggregator, toy
 from lightning_mtl.aggregators.base import GramianWeighting, JacobianAggregator
-from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
+from tests.fixtures.trainers import one_thread  # noqa: F401 (autouse fixture)
 
 TOL = 0.05
 STARTS = torch.tensor(toy.ALL_START_POINTS, dtype=torch.float64)  # CAGrad's 3 and Nash-MTL's 5

@@ -5,7 +5,7 @@ from scipy.optimize import minimize
 
 from lightning_mtl.aggregators import UPGrad
 from lightning_mtl.aggregators.upgrad import dual_cone_projection_weights
-from tests.helpers import badly_scaled_jacobians
+from tests.fixtures.jacobians import badly_scaled_jacobians
 
 
 def _jac(m, n, seed):

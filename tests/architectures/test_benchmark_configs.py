@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from lightning_mtl.cli import main
-from tests.datamodules._mtl_fixtures import write_celeba, write_cityscapes, write_mnist_raw, write_nyuv2
-from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
+from tests.fixtures.celeba import write_celeba
+from tests.fixtures.dense import write_cityscapes, write_nyuv2
+from tests.fixtures.mnist import write_mnist_raw
+from tests.fixtures.trainers import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2] / "configs"
 FOLDERS = ("multi_mnist", "multi_fashion", "multi_fashion_mnist", "celeba", "nyuv2", "cityscapes")

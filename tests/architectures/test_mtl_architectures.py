@@ -21,7 +21,7 @@ from lightning_mtl.architectures.transformers_encoder import TransformersEncoder
 from lightning_mtl.datamodules._common import TensorMultiTaskDataset
 from lightning_mtl.multitask.dense import DepthTask, SegmentationTask, SurfaceNormalTask
 from lightning_mtl.multitask.tasks import ClassificationTask, MultiLabelTask, RegressionTask
-from tests.helpers import one_thread, tiny_trainer  # noqa: F401 (one_thread: autouse fixture)
+from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401 (one_thread: autouse fixture)
 
 
 def _mlp(d_in: int = 12, d_out: int = 6) -> nn.Module:

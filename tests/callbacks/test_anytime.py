@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.anytime import AnytimeEvaluation, evaluation_plan
-from tests.helpers import one_thread, tiny_trainer  # noqa: F401
+from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 NUM_CLASSES, PER_CLASS = 4, 4
 

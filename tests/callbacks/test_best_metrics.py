@@ -18,7 +18,7 @@ from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_mtl.callbacks import BestMetricsSummary
-from tests.helpers import one_thread, tiny_module, tiny_multidigits, tiny_trainer  # noqa: F401
+from tests.fixtures.trainers import one_thread, tiny_module, tiny_multidigits, tiny_trainer  # noqa: F401
 
 ACC = (0.52, 0.80, 0.83)  # validation accuracy by epoch: rises
 LOSS = (0.90, 0.55, 0.47)  # validation loss by epoch: falls

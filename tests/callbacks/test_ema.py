@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.ema import EMATeacher, ema_decay
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import tiny_trainer
 
 STEPS = 6
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_mtl.callbacks import GradientConflictMonitor
 from lightning_mtl.callbacks.gradient_conflict import heatmap
-from tests.helpers import tiny_module, tiny_multidigits, tiny_trainer
+from tests.fixtures.trainers import tiny_module, tiny_multidigits, tiny_trainer
 
 
 @pytest.mark.parametrize("level", ["parameter", "representation"])

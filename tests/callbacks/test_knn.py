@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from sklearn.neighbors import KNeighborsClassifier
 
 from lightning_mtl.callbacks.knn import KNNMonitor, weighted_knn_predict
-from tests.helpers import tiny_trainer
-from tests.ssl._toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData, clusters
+from tests.fixtures.trainers import tiny_trainer
+from tests.fixtures.ssl_toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData, clusters
 
 
 def _sklearn_knn(bank, bank_labels, k, temperature):

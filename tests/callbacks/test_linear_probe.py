@@ -13,8 +13,8 @@ from torch import nn
 from lightning_mtl.architectures import DigitsCNN
 from lightning_mtl.callbacks.linear_probe import OnlineLinearProbe
 from lightning_mtl.ssl import BarlowTwins
-from tests.helpers import tiny_trainer
-from tests.ssl._toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData
+from tests.fixtures.trainers import tiny_trainer
+from tests.fixtures.ssl_toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData
 
 
 class _NoTrainer:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning_mtl.continual.base import mask_unseen
 from lightning_mtl.continual.er import ER, LinearBaseline
 from lightning_mtl.continual.stream import StreamBatch
-from tests.helpers import one_thread, tiny_trainer  # noqa: F401
+from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=48, depth=5, num_heads=3)
 

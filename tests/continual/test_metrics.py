@@ -16,7 +16,7 @@ from lightning_mtl.continual.metrics import (
     forgetting_last,
     last_accuracy,
 )
-from tests.helpers import one_thread  # noqa: F401
+from tests.fixtures.trainers import one_thread  # noqa: F401
 
 nan = math.nan
 

@@ -18,7 +18,7 @@ from lightning_mtl.continual.mvp import (
     per_sample_head_grads,
     select_by_frequency,
 )
-from tests.helpers import one_thread  # noqa: F401
+from tests.fixtures.trainers import one_thread  # noqa: F401
 
 MIN = torch.finfo(torch.float32).min
 
@@ -326,7 +326,7 @@ def test_mvp_trains_and_evaluates_under_lightning():
     from torch.utils.data import DataLoader, Dataset
 
     from lightning_mtl.continual.stream import StreamBatch
-    from tests.helpers import tiny_trainer
+    from tests.fixtures.trainers import tiny_trainer
 
     class Items(Dataset):
         def __len__(self):

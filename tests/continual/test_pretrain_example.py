@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lightning_mtl.continual.prompts import create_vit
-from tests.helpers import one_thread  # noqa: F401
+from tests.fixtures.trainers import one_thread  # noqa: F401
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "pretrain_tiny_vit.py"
 

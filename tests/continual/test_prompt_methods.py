@@ -8,7 +8,7 @@ from lightning_mtl.continual.l2p import L2P
 from lightning_mtl.continual.oneprompt import OnePrompt
 from lightning_mtl.continual.prompts import PromptedViT
 from lightning_mtl.continual.stream import StreamBatch
-from tests.helpers import one_thread  # noqa: F401
+from tests.fixtures.trainers import one_thread  # noqa: F401
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=5, num_heads=3, in_chans=3)
 NUM_CLASSES = 6
@@ -213,7 +213,7 @@ def test_a_training_step_changes_only_prompts_keys_and_head(cls, kwargs, trained
 def test_dualprompt_trains_under_lightning_with_the_vit_in_eval_mode():
     from torch.utils.data import DataLoader
 
-    from tests.helpers import tiny_trainer
+    from tests.fixtures.trainers import tiny_trainer
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):

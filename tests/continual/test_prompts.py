@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mtl.continual.prompts import PromptedViT, PromptPool, build_prompted_vit, create_vit
-from tests.helpers import one_thread  # noqa: F401
+from tests.fixtures.trainers import one_thread  # noqa: F401
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=5, num_heads=3, in_chans=3)
 

@@ -18,7 +18,7 @@ import lightning_mtl.continual.stream as stream_module
 from lightning_mtl.continual.stream import SiBlurryStream, StreamBatch, StreamStep, si_blurry_split
 from lightning_mtl.continual.transforms import ViTEvalTransform, ViTTrainTransform
 from lightning_mtl.datamodules import Digits
-from tests.helpers import one_thread, tiny_trainer  # noqa: F401
+from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 
 def _labels(num_classes=20, per_class=30, seed=0) -> np.ndarray:

@@ -17,8 +17,8 @@ from lightning_mtl.continual.vor import (
     sample_virtual_outliers,
     vor_loss,
 )
-from tests.helpers import one_thread  # noqa: F401
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import one_thread  # noqa: F401
+from tests.fixtures.trainers import tiny_trainer
 
 
 def _kth_by_sorting(queries, bank, k, exclude_self=False):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_mtl.datamodules.celeba import CelebA, attribute_task_name
-from tests.datamodules._mtl_fixtures import CELEBA_ATTRIBUTES, write_celeba
+from tests.fixtures.celeba import CELEBA_ATTRIBUTES, write_celeba
 
 
 def test_forty_tasks_labels_and_partition(tmp_path):

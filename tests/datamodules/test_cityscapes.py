@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_mtl.datamodules.cityscapes import Cityscapes
-from tests.datamodules._mtl_fixtures import write_cityscapes
+from tests.fixtures.dense import write_cityscapes
 
 
 def test_samples_are_the_stored_arrays(tmp_path):

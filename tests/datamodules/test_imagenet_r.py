@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
 from lightning_mtl.datamodules._images import DataLayoutError
 from lightning_mtl.datamodules.imagenet_r import ImageNetR
-from tests.helpers import one_thread  # noqa: F401
-
-
-def _level(label: int) -> int:
-    # JPEG keeps flat grey levels only approximately: use coarse, well-separated levels
-    return (label % 8) * 32
-
-
-def write_imagenet_r(root: Path, per_class: tuple[int, ...] = (1, 2), num_classes: int = 200) -> Path:
-    """``imagenet-r/<wnid>/`` folders of small flat JPEGs (varying sizes, one greyscale file); returns the folder."""
-    from PIL import Image
-
-    folder = root / "imagenet-r"
-    # created out of name order: the labels follow the sorted folder names
-    names = sorted(f"n{index * 7919 % 100000:08d}" for index in range(num_classes))
-    for label in np.random.default_rng(0).permutation(num_classes).tolist():
-        wnid = folder / names[label]
-        wnid.mkdir(parents=True)
-        for i in range(per_class[label % len(per_class)]):
-            pixels = np.full((20 + label % 5, 24 + i, 3), _level(label), dtype=np.uint8)
-            if label == 3 and i == 0:
-                Image.fromarray(pixels[..., 0]).save(wnid / f"sketch_{i}.jpg")
-            else:
-                Image.fromarray(pixels).save(wnid / f"art_{i}.jpg")
-    (folder / "README.txt").write_text("not a class folder")  # files next to the class folders are ignored
-    return folder
+from tests.fixtures.imagenet_r import grey_level, write_imagenet_r
+from tests.fixtures.trainers import one_thread  # noqa: F401
 
 
 def _raw(root, **kwargs) -> ImageNetR:
@@ -77,7 +50,7 @@ def test_pixels_labels_and_greyscale_decode(tmp_path):
         for index in range(len(dataset)):
             image, label = dataset[index]
             assert image.dtype == torch.uint8 and image.shape[0] == 3
-            assert abs(float(image.float().mean()) - _level(int(label))) < 3
+            assert abs(float(image.float().mean()) - grey_level(int(label))) < 3
     assert len(dm.val_set) == 10 and len(dm.train_set) == 230
     assert dm.num_classes == 200 and dm.input_shape == (3, 224, 224)
 
@@ -90,7 +63,7 @@ def test_default_transforms_give_normalized_224_crops(tmp_path):
     xt, yt = next(iter(dm.test_dataloader()))
     mean, std = torch.tensor(dm.mean).view(1, 3), torch.tensor(dm.std).view(1, 3)
     # flat images: the centre crop of the resized image is (level / 255 - mean) / std everywhere
-    levels = torch.tensor([_level(int(label)) for label in yt], dtype=torch.float32).view(-1, 1) / 255
+    levels = torch.tensor([grey_level(int(label)) for label in yt], dtype=torch.float32).view(-1, 1) / 255
     assert torch.allclose(xt[:, :, 112, 112], (levels - mean) / std, atol=0.05)
 
 

@@ -11,7 +11,9 @@ from lightning_mtl.datamodules._images import DataLayoutError
 from lightning_mtl.datamodules.cifar import CIFAR10, CIFAR100
 from lightning_mtl.datamodules.stl10 import STL10
 from lightning_mtl.datamodules.tiny_imagenet import TinyImageNet
-from tests.datamodules._image_fixtures import write_cifar, write_stl10, write_tiny_imagenet
+from tests.fixtures.cifar import write_cifar
+from tests.fixtures.stl10 import write_stl10
+from tests.fixtures.tiny_imagenet import write_tiny_imagenet
 
 
 def _raw(dm_class, root, **kwargs):

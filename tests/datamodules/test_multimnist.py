@@ -8,7 +8,7 @@ import torch
 
 from lightning_mtl.datamodules import multimnist
 from lightning_mtl.datamodules.multimnist import MultiMNIST, read_idx
-from tests.datamodules._mtl_fixtures import write_mnist_raw
+from tests.fixtures.mnist import write_mnist_raw
 
 
 def _find_pairs(images: np.ndarray, left_src: np.ndarray, right_src: np.ndarray) -> list[tuple[int, int]]:

@@ -121,7 +121,7 @@ def test_labels_beyond_a_tasks_num_classes_fail_at_setup(tmp_path):
     from torch import nn
 
     from lightning_mtl import ClassificationTask, MultiTaskModule
-    from tests.helpers import tiny_trainer
+    from tests.fixtures.trainers import tiny_trainer
 
     path = tmp_path / "six.npz"
     rng = np.random.default_rng(0)

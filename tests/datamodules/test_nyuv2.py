@@ -10,7 +10,7 @@ import torch
 
 from lightning_mtl.datamodules._dense_npy import DenseNpyDataset
 from lightning_mtl.datamodules.nyuv2 import NYUv2
-from tests.datamodules._mtl_fixtures import write_nyuv2
+from tests.fixtures.dense import write_nyuv2
 
 TASKS = {"segmentation": ("label", "segmentation"), "depth": ("depth", "depth"), "normal": ("normal", "normal")}
 

@@ -10,7 +10,7 @@ import torch
 
 from lightning_mtl.datamodules.tabular import TabularMultiTask
 from lightning_mtl.multitask.tasks import MISSING_LABEL
-from tests.datamodules._mtl_fixtures import write_table
+from tests.fixtures.tabular import write_table
 
 
 def test_columns_become_features_and_typed_tasks(tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_mtl.datamodules.text import TextMultiTask, WordVocabulary, load_records
 from lightning_mtl.multitask.module import MultiTaskModule
 from lightning_mtl.multitask.tasks import MISSING_LABEL, ClassificationTask, RegressionTask
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import tiny_trainer
 
 ROWS = [
     {"text": "Great movie, great fun!", "topic": "film", "stars": 5, "score": 0.9},

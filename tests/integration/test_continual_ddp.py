@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from lightning_mtl.continual import METHODS, StreamBatch
-from tests.helpers import one_thread  # noqa: F401
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import one_thread  # noqa: F401
+from tests.fixtures.trainers import tiny_trainer
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=5, num_heads=3, in_chans=3)
 NUM_CLASSES = 6

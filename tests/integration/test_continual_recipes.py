@@ -15,8 +15,8 @@ import yaml
 from lightning_mtl.callbacks.anytime import AnytimeEvaluation
 from lightning_mtl.cli import MultiTaskCLI, main
 from lightning_mtl.continual import METHODS, SiBlurryStream, VirtualOutlierRegularization
-from tests.datamodules._image_fixtures import write_cifar
-from tests.helpers import one_thread  # noqa: F401
+from tests.fixtures.cifar import write_cifar
+from tests.fixtures.trainers import one_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "continual"

@@ -23,7 +23,7 @@ from lightning_mtl.callbacks.anytime import AnytimeEvaluation
 from lightning_mtl.continual import MVP, OnePrompt, SiBlurryStream, VirtualOutlierRegularization
 from lightning_mtl.continual.transforms import ViTEvalTransform, ViTTrainTransform
 from lightning_mtl.datamodules import Digits
-from tests.helpers import one_thread, tiny_trainer  # noqa: F401
+from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=48, depth=5, num_heads=3)
 SUMMARY = ("continual/A_auc", "continual/A_avg", "continual/A_last", "continual/F_last")

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
 from lightning_mtl.aggregators import create_aggregator, get_aggregator_class, list_aggregators
-from tests.helpers import tiny_multidigits, tiny_trainer
+from tests.fixtures.trainers import tiny_multidigits, tiny_trainer
 
 
 class _RanksAgree(pl.Callback):

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mtl.callbacks import BestMetricsSummary
-from tests.helpers import tiny_module, tiny_multidigits, tiny_trainer
+from tests.fixtures.trainers import tiny_module, tiny_multidigits, tiny_trainer
 
 
 def _fit(tmp_path, max_epochs, ckpt_path=None, seed=0, aggregator="ls"):

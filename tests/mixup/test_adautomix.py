@@ -15,7 +15,7 @@ from lightning_mtl.callbacks.ema import EMATeacher
 from lightning_mtl.datamodules.digits import Digits
 from lightning_mtl.mixup.adautomix import AdAutoMix, AutoMix
 from lightning_mtl.mixup.generator import MixMaskGenerator
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import tiny_trainer
 
 
 def _model(cls=AdAutoMix, **kwargs):

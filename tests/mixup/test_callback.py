@@ -22,7 +22,7 @@ from lightning_mtl.mixup.losses import soft_target_cross_entropy
 from lightning_mtl.mixup.mixup import Mixup
 from lightning_mtl.mixup.resizemix import ResizeMix
 from lightning_mtl.mixup.visualize import log_mixed_grid
-from tests.helpers import tiny_module, tiny_multidigits, tiny_trainer
+from tests.fixtures.trainers import tiny_module, tiny_multidigits, tiny_trainer
 
 
 class _Probe(pl.Callback):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_mtl.cli import main
-from tests.datamodules._image_fixtures import write_cifar
+from tests.fixtures.cifar import write_cifar
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = [ROOT / "configs" / "cifar100" / f"{name}.yaml" for name in ("mixup", "cutmix", "automix", "adautomix")]

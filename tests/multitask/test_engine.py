@@ -11,7 +11,7 @@ from torch import nn
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
 from lightning_mtl.aggregators import GramianWeighting, create_aggregator, list_aggregators
 from lightning_mtl.multitask.engine import flat_jacobian
-from tests.helpers import tiny_multidigits, tiny_trainer
+from tests.fixtures.trainers import tiny_multidigits, tiny_trainer
 
 GRADIENT_METHODS = [n for n in list_aggregators() if create_aggregator(n).kind != "loss"]
 LOSS_WEIGHTINGS = [n for n in list_aggregators() if create_aggregator(n).kind == "loss" and n != "ls"]

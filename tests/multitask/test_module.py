@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
 from lightning_mtl.multitask.tasks import TaskError
-from tests.helpers import tiny_module, tiny_multidigits, tiny_trainer
+from tests.fixtures.trainers import tiny_module, tiny_multidigits, tiny_trainer
 
 
 def _batch(n=6):

@@ -214,7 +214,7 @@ def test_vmapped_perturbed_passes_equal_the_loop(chunk_size, batchnorm):
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_bf16_mixed_runs_every_pass_under_autocast_and_gives_the_fp32_step(batched):
-    from tests.helpers import tiny_trainer
+    from tests.fixtures.trainers import tiny_trainer
 
     x, y = _batch()
     updates = []

@@ -221,7 +221,7 @@ def test_gradient_aggregators_under_ddp_are_refused_at_setup():
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    from tests.helpers import tiny_module
+    from tests.fixtures.trainers import tiny_module
 
     fake = SimpleNamespace(world_size=2, strategy=DDPStrategy(), accumulate_grad_batches=1)
     with pytest.raises(ValueError, match="F-MTL"):

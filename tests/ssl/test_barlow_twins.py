@@ -15,7 +15,7 @@ from lightning_mtl.datamodules.digits import Digits
 from lightning_mtl.ssl import BarlowTwins, MixedBarlowTwins, SSLAugmentation, TwoViews
 from lightning_mtl.ssl.barlow_twins import split_views, warmup_cosine_factor
 from lightning_mtl.ssl.losses import barlow_twins_loss
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import tiny_trainer
 
 
 def _backbone():

@@ -4,6 +4,7 @@ read a ``root`` from disk)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,17 @@ import torch
 
 from lightning_mtl.architectures.resnet_cifar import ResNet18
 from lightning_mtl.cli import main
-from tests.ssl._image_fixtures import write_cifar10, write_cifar100, write_stl10, write_tiny_imagenet
+from tests.fixtures.cifar import write_cifar
+from tests.fixtures.stl10 import write_stl10
+from tests.fixtures.tiny_imagenet import write_tiny_imagenet
 
 ROOT = Path(__file__).resolve().parents[2]
-WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "stl10": write_stl10, "tiny_imagenet": write_tiny_imagenet}
+WRITERS = {
+    "cifar10": partial(write_cifar, num_classes=10, per_file=4, test=8),
+    "cifar100": partial(write_cifar, num_classes=100, per_file=4, test=8),
+    "stl10": partial(write_stl10, train=20, test=8, unlabeled=8),
+    "tiny_imagenet": partial(write_tiny_imagenet, val_classes=8),
+}
 RECIPES = [(name, recipe) for name in WRITERS for recipe in ("barlow_twins", "barlow_twins_mixed", "barlow_twins_linear")]
 FAST = ["--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.accelerator=cpu", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
@@ -23,7 +31,8 @@ FAST = ["--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", "-
 
 @pytest.mark.parametrize("name, recipe", RECIPES, ids=[f"{n}/{r}" for n, r in RECIPES])
 def test_recipe_runs_through_the_cli_on_a_fixture(tmp_path, name, recipe):
-    data = WRITERS[name](tmp_path / "data")
+    data = tmp_path / "data"
+    WRITERS[name](data)
     args = ["fit", "--config", str(ROOT / "configs" / name / f"{recipe}.yaml"), f"--data.init_args.root={data}", *FAST]
     if recipe.endswith("linear"):
         # a self-supervised checkpoint's layout: the backbone's weights under "backbone."

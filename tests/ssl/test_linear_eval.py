@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_mtl.architectures import DigitsCNN
 from lightning_mtl.datamodules.digits import Digits
 from lightning_mtl.ssl import BarlowTwins, LinearEvaluation, load_backbone_weights
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import tiny_trainer
 
 
 def _backbone(seed=0):

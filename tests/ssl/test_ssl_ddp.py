@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl.ssl import BarlowTwins, MixedBarlowTwins
 from lightning_mtl.ssl.losses import barlow_twins_loss, mixed_barlow_twins_loss
-from tests.helpers import tiny_trainer
+from tests.fixtures.trainers import tiny_trainer
 
 
 class _MLP(nn.Module):
