@@ -445,8 +445,10 @@ class EMATeacher(pl.Callback):
 
     # -- checkpoint state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # restored but not fitted yet: the horizon is the loaded one (on_fit_start moves it to _total)
+        total = self._saved_total if self._restored else self._total
         state: dict[str, Any] = {
-            "num_updates": self.num_updates, "last_global_step": self.last_global_step, "total_steps": self._total,
+            "num_updates": self.num_updates, "last_global_step": self.last_global_step, "total_steps": total,
         }  # fmt: skip
         teacher = self._pending if self._pending is not None else self._teacher
         if teacher is not None:
