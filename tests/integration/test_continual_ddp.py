@@ -11,8 +11,6 @@ group, and saves each rank's final state; the tests compare those states with si
 from __future__ import annotations
 
 import functools
-import os
-import socket
 import traceback
 
 import lightning.pytorch as pl
@@ -22,8 +20,11 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from lightning_mtl.continual import METHODS, StreamBatch
-from tests.fixtures.trainers import one_thread  # noqa: F401
-from tests.fixtures.trainers import tiny_trainer
+from tests.fixtures.ddp import free_port, join_processes
+from tests.fixtures.trainers import (
+    one_thread,  # noqa: F401
+    tiny_trainer,
+)
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=48, depth=5, num_heads=3, in_chans=3)
 NUM_CLASSES = 6
@@ -81,10 +82,7 @@ def _fit(module, **trainer_kwargs):
 
 def _worker(rank, folder, port, names):
     """One of the two processes: every method in turn under ``strategy="ddp"``, its final state saved."""
-    # the processes exist already: Lightning joins them (LOCAL_RANK set) instead of launching its own
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0",
-                      LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+    join_processes(rank, WORLD, port)
     for name in names:
         try:
             module = _module(name)
@@ -97,12 +95,6 @@ def _worker(rank, folder, port, names):
             raise  # the other rank would wait forever in the next collective: stop both
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_states(tmp_path_factory):
     """``name -> [state of rank 0, state of rank 1]`` after the DDP steps, or the error text of a rank."""
@@ -110,7 +102,7 @@ def ddp_states(tmp_path_factory):
     names = sorted(METHODS)
     spawn_error = "not run: an earlier method failed under DDP"
     try:
-        mp.start_processes(_worker, args=(str(folder), _free_port(), names), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(_worker, args=(str(folder), free_port(), names), nprocs=WORLD, start_method="spawn")
     except Exception as error:  # a failed method left its .err file; the methods after it left nothing
         spawn_error = f"not run: the DDP processes stopped with {type(error).__name__}: {error}"
     out = {}
