@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule
-from lightning_mtl.sharpness.fmtl import FMTL
+from lightning_mtl.multitask.fmtl import FMTL
 
 
 def run(method: str, seed: int, fmtl: bool, args: argparse.Namespace) -> dict:

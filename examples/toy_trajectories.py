@@ -3,7 +3,7 @@
 One panel per method: the contours of the mean loss ``(L1 + L2) / 2``, the Pareto set (grey arc),
 the start points (black dots) and one trajectory per start point (its end marked by a cross),
 with the largest final distance to the Pareto set in the panel title. The problem, its Pareto
-set and the optimiser are in :mod:`lightning_mtl.aggregators.toy`.
+set and the optimiser are in :mod:`lightning_mtl.multitask.toy`.
 
     pip install matplotlib      # not a dependency of lightning-mtl
     python examples/toy_trajectories.py --out docs/toy_trajectories.png
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_mtl.aggregators import create_aggregator, get_aggregator_class, list_aggregators, toy
+from lightning_mtl.aggregators import create_aggregator, get_aggregator_class, list_aggregators
+from lightning_mtl.multitask import toy
 
 # Settings of the official toy scripts where they differ from the registry defaults.
 TOY_SETTINGS = {

@@ -31,10 +31,20 @@ class Aggregator(nn.Module):
     * :meth:`after_step` after every optimizer step; with ``needs_losses_after_step`` it gets the
       task losses of the same batch before and after the step (FAMO), reduced over DDP ranks;
     * :meth:`on_train_epoch_end` with a function that averages a tensor over DDP ranks (DWA).
+
+    Capability flags, declared here with their defaults and overridden by the methods that need them,
+    tell the gradient engine (:class:`~lightning_mtl.multitask.engine.GradientEngine`) what to feed in.
     """
 
     kind: ClassVar[str] = ""
+    """What the method consumes: ``"loss"``, ``"gramian"`` or ``"jacobian"``."""
     needs_losses_after_step: ClassVar[bool] = False
+    """:meth:`after_step` gets the task losses of the same batch before and after the step (FAMO)."""
+    needs_grad_norms: ClassVar[bool] = False
+    """A loss weighting whose ``forward`` takes ``grad_norms``, the task gradient norms at the last shared
+    layer (GradNorm)."""
+    uses_log_losses: ClassVar[bool] = False
+    """The method aggregates the Jacobian of the log-losses, ``grad l_i / l_i`` (DB-MTL)."""
 
     def bind_tasks(self, names: tuple[str, ...]) -> None:
         """Called once with the task names, before the optimizer is created."""

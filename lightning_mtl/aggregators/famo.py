@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -34,7 +36,7 @@ class FAMO(LossWeighting):
         eps: the ``1e-8`` in ``D``.
     """
 
-    needs_losses_after_step = True
+    needs_losses_after_step: ClassVar[bool] = True
 
     def __init__(
         self, lr: float = 0.025, weight_decay: float = 1e-3, min_losses: list[float] | None = None, eps: float = 1e-8

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +33,7 @@ class GradNorm(LossWeighting):
         alpha: the asymmetry ``alpha`` (1.5 in the paper's NYUv2 runs).
     """
 
-    needs_grad_norms = True
+    needs_grad_norms: ClassVar[bool] = True
 
     def __init__(self, alpha: float = 1.5) -> None:
         super().__init__()

@@ -27,7 +27,7 @@ from lightning_mtl.aggregators import (
 from lightning_mtl.multitask.delta_m import delta_m
 from lightning_mtl.multitask.engine import add_to_grads, flat_jacobian, set_grads, task_gradients
 from lightning_mtl.multitask.tasks import Task, TaskError
-from lightning_mtl.sharpness.fmtl import FMTL
+from lightning_mtl.multitask.fmtl import FMTL
 
 _STAGES = ("val", "test")
 
@@ -81,7 +81,7 @@ class MultiTaskModule(pl.LightningModule):
         jacobian_batched: one batched backward for the Jacobian (``True``) or a loop of m backward
             passes (``False``); ``None`` batches on GPUs and loops on CPUs, where batching buys nothing.
         jacobian_chunk_size: at most this many Jacobian rows per batched backward (memory bound).
-        fmtl: an :class:`~lightning_mtl.sharpness.FMTL` to seek task-based flat regions (F-MTL) with
+        fmtl: an :class:`~lightning_mtl.multitask.fmtl.FMTL` to seek task-based flat regions (F-MTL) with
             the aggregator, whatever its kind (parameter level only).
 
     Gradient aggregators under the Trainer's flags: precision ``32-true``, ``bf16-mixed`` and

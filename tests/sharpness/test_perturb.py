@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_mtl.sharpness._perturb import (
+from lightning_mtl.sharpness.perturb import (
     apply_perturbation,
     perturbation_norm,
     restore_parameters,
