@@ -25,22 +25,20 @@ from lightning_mtl.aggregators import (
     create_aggregator,
 )
 from lightning_mtl.multitask.delta_m import delta_m
-from lightning_mtl.multitask.engine import add_to_grads, flat_jacobian, set_grads, task_gradients
+from lightning_mtl.multitask.engine import GradientEngine, TaskStep
 from lightning_mtl.multitask.tasks import Task, TaskError
 from lightning_mtl.multitask.fmtl import FMTL
 
 _STAGES = ("val", "test")
 
 
-class _Stash(NamedTuple):
-    """What training_step leaves for backward() on the gradient path."""
+class _PendingCheck(NamedTuple):
+    """A deferred non-finite loss check, read at the batch's end (one GPU, ``on_nonfinite_loss="raise"``)."""
 
-    terms: list[Tensor]  # the m task losses
-    losses: Tensor  # their stack, as the aggregator saw it
-    features: Tensor
-    closure_loss: Tensor  # the loss handed to Lightning (the sum of the terms)
-    objective: Tensor | None  # a loss weighting's objective (F-MTL with a loss weighting)
-    inputs: Tensor
+    event: Any  # the CUDA event after the copy of the flag to the host
+    losses: Tensor
+    where: tuple[int, int, int]  # (global step, epoch, batch index)
+    inputs: Any
     targets: dict[str, Tensor]
 
 
@@ -49,7 +47,10 @@ class MultiTaskModule(pl.LightningModule):
 
     Each training step computes the per-task losses (``[m]``, in the order of ``tasks``) and hands
     them to the ``aggregator``, the single place where loss weighting and gradient aggregation plug
-    in. With the default, linear scalarization, the objective is ``sum_t weight_t * loss_t``.
+    in. With the default, linear scalarization, the objective is ``sum_t weight_t * loss_t``. This
+    class is the Lightning glue: the gradient path (per-task Jacobians, aggregation, F-MTL, the loss
+    scale, the DDP means) belongs to its :class:`~lightning_mtl.multitask.engine.GradientEngine`,
+    ``self.engine``, which also keeps the last task weights, Gramian and Jacobian for logging.
 
     Logged keys: ``train/<task>/loss`` and ``train/loss`` every step; ``val/<task>/loss``,
     ``val/<task>/<metric>``, ``val/mean/<metric>`` (mean over the tasks that have that metric),
@@ -172,11 +173,14 @@ class MultiTaskModule(pl.LightningModule):
         self.fmtl = fmtl
         if fmtl is not None and fmtl.variant == "flat" and not isinstance(self.aggregator, LossWeighting):
             self.flat_aggregator = copy.deepcopy(self.aggregator)  # its own state, saved in checkpoints
-        self._stash: _Stash | None = None
-        self._losses_before: Tensor | None = None
-        self._task_weights: Tensor | None = None
+        # a plain object, not a submodule: the aggregators stay where checkpoints have them
+        self.engine = GradientEngine(
+            self.aggregator, mode=gradient_mode, batched=jacobian_batched, chunk_size=jacobian_chunk_size, fmtl=fmtl,
+            flat_aggregator=getattr(self, "flat_aggregator", None), encoder=self.encoder,
+            heads=[self.heads[name] for name in self.task_names],
+        )  # fmt: skip
         self._finite_host: Tensor | None = None
-        self._pending_check: tuple[Any, Tensor, tuple[int, int, int], Any, dict[str, Tensor]] | None = None
+        self._pending_check: _PendingCheck | None = None
         # label range checks of this batch, read at its end: (event, [k, 3] stats, tasks, (step, epoch), stage)
         self._pending_labels: list[tuple[Any, Tensor, tuple[str, ...], tuple[int, int], str]] = []
 
@@ -194,7 +198,7 @@ class MultiTaskModule(pl.LightningModule):
     @property
     def uses_gradients(self) -> bool:
         """Whether backward() works on per-task gradients: a gradient aggregator, or F-MTL."""
-        return not isinstance(self.aggregator, LossWeighting) or self.fmtl is not None
+        return self.engine.uses_gradients
 
     def _check_baselines(self) -> None:
         for task, values in self.baselines.items():
@@ -346,6 +350,8 @@ class MultiTaskModule(pl.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        engine = self.engine
+        engine.start_step()
         inputs, targets = self.unpack_batch(batch)
         features = self.encoder(inputs)
         preds = {name: head(features) for name, head in self.heads.items()}
@@ -353,32 +359,27 @@ class MultiTaskModule(pl.LightningModule):
         losses = torch.stack(terms)
         if not self._losses_finite(losses, batch_idx, inputs, targets):
             return None
-        if self.uses_gradients:
-            # backward() computes and aggregates the per-task gradients; the closure's loss is the sum
-            objective = self._weighted_objective(terms, losses) if isinstance(self.aggregator, LossWeighting) else None
-            closure_loss = losses.sum()
-            self._stash = _Stash(terms, losses, features, closure_loss, objective, inputs, checked)
-            loss = closure_loss if objective is None else objective
-        else:
-            loss = self._weighted_objective(terms, losses)
-        if self.aggregator.needs_losses_after_step:
-            self._losses_before = losses.detach()
-        if isinstance(self.aggregator, LossWeighting) and not isinstance(self.aggregator, LinearScalarization):
-            self._task_weights = self.aggregator.last_weights
+        objective = self._weighted_objective(terms, losses) if isinstance(self.aggregator, LossWeighting) else None
+        # on the gradient path the closure's loss is the sum (backward() aggregates the per-task gradients)
+        closure_loss = losses.sum() if engine.uses_gradients else objective
+
+        def task_loss(i: int, pred: Tensor) -> Tensor:  # F-MTL's perturbed passes, on this batch's labels
+            name = self.task_names[i]
+            return self.tasks[name].loss(pred, checked[name])
+
+        engine.stage(TaskStep(terms, losses, closure_loss, features, objective, inputs, task_loss))
+        engine.record_losses(losses)
+        loss = closure_loss if objective is None else objective
         batch_size = inputs.shape[0]
         detached = losses.detach()
         logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size, prog_bar=True)
-        return closure_loss if self.uses_gradients else loss
+        return closure_loss
 
     def _weighted_objective(self, terms: list[Tensor], losses: Tensor) -> Tensor:
         """A loss weighting's objective (GradNorm also gets the task gradient norms it needs)."""
-        if getattr(self.aggregator, "needs_grad_norms", False):
-            last = self.last_shared_parameters()
-            norms = flat_jacobian(terms, last, self._batched(losses), self.jacobian_chunk_size).norm(dim=1)
-            return self.aggregator(losses, grad_norms=norms)
-        return self.aggregator(losses)
+        return self.engine.objective(losses, lambda: self.engine.gradient_norms(terms, self.last_shared_parameters()))
 
     def _losses_finite(self, losses: Tensor, batch_idx: int, inputs: Any, targets: dict[str, Tensor]) -> bool:
         """Whether to take this step. On one GPU with ``on_nonfinite_loss="raise"`` the check is deferred
@@ -393,7 +394,7 @@ class MultiTaskModule(pl.LightningModule):
             self._finite_host.copy_(torch.isfinite(detached).all(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending_check = (event, detached, where, inputs, targets)
+            self._pending_check = _PendingCheck(event, detached, where, inputs, targets)
             return True
         all_finite = bool(torch.isfinite(detached).all())
         if distributed:
@@ -403,142 +404,17 @@ class MultiTaskModule(pl.LightningModule):
         return all_finite
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        if not self.uses_gradients or self._stash is None:
+        if not self.engine.staged:
             return super().backward(loss, *args, **kwargs)
-        stash, self._stash = self._stash, None
-        terms = stash.terms
-        # `loss` is the closure's sum of task losses, times GradScaler's scale under 16-mixed (then a
-        # new tensor): differentiate the scaled losses (fp16 gradients need the scale) and show the
-        # aggregator the unscaled gradients
-        scale = None
-        if loss is not stash.closure_loss:
-            total = stash.losses.detach().sum()
-            scale = torch.where(total != 0, loss.detach() / total, torch.ones_like(total))
-            terms = [term * scale for term in terms]
-        batched = self._batched(terms[0])
-        ddp = self._ddp_model()
-        if self.gradient_mode == "representation":
-            jac = flat_jacobian(terms, [stash.features], batched, self.jacobian_chunk_size)
-            jac = jac if scale is None else jac / scale
-            gramian = jac @ jac.T
-            if ddp is not None:
-                # the full batch's loss is the mean of the per-rank means: its representation Jacobian
-                # is the per-rank ones / world side by side, so its Gramian is their sum / world^2
-                torch.distributed.all_reduce(gramian)
-                gramian = gramian / torch.distributed.get_world_size() ** 2
-            weights = self.aggregator(gramian).to(terms[0].dtype)
-            (weights.detach() * torch.stack(terms)).sum().backward(*args, **kwargs)
-            self._task_weights = weights.detach()
-            return None
-        divisors = None
-        if getattr(self.aggregator, "uses_log_losses", False):
-            # grad log L = grad L / L (heads included), with L the loss averaged over ranks: exact
-            # under DDP as well
-            divisors = stash.losses.detach().clone()
-            divisors = _all_mean(divisors) if ddp is not None else divisors
-            terms = [term / divisors[i] for i, term in enumerate(terms)]
         shared = [p for p in self.encoder.parameters() if p.requires_grad]
         others = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
-        loss_weights = None
-        if stash.objective is not None:  # F-MTL with a loss weighting: its weights, and its own parameters' grads
-            loss_weights = self._loss_weighting_gradients(stash, scale, ddp)
-        # one pass per task gives the shared Jacobian and the heads' (summed, ordinary) gradients
-        jac, other_grads = task_gradients(
-            terms, shared, batched, self.jacobian_chunk_size, summed=others, retain_graph=False
-        )
-        if scale is not None:
-            jac = jac.div_(scale)
-        if ddp is not None:  # J of the mean loss over ranks = mean of the per-rank Jacobians
-            jac = _all_mean(jac)
-            other_grads = _all_mean_grads(others, other_grads)
-        if self.fmtl is not None:
-            direction = self._fmtl_direction(stash, jac, others, other_grads, loss_weights, scale, divisors, ddp)
-        else:
-            direction = self._aggregate(jac)
-        set_grads(others, other_grads)  # already carry the loss scale
-        add_to_grads(shared, direction if scale is None else direction * scale)
-        return None
-
-    def _aggregate(self, jac: Tensor, aggregator: Aggregator | None = None, log: bool = True) -> Tensor:
-        """The aggregator's direction for a Jacobian (logging a Gramian weighting's weights)."""
-        aggregator = aggregator or self.aggregator
-        if isinstance(aggregator, GramianWeighting):
-            weights = aggregator(jac @ jac.T)
-            if log:
-                self._task_weights = weights.detach()
-            return weights.to(jac.dtype) @ jac
-        return aggregator.aggregate(jac)
-
-    def _loss_weighting_gradients(self, stash: _Stash, scale: Tensor | None, ddp: Any) -> Tensor:
-        """A loss weighting's weights ``d objective / d losses`` (F-MTL applies them to its gradients);
-        the weighting's own parameters (uncertainty weighting) take their gradients of the objective."""
-        own = [p for p in self.aggregator.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(stash.objective, [stash.losses, *own], retain_graph=True, allow_unused=True)
-        weights = grads[0].detach().float()
-        if ddp is not None:
-            weights = _all_mean(weights)
-        own_grads = [None if g is None else (g if scale is None else g * scale) for g in grads[1:]]
-        set_grads(own, _all_mean_grads(own, own_grads) if ddp is not None else own_grads)
-        return weights
-
-    def _fmtl_direction(
-        self,
-        stash: _Stash,
-        jac: Tensor,
-        others: list[Tensor],
-        other_grads: list[Tensor | None],
-        loss_weights: Tensor | None,
-        scale: Tensor | None,
-        divisors: Tensor | None,
-        ddp: Any,
-    ) -> Tensor:
-        """F-MTL's shared direction; each head's entry of ``other_grads`` becomes its SAM gradient."""
-        assert self.fmtl is not None
-        index = {id(p): k for k, p in enumerate(others)}
-        heads = [[p for p in self.heads[name].parameters() if p.requires_grad] for name in self.task_names]
-        head_grads = [[other_grads[index[id(p)]] for p in own] for own in heads]
         forward_context = (
             self.trainer.precision_plugin.forward_context if self._trainer is not None else contextlib.nullcontext
         )
-
-        def task_loss(i: int, pred: Tensor) -> Tensor:
-            name = self.task_names[i]
-            term = self.tasks[name].loss(pred, stash.targets[name])
-            term = term if divisors is None else term / divisors[i]
-            return term if scale is None else term * scale
-
-        jac_sam, head_sam = self.fmtl.perturbed_gradients(
-            jac, head_grads, self.encoder, [self.heads[name] for name in self.task_names], stash.inputs, task_loss,
-            forward_context,
-        )  # fmt: skip
-        if scale is not None:
-            jac_sam = jac_sam.div_(scale)
-        flat_heads = [p for own in heads for p in own]
-        head_sam_flat = [g for grads in head_sam for g in grads]
-        if ddp is not None:
-            jac_sam = _all_mean(jac_sam)
-            head_sam_flat = _all_mean_grads(flat_heads, head_sam_flat)
-        k = 0
-        for i, own in enumerate(heads):  # head i takes its own SAM gradient (weighted for a loss weighting)
-            for p in own:
-                grad = head_sam_flat[k]
-                k += 1
-                if grad is not None and loss_weights is not None:
-                    grad = grad * loss_weights[i].to(grad.dtype)
-                other_grads[index[id(p)]] = grad
-        if loss_weights is not None:  # linear in the gradients: both variants give w^T g^SAM
-            self._task_weights = loss_weights
-            return loss_weights @ jac_sam
-        if self.fmtl.variant == "direct":
-            return self._aggregate(jac_sam)
-        direction = self._aggregate(jac)
-        # the flat gradients get an aggregator of their own, so a stateful method (GradVac's targets,
-        # Nash-MTL's warm start) keeps one state per stream
-        return direction + self._aggregate(jac_sam.sub_(jac), self.flat_aggregator, log=False)
-
-    def _batched(self, like: Tensor) -> bool:
-        # one batched backward pays on a GPU; on a CPU a loop of backward passes is as fast and lighter
-        return self.jacobian_batched if self.jacobian_batched is not None else like.is_cuda
+        rest = self.engine.backward(loss, shared, others, self._world_size(), forward_context)
+        if rest is not None:  # a loss weighting, or the representation level's weighted loss
+            super().backward(rest, *args, **kwargs)
+        return None
 
     def last_shared_parameters(self) -> list[Tensor]:
         """Parameters of the encoder's last module that has any (GradNorm's "last shared layer")."""
@@ -550,54 +426,41 @@ class MultiTaskModule(pl.LightningModule):
             raise ValueError("the encoder has no trainable parameters for a last-shared-layer method")
         return [p for p in leaves[-1].parameters(recurse=False) if p.requires_grad]
 
-    def _ddp_model(self) -> Any:
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return None
-        return self.trainer.strategy.model
+    def _world_size(self) -> int:
+        return 1 if self._trainer is None else self.trainer.world_size
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        ddp = self._ddp_model()
-        if ddp is not None and self.uses_gradients and self.gradient_mode == "parameter":
+        if self._world_size() > 1 and self.uses_gradients and self.gradient_mode == "parameter":
             # the engine averages the Jacobian itself; DDP's own gradient hooks must stay quiet
-            ddp.require_backward_grad_sync = False
+            self.trainer.strategy.model.require_backward_grad_sync = False
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._check_pending_labels(batch_idx)
         if outputs is not None:  # a step was taken (not skipped for a non-finite loss)
-            self._aggregator_after_step(batch)
-        if self._task_weights is not None:
-            weights = self._task_weights.float()
-            self._task_weights = None
+            self.engine.after_step(lambda: self._losses_after(batch), self._reduce_mean)
+        if self.engine.last_weights is not None:
+            weights = self.engine.last_weights.float()
             self.log_dict({f"train/weight/{name}": weights[i] for i, name in enumerate(self.task_names)},
                           on_step=True, on_epoch=False)  # fmt: skip
         if self._pending_check is not None:
-            event, detached, where, inputs, targets = self._pending_check
-            self._pending_check = None
-            event.synchronize()
+            check, self._pending_check = self._pending_check, None
+            check.event.synchronize()
             if not bool(self._finite_host):
-                self._nonfinite(detached, where, inputs, targets)
+                self._nonfinite(check.losses, check.where, check.inputs, check.targets)
 
-    def _aggregator_after_step(self, batch: Any) -> None:
-        if hasattr(self, "flat_aggregator"):
-            self.flat_aggregator.after_step()
-        if not self.aggregator.needs_losses_after_step:
-            self.aggregator.after_step()
-            return
-        before, self._losses_before = self._losses_before, None
-        if before is None:
-            return
-        with torch.no_grad():  # the same batch at the updated parameters (FAMO's extra forward)
+    def _losses_after(self, batch: Any) -> Tensor:
+        """The same batch's task losses at the updated parameters (FAMO's extra forward)."""
+        with torch.no_grad():
             inputs, targets = self.unpack_batch(batch)
-            after, _ = self.task_losses(self(inputs), targets, "train")
-        self.aggregator.after_step(self._reduce_mean(before), self._reduce_mean(after))
+            return self.task_losses(self(inputs), targets, "train")[0]
 
     def _reduce_mean(self, tensor: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size <= 1:
+        if self._world_size() <= 1:
             return tensor
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
 
     def on_train_epoch_end(self) -> None:
-        self.aggregator.on_train_epoch_end(self._reduce_mean)
+        self.engine.on_train_epoch_end(self._reduce_mean)
 
     def _nonfinite(
         self, losses: Tensor, where: tuple[int, int, int], inputs: Any, targets: Mapping[str, Tensor]
@@ -710,22 +573,6 @@ class MultiTaskModule(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, config)}
-
-
-def _all_mean(tensor: Tensor) -> Tensor:
-    """Mean over the DDP ranks (one all-reduce, in place)."""
-    torch.distributed.all_reduce(tensor)
-    return tensor.div_(torch.distributed.get_world_size())
-
-
-def _all_mean_grads(params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
-    """The gradients averaged over the ranks, in one all-reduce of their concatenation (a parameter no
-    loss reached on this rank counts as zero: another rank's batch may have reached it)."""
-    if not params:
-        return []
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
-    flat = _all_mean(flat)
-    return [v.view_as(p) for p, v in zip(params, torch.split(flat, [p.numel() for p in params]))]
 
 
 def _count_nonfinite(value: Any) -> int:

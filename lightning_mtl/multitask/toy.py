@@ -80,6 +80,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.aggregators.base import Aggregator
+from lightning_mtl.multitask.engine import GradientEngine
 
 __all__ = [
     "ALL_START_POINTS",
@@ -176,7 +177,7 @@ def log_losses(x: Tensor, scale: float = 1.0) -> Tensor:
 
 def uses_log_losses(aggregator: Aggregator) -> bool:
     """Whether the method expects the Jacobian of the log-losses (DB-MTL's ``uses_log_losses``)."""
-    return bool(getattr(aggregator, "uses_log_losses", False))
+    return aggregator.uses_log_losses
 
 
 def pareto_x2(x1: Tensor | float, iterations: int = 80) -> Tensor:
@@ -261,7 +262,8 @@ def optimize(
             ``needs_grad_norms`` (the point is the "last shared layer"). The aggregator is
             deep-copied once per start point, so every problem has its own state (Nash-MTL's
             warm start, GradVac's targets, FAMO's logits, ...) and the caller's instance is left
-            untouched. The optional hooks are called as by the training module: ``bind_tasks``
+            untouched. Each copy gets a :class:`~lightning_mtl.multitask.engine.GradientEngine`,
+            which calls the hooks as in training: ``bind_tasks``
             once, ``after_step`` after every step (with the shifted losses before and after the
             step when ``needs_losses_after_step``, as FAMO's toy trainer does) and
             ``on_train_epoch_end`` after every step (one step is one "epoch": DWA). Learnable
@@ -294,12 +296,11 @@ def optimize(
     batch = x.shape[0]
     copies = [copy.deepcopy(aggregator) for _ in range(batch)]
     for agg in copies:
-        if hasattr(agg, "bind_tasks"):
-            agg.bind_tasks(("L1", "L2"))
-    is_loss = aggregator.kind == "loss"
+        agg.bind_tasks(("L1", "L2"))
+    # one engine per problem: the same dispatch on the method's kind and flags as in training
+    engines = [GradientEngine(agg) for agg in copies]
+    engine = engines[0]
     log = uses_log_losses(aggregator) if log is None else bool(log)
-    needs_norms = bool(getattr(aggregator, "needs_grad_norms", False))
-    needs_after = bool(getattr(aggregator, "needs_losses_after_step", False))
     lower = torch.tensor(loss_lower_bounds(scale), dtype=torch.float64)
     groups: list[dict] = [{"params": [x], "lr": lr}]
     method_params = [p for agg in copies for p in agg.parameters() if p.requires_grad]
@@ -313,33 +314,27 @@ def optimize(
             frac = step / max(steps - 1, 1)
             optimizer.param_groups[0]["lr"] = lr_final + 0.5 * (lr - lr_final) * (1.0 + math.cos(math.pi * frac))
         optimizer.zero_grad(set_to_none=True)
-        objectives = log_losses(x, scale) if (log and not is_loss) else losses(x, scale)  # [B, 2]
-        jacobian = None
-        if not is_loss or needs_norms:
+        objectives = log_losses(x, scale) if (log and engine.uses_gradients) else losses(x, scale)  # [B, 2]
+        jacobian = torch.empty(0)
+        if engine.needs_jacobian:
             rows = [torch.autograd.grad(objectives[:, i].sum(), x, retain_graph=True)[0] for i in range(2)]
             jacobian = torch.stack(rows, dim=1)  # [B, tasks, 2]: point b only enters its own losses
-        if is_loss:
-            shifted = objectives - lower  # > 0, same gradients
-            total = objectives.new_zeros(())
-            for b, agg in enumerate(copies):
-                if needs_norms:
-                    total = total + agg(shifted[b], grad_norms=jacobian[b].norm(dim=-1))
-                else:
-                    total = total + agg(shifted[b])
-            total.backward()  # fills x.grad and the grads of the method's parameters
+        before = losses(trajectory[step], scale) - lower  # loss weightings see losses shifted to > 0
+        for b, eng in enumerate(engines):
+            eng.start_step()
+            eng.record_losses(before[b])
+        if engine.uses_gradients:
+            x.grad = torch.stack([eng.direction(jacobian[b]) for b, eng in enumerate(engines)]).to(x.dtype)
         else:
-            direction = torch.stack([agg.aggregate(jacobian[b]) for b, agg in enumerate(copies)])
-            x.grad = direction.to(x.dtype)
+            shifted = objectives - lower  # same gradients as the losses
+            total = objectives.new_zeros(())
+            for b, eng in enumerate(engines):
+                total = total + eng.objective(shifted[b], lambda b=b: jacobian[b].norm(dim=-1))
+            total.backward()  # fills x.grad and the grads of the method's parameters
         optimizer.step()
         trajectory[step + 1] = x.detach()
-        if needs_after:
-            before = losses(trajectory[step], scale) - lower
-            after = losses(trajectory[step + 1], scale) - lower
-        for b, agg in enumerate(copies):
-            if needs_after:
-                agg.after_step(before[b], after[b])
-            elif hasattr(agg, "after_step"):
-                agg.after_step()
-            if hasattr(agg, "on_train_epoch_end"):
-                agg.on_train_epoch_end(_identity)
+        after = functools.cache(lambda: losses(trajectory[step + 1], scale) - lower)  # FAMO's only
+        for b, eng in enumerate(engines):
+            eng.after_step(lambda b=b: after()[b])
+            eng.on_train_epoch_end(_identity)
     return trajectory[:, 0] if single else trajectory
