@@ -12,17 +12,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_mtl._plotting import figure_class, figure_to_rgb
-from lightning_mtl.multitask.engine import flat_jacobian
+from lightning_mtl.multitask.engine import GradientEngine, flat_jacobian
 
 
 class GradientConflictMonitor(pl.Callback):
     """Every ``every_n_steps`` optimizer steps, the cosine between every pair of task gradients.
 
     Works with :class:`~lightning_mtl.multitask.MultiTaskModule` (any aggregator). The gradients are
-    those of the task losses on the step's batch w.r.t. the encoder's parameters (``level=
-    "parameter"``) or the shared representation (``"representation"``), taken right after the
-    optimizer step, in one extra forward whose BatchNorm statistics updates are undone. Under DDP
-    the per-rank Jacobians are averaged first, so every rank logs the same numbers.
+    those of the step it logs: of the task losses on that step's batch w.r.t. the encoder's parameters
+    (``level="parameter"``) or the shared representation (``"representation"``), at the parameters the
+    optimizer step started from. They are the Jacobian the module's
+    :class:`~lightning_mtl.multitask.engine.GradientEngine` computed in that step's backward
+    (``engine.last_jacobian``), asked for at the batch's start: a gradient method at that level has it
+    anyway; a loss weighting, or the other level, gets it computed on the measured steps only (m
+    backward passes through the step's graph, no extra forward). Under DDP the engine averages the
+    per-rank Jacobians, so every rank logs the same numbers.
 
     Logs ``train/grad_cos/<a>__<b>`` and ``train/grad_norm/<task>`` once per measurement, at
     ``step=trainer.global_step`` (to every logger directly, so ``log_every_n_steps`` neither shifts nor
@@ -32,7 +36,8 @@ class GradientConflictMonitor(pl.Callback):
     Without matplotlib the plain coloured cells (:func:`heatmap`) are logged, with one warning.
 
     Args:
-        every_n_steps: how often to measure (each costs one forward and m backward passes).
+        every_n_steps: how often to measure (each costs at most m backward passes, none where the step
+            computes that Jacobian anyway).
         level: ``"parameter"`` or ``"representation"``.
         log_image: also log the heatmap.
     """
@@ -48,20 +53,31 @@ class GradientConflictMonitor(pl.Callback):
         self._measured_at = 0  # the global step of the last measurement (none before the first optimizer step)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "task_losses") or not hasattr(pl_module, "encoder"):
-            raise TypeError("GradientConflictMonitor needs a MultiTaskModule (task_losses and a shared encoder)")
+        if not isinstance(getattr(pl_module, "engine", None), GradientEngine) or not hasattr(pl_module, "encoder"):
+            raise TypeError(
+                "GradientConflictMonitor needs a MultiTaskModule (task_losses, a shared encoder and its gradient engine)"
+            )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # this batch's optimizer step makes global_step + 1; with accumulation every micro-batch of that
+        # window asks (the parameters do not move in between) and the last one's Jacobian is read
+        if (trainer.global_step + 1) % self.every_n_steps == 0:
+            pl_module.engine.request_jacobian(self.level)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        engine = pl_module.engine
+        engine.request_jacobian(None)  # a skipped step leaves its request unread
         step = trainer.global_step
         # with accumulate_grad_batches > 1 several batches end at one global step: measure the first only
         if step % self.every_n_steps != 0 or step == self._measured_at or outputs is None:
             return
         self._measured_at = step
-        jac = self.jacobian(pl_module, batch)
-        if trainer.world_size > 1:
-            jac = trainer.strategy.reduce(jac, reduce_op="mean")
+        if engine.last_jacobian is None:  # a training_step or backward that bypasses the engine
+            rank_zero_warn(f"GradientConflictMonitor: the gradient engine computed no Jacobian for step {step}")
+            return
+        jac = engine.last_jacobian.float()
         norms = jac.norm(dim=1)
         cosines = (jac @ jac.T) / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
         self.last_cosines = cosines.detach().cpu()
@@ -91,7 +107,9 @@ class GradientConflictMonitor(pl.Callback):
         return image
 
     def jacobian(self, pl_module: Any, batch: Any) -> Tensor:
-        """Task-gradient matrix ``[m, n]`` on ``batch`` at the current weights (buffers restored)."""
+        """Task-gradient matrix ``[m, n]`` on ``batch`` at the current weights, in one extra forward whose
+        buffer updates (BatchNorm statistics) are undone: for use outside training (the monitor itself
+        reads the engine's Jacobian of the step it logs)."""
         buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
         try:
             with torch.enable_grad():

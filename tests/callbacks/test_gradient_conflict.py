@@ -80,15 +80,24 @@ def _pixels(wandb_image):
 
 
 class _DirectCosine(pl.Callback):
-    """At the monitor's steps, the cosine and norms of the two task gradients w.r.t. the encoder by autograd."""
+    """At the monitor's steps, the cosine and norms of the two task gradients w.r.t. the encoder by autograd,
+    on the logged step's batch at the parameters that step started from."""
 
     def __init__(self, every):
-        self.every, self.expected = every, {}
+        self.every, self.expected, self.pending = every, {}, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # measured before the update: the batch whose optimizer step makes global_step + 1
+        self.pending = self.measure(pl_module, batch) if (trainer.global_step + 1) % self.every == 0 else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step == 0 or step % self.every or step in self.expected:
             return  # the first batch to end at a measured step after an optimizer step (accumulation: several do)
+        self.expected[step] = self.pending
+
+    @staticmethod
+    def measure(pl_module, batch):
         buffers = {k: v.clone() for k, v in pl_module.named_buffers()}
         x, y = batch
         with torch.enable_grad():
@@ -102,7 +111,7 @@ class _DirectCosine(pl.Callback):
                 v.copy_(buffers[k])
         grads = [g.double() for g in grads]
         cos = float(grads[0] @ grads[1] / (grads[0].norm() * grads[1].norm()))
-        self.expected[trainer.global_step] = (cos, float(grads[0].norm()), float(grads[1].norm()))
+        return cos, float(grads[0].norm()), float(grads[1].norm())
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
