@@ -141,7 +141,7 @@ class LibMTLLoop(Side):
 
     def step(self) -> None:
         _, losses = reference_losses(self.encoder, self.heads, self.batch, self.amp)
-        if getattr(self.aggregator, "uses_log_losses", False):  # DB-MTL: LibMTL differentiates log(l_i + 1e-8)
+        if self.aggregator.uses_log_losses:  # DB-MTL: LibMTL differentiates log(l_i + 1e-8)
             losses = [torch.log(loss + 1e-8) for loss in losses]
         device = losses[0].device
         if self.loss_tensor:  # LibMTL's trainer writes the losses into a tensor: train_losses[tn] = ...
