@@ -24,7 +24,12 @@ run() {  # run <seconds> <command...>: a part that overruns is stopped and repor
     run 200 python3 benchmarks/continual.py --device cuda --precision bf16-mixed
     for precision in 16-mixed bf16-mixed; do
         for method in mvp ovor l2p dualprompt er; do
-            run 60 python3 -m lightning_mtl fit --config "configs/continual/digits/$method.yaml" \
+            cells=()  # the small stream's settings of ER and OVOR (configs/continual/data/digits.yaml)
+            [ "$method" = er ] && cells=(--data.init_args.memory_size=100)
+            [ "$method" = ovor ] && cells=(--trainer.callbacks.init_args.k=10 --trainer.callbacks.init_args.num_boundary=10
+                --trainer.callbacks.init_args.num_candidates=100 --trainer.callbacks.init_args.num_outliers=20)
+            run 60 python3 -m lightning_mtl fit --config configs/continual/data/digits.yaml \
+                --config "configs/continual/methods/$method.yaml" "${cells[@]}" \
                 --trainer.accelerator=gpu --trainer.precision="$precision" --trainer.enable_progress_bar=false \
                 --trainer.logger.init_args.save_dir=/tmp/runs 2>&1 | grep -E "Continual metrics|Error|error|nan" || true
         done

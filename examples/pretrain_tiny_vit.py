@@ -9,7 +9,8 @@ on the test split), then saves the backbone as a timm state dict and reports a l
 frozen features (fit on the training split, scored on the test split).
 
     python examples/pretrain_tiny_vit.py                     # about half a minute on a 2-core CPU
-    python -m lightning_mtl fit --config configs/continual/digits/mvp.yaml \\
+    python -m lightning_mtl fit --config configs/continual/data/digits.yaml \\
+        --config configs/continual/methods/mvp.yaml \\
         --model.init_args.checkpoint_path tiny_vit_digits.pth
 """
 
@@ -26,7 +27,7 @@ from lightning_mtl.continual.prompts import create_vit
 from lightning_mtl.continual.transforms import ViTEvalTransform, ViTTrainTransform
 from lightning_mtl.datamodules.digits import Digits
 
-# the digits recipes' backbone (configs/continual/digits/*.yaml, model.init_args.vit_kwargs)
+# the digits recipes' backbone (configs/continual/data/digits.yaml, model.init_args.vit_kwargs)
 VIT_KWARGS = dict(img_size=16, patch_size=4, depth=5)
 
 

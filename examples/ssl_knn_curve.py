@@ -1,8 +1,8 @@
 """Plot the online kNN accuracy (and the online linear probe's) of a self-supervised run from its CSV log.
 
     pip install matplotlib      # not a dependency of lightning-mtl
-    python -m lightning_mtl fit --config configs/ssl/digits_mixed_barlow_twins.yaml
-    python examples/ssl_knn_curve.py runs/digits_mixed_barlow_twins/version_0/metrics.csv --out docs/ssl_knn_curve.png
+    python -m lightning_mtl fit --config configs/ssl/data/digits.yaml
+    python examples/ssl_knn_curve.py runs/ssl_digits/mixed_barlow_twins/version_0/metrics.csv --out docs/ssl_knn_curve.png
 
 Several CSV files draw several curves (e.g. Barlow Twins against Mixed Barlow Twins); ``--label`` names them.
 The accuracies per epoch are also printed as a table.

@@ -51,10 +51,10 @@ def test_expected_loss_weightings_are_registered():
             assert get_aggregator_class(alias) is cls
 
 
-def test_every_method_has_a_multidigits_config():
-    configs = Path(__file__).resolve().parents[2] / "configs" / "multidigits"
+def test_every_method_has_a_method_config():
+    configs = Path(__file__).resolve().parents[2] / "configs" / "methods"
     missing = [name for name in list_aggregators() if not (configs / f"{name}.yaml").is_file()]
-    assert not missing, f"no configs/multidigits/<name>.yaml for {missing}"
+    assert not missing, f"no configs/methods/<name>.yaml for {missing}"
 
 
 def _jacobian(m: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -20,7 +20,7 @@ def test_pretrained_tiny_vit_loads_into_the_recipes_backbone(tmp_path, monkeypat
     runpy.run_path(str(SCRIPT), run_name="__main__")
     assert "linear probe of the frozen features" in capsys.readouterr().out
     saved = torch.load(out, map_location="cpu")
-    # the recipes' vit_kwargs (configs/continual/digits/*.yaml) and a local file: the weights load as saved
+    # the recipes' vit_kwargs (configs/continual/data/digits.yaml) and a local file: the weights load as saved
     vit = create_vit("vit_tiny_patch16_224", checkpoint_path=str(out), img_size=16, patch_size=4, depth=5)
     loaded = vit.state_dict()
     assert saved.keys() == loaded.keys()

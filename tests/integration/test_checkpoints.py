@@ -10,19 +10,20 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from lightning_mtl.cli import main
+from tests.config_matrix import compose_family, configs
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 TINY_VIT = ["--model.init_args.backbone=vit_tiny_patch16_224", "--trainer.precision=32-true", "--trainer.accelerator=cpu",
             "--model.init_args.vit_kwargs={img_size: 16, patch_size: 4, depth: 2}"]  # fmt: skip
 RECIPES = {
-    "quickstart.yaml": [],  # multi-task: encoder and tasks injected
-    "digits/mixup.yaml": [],
-    "digits/adautomix.yaml": [],
-    "ssl/digits_barlow_twins.yaml": [],
-    "ssl/digits_mixed_barlow_twins.yaml": [],
-    "continual/digits/l2p.yaml": TINY_VIT,
-    "continual/digits/er.yaml": TINY_VIT,
+    "quickstart": configs("quickstart.yaml"),  # multi-task: encoder and tasks injected
+    "mixup/digits+mixup": compose_family("mixup", "digits", "mixup"),
+    "mixup/adautomix_digits": configs("mixup/adautomix_digits.yaml"),
+    "ssl/digits+barlow_twins": compose_family("ssl", "digits", "barlow_twins"),
+    "ssl/digits+mixed_barlow_twins": compose_family("ssl", "digits", "mixed_barlow_twins"),
+    "continual/digits+l2p": [*compose_family("continual", "digits", "l2p"), *TINY_VIT],
+    "continual/digits+er": [*compose_family("continual", "digits", "er"), *TINY_VIT],
 }
 
 
@@ -34,7 +35,7 @@ def _inputs(batch):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_checkpoint_alone_rebuilds_the_model(recipe, tmp_path):
-    cli = main(["fit", "--config", str(ROOT / "configs" / recipe), *RECIPES[recipe], *FAST])
+    cli = main(["fit", *RECIPES[recipe], *FAST])
     path = tmp_path / "model.ckpt"
     cli.trainer.save_checkpoint(path)
     loaded = type(cli.model).load_from_checkpoint(path, map_location="cpu")

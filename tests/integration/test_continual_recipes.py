@@ -1,25 +1,22 @@
-"""The continual-learning recipes through the real CLI: the embedded digits runs end to end, every Si-Blurry
-recipe builds with the published protocol, the recipes of a data set differ only in the method, and one
-recipe runs on a fixture in the data set's own format."""
+"""The continual-learning recipes (configs/continual/data/<data set>.yaml with each configs/continual/methods/
+file) through the real CLI: the embedded digits runs end to end, every Si-Blurry combination builds with the
+published protocol, and one runs on a fixture in the data set's own format."""
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from lightning_mtl.callbacks.anytime import AnytimeEvaluation
 from lightning_mtl.cli import MultiTaskCLI, main
 from lightning_mtl.continual import METHODS, SiBlurryStream, VirtualOutlierRegularization
 from tests.fixtures.cifar import write_cifar
 from tests.fixtures.trainers import one_thread  # noqa: F401
+from tests.config_matrix import CONTINUAL_DATA, CONTINUAL_METHODS, compose_family
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs" / "continual"
 DATASETS = {"cifar100": "CIFAR100", "tiny_imagenet": "TinyImageNet", "imagenet_r": "ImageNetR"}
 TINY_VIT = "{img_size: 16, patch_size: 4, depth: 5}"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -37,16 +34,16 @@ def _tiny_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
-def test_every_method_has_a_recipe_in_every_folder():
-    for folder in [*DATASETS, "digits"]:
-        assert sorted(p.stem for p in (CONFIGS / folder).glob("*.yaml")) == sorted(METHODS), folder
+def test_every_method_has_a_method_file_and_every_data_set_a_data_file():
+    assert CONTINUAL_METHODS == sorted(METHODS)
+    assert CONTINUAL_DATA == sorted([*DATASETS, "digits"])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_digits_recipe_runs_and_reports_the_continual_metrics(method, tmp_path):
     # a shortened stream (10 tasks, 30 steps) so that a task ends and several evaluations run
     cli = main([
-        "fit", "--config", str(CONFIGS / "digits" / f"{method}.yaml"), *_tiny_overrides(tmp_path),
+        "fit", *compose_family("continual", "digits", method), *_tiny_overrides(tmp_path),
         "--data.init_args.num_tasks=10", "--trainer.max_steps=30",
     ])  # fmt: skip
     assert type(cli.model) is METHODS[method]
@@ -64,7 +61,7 @@ def test_offline_class_incremental_from_the_same_recipe(tmp_path):
     # task after task, 2 epochs each, disjoint classes, equal tasks (i-Blurry boundaries): the schedule visits each task's samples twice and
     # the evaluations at the task ends see the classes of the finished tasks only
     cli = main([
-        "fit", "--config", str(CONFIGS / "digits" / "dualprompt.yaml"), *_tiny_overrides(tmp_path),
+        "fit", *compose_family("continual", "digits", "dualprompt"), *_tiny_overrides(tmp_path),
         "--data.init_args.online=false", "--data.init_args.epochs_per_task=2", "--data.init_args.num_tasks=10",
         "--data.init_args.disjoint_class_ratio=1.0", "--data.init_args.blurry_sample_ratio=0.0",
         "--data.init_args.stochastic=false",
@@ -79,41 +76,24 @@ def test_offline_class_incremental_from_the_same_recipe(tmp_path):
     assert task_ends and [e["num_seen"] for e in task_ends] == list(range(1, len(task_ends) + 1))
 
 
-def _recipes() -> list[Path]:
-    return sorted(p for folder in DATASETS for p in (CONFIGS / folder).glob("*.yaml"))
+RECIPES = [(data, method) for data in sorted(DATASETS) for method in CONTINUAL_METHODS]
 
 
-@pytest.mark.parametrize("config", _recipes(), ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_si_blurry_recipe_builds_with_the_published_protocol(config, tmp_path):
-    cli = MultiTaskCLI(args=["--config", str(config), *_tiny_overrides(tmp_path)], run=False)
-    assert type(cli.model) is METHODS[config.stem]
+@pytest.mark.parametrize("data, method", RECIPES, ids=[f"{d}/{m}" for d, m in RECIPES])
+def test_si_blurry_recipe_builds_with_the_published_protocol(data, method, tmp_path):
+    cli = MultiTaskCLI(args=[*compose_family("continual", data, method), *_tiny_overrides(tmp_path)], run=False)
+    assert type(cli.model) is METHODS[method]
     stream = cli.datamodule
-    assert isinstance(stream, SiBlurryStream) and type(stream.source).__name__ == DATASETS[config.parent.name]
+    assert isinstance(stream, SiBlurryStream) and type(stream.source).__name__ == DATASETS[data]
     assert (stream.num_tasks, stream.disjoint_class_ratio, stream.blurry_sample_ratio) == (5, 0.5, 0.1)
     assert (stream.online, stream.online_iter, stream.batch_size, stream.seed) == (True, 3.0, 32, 1)
-    assert stream.memory_size == (500 if config.stem == "er" else 0)
-    assert cli.model.num_classes == {"cifar100": 100}.get(config.parent.name, 200)
+    assert stream.memory_size == (500 if method == "er" else 0)
+    assert cli.model.num_classes == {"cifar100": 100}.get(data, 200)
     callbacks = {type(c) for c in cli.trainer.callbacks}
     assert AnytimeEvaluation in callbacks
-    assert (VirtualOutlierRegularization in callbacks) == (config.stem == "ovor")
+    assert (VirtualOutlierRegularization in callbacks) == (method == "ovor")
     anytime = next(c for c in cli.trainer.callbacks if isinstance(c, AnytimeEvaluation))
     assert anytime.eval_period == 1000
-
-
-@pytest.mark.parametrize("folder", sorted(DATASETS))
-def test_recipes_of_a_data_set_differ_only_in_the_method(folder):
-    def common(path: Path) -> dict:
-        config = copy.deepcopy(yaml.safe_load(path.read_text()))
-        config.pop("model")
-        config["trainer"]["logger"]["init_args"].pop("name")
-        config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("Regularization")]
-        config["data"]["init_args"].pop("memory_size")
-        return config
-
-    configs = {p.stem: common(p) for p in (CONFIGS / folder).glob("*.yaml")}
-    reference = configs.pop("mvp")
-    for method, config in configs.items():
-        assert config == reference, method
 
 
 def test_cifar100_recipe_runs_on_a_fixture_in_the_cifar_format(tmp_path):
@@ -124,7 +104,7 @@ def test_cifar100_recipe_runs_on_a_fixture_in_the_cifar_format(tmp_path):
         if {y for _, y in written["test"]} <= {y for _, y in written["train"]}:
             break
     cli = main([
-        "fit", "--config", str(CONFIGS / "cifar100" / "mvp.yaml"), *_tiny_overrides(tmp_path),
+        "fit", *compose_family("continual", "cifar100", "mvp"), *_tiny_overrides(tmp_path),
         f"--data.init_args.source.init_args.root={root}",
         "--data.init_args.source.init_args.train_transform.init_args.image_size=16",
         "--data.init_args.source.init_args.eval_transform.init_args.image_size=16",
