@@ -43,7 +43,7 @@ def weighted_knn_predict(
     Returns:
         ``[B, num_classes]`` summed vote weights.
 
-    Example:
+    Examples:
         >>> bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
         >>> scores = weighted_knn_predict(torch.tensor([[1.0, 0.05]]), bank, torch.tensor([0, 0, 1]), 2, k=2)
         >>> int(scores.argmax())

@@ -67,7 +67,7 @@ def anytime_auc(accuracies: ArrayLike, samples: ArrayLike | None = None) -> floa
     Returns:
         The anytime accuracy, NaN when there is no evaluation.
 
-    Example:
+    Examples:
         >>> anytime_auc([0.5, 0.7, 0.6])
         0.6
         >>> round(anytime_auc([0.5, 0.8], samples=[1000, 4000]), 4)
@@ -159,7 +159,7 @@ def forgetting_last(class_accuracy_matrix: ArrayLike, exclude_never_correct: boo
     Returns:
         The forgetting, NaN with fewer than two task ends or no class to measure.
 
-    Example:
+    Examples:
         >>> nan = float("nan")
         >>> forgetting_last([[1.0, nan], [0.5, 0.9]])
         0.5
@@ -201,7 +201,7 @@ def accuracy_matrix(
     Returns:
         ``[T_end, num_tasks]`` float64 matrix.
 
-    Example:
+    Examples:
         >>> nan = float("nan")
         >>> accuracy_matrix([[1.0, 0.5, nan], [0.5, 0.5, 1.0]], class_tasks=[0, 0, 1]).tolist()
         [[0.75, nan], [0.5, 1.0]]

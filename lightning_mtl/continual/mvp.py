@@ -369,11 +369,13 @@ class MVP(DualPrompt):
     Defaults (the paper's and the Si-Blurry code's): g-prompt length 5 at blocks 0-1, pool 10 of length 20
     at blocks 2-4, alpha 0.5, gamma 2, margin 0.5, Adam lr 5e-3 constant.
 
+    ``backbone``, ``checkpoint_path``, ``vit_kwargs``, ``g_length``, ``g_layers``, ``e_length``,
+    ``e_layers``, ``pool_size``, ``pull_coef`` and ``project_prefix`` are those of
+    :class:`~lightning_mtl.continual.dualprompt.DualPrompt` (``pull_coef`` weighs the contrastive loss
+    when ``use_contrastive``).
+
     Args:
         num_classes: classes of the stream.
-        backbone, checkpoint_path, vit_kwargs, g_length, g_layers, e_length, e_layers, pool_size,
-            pull_coef, project_prefix: see :class:`~lightning_mtl.continual.dualprompt.DualPrompt`
-            (``pull_coef`` weighs the contrastive loss when ``use_contrastive``).
         use_mask: instance-wise logit mask.
         use_contrastive: frequency-weighted selection and contrastive key loss.
         use_focal: gradient-similarity focal loss.

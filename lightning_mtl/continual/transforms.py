@@ -45,7 +45,8 @@ class ViTTrainTransform(_Composed):
         image_size: output side ``S``.
         padding: zero padding of the random crop (official: 4; 0 leaves the crop out).
         hflip: flip horizontally with probability 0.5.
-        mean, std: per-channel normalization (both or neither; None keeps [0, 1]).
+        mean: per-channel normalization mean (give both ``mean`` and ``std`` or neither; None keeps [0, 1]).
+        std: per-channel normalization standard deviation.
     """
 
     def __init__(
@@ -76,7 +77,8 @@ class ViTEvalTransform(_Composed):
 
     Args:
         image_size: output side ``S``.
-        mean, std: per-channel normalization (both or neither; None keeps [0, 1]).
+        mean: per-channel normalization mean (give both ``mean`` and ``std`` or neither; None keeps [0, 1]).
+        std: per-channel normalization standard deviation.
     """
 
     def __init__(

@@ -66,7 +66,7 @@ def knn_distance(queries: Tensor, bank: Tensor, k: int, exclude_self: bool = Fal
     Returns:
         ``[M]`` distances.
 
-    Example:
+    Examples:
         >>> bank = torch.tensor([[0.0], [1.0], [3.0]])
         >>> knn_distance(bank, bank, k=1, exclude_self=True)
         tensor([1., 1., 2.])
@@ -196,7 +196,7 @@ def energy(logits: Tensor) -> Tensor:
     Masked columns (the dtype's minimum, see :func:`~lightning_mtl.continual.base.mask_unseen`) add
     nothing.
 
-    Example:
+    Examples:
         >>> energy(torch.tensor([[0.0, 0.0]]))
         tensor([-0.6931])
     """
@@ -231,7 +231,7 @@ def vor_loss(
         lam: weight of the regularizer (0.1).
         delta: Huber threshold (1, PyTorch's default).
 
-    Example:
+    Examples:
         >>> vor_loss(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0]]), tau_id=-1.0, tau_ood=0.0, lam=1.0)
         tensor(0.2873)
     """

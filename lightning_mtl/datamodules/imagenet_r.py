@@ -41,8 +41,9 @@ class ImageNetR(ImageClassificationDataModule):
         root: folder that holds ``imagenet-r/`` (or that folder itself).
         split_seed: seed of the 80 / 20 train / test split (official: 0).
         train_fraction: share of the images used for training.
-        **kwargs: the arguments of :class:`~lightning_mtl.datamodules._images.ImageClassificationDataModule`
-            (``batch_size``, ``val_size``, ``seed``, ``train_transform``, ``eval_transform``, ``as_dict`` ...).
+
+    The other arguments (``batch_size``, ``val_size``, ``seed``, ``train_transform``, ``eval_transform``,
+    ``as_dict`` ...) are those of :class:`~lightning_mtl.datamodules._images.ImageClassificationDataModule`.
     """
 
     folder = "imagenet-r"

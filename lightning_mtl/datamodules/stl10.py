@@ -55,7 +55,8 @@ class STL10(ImageClassificationDataModule):
 
     Args:
         unlabeled: add the 100,000 unlabelled images to the training split (self-supervised training).
-        **kwargs: see :class:`~lightning_mtl.datamodules._images.ImageClassificationDataModule`.
+
+    The other arguments are those of :class:`~lightning_mtl.datamodules._images.ImageClassificationDataModule`.
     """
 
     folder = "stl10_binary"

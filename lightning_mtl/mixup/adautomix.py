@@ -104,7 +104,9 @@ class AdAutoMix(pl.LightningModule):
         beta: weight of the adversarial term (0.3 CIFAR, 0.4 Tiny-ImageNet, 0.1 ImageNet).
         adversarial: alternate cooperative and adversarial generator steps (False: AutoMix).
         cosine_sign: ``"paper"`` (keep the mix's prediction close to its sources') or ``"code"``.
-        generator_reduction, lam_concat, upsample_mode: see :class:`MixMaskGenerator`.
+        generator_reduction: see :class:`MixMaskGenerator`.
+        lam_concat: see :class:`MixMaskGenerator`.
+        upsample_mode: see :class:`MixMaskGenerator`.
         evaluate: ``"teacher"``, ``"student"`` or ``"both"``.
         optimizer: student optimizer factory (and generator's, without ``generator_optimizer``).
         lr_scheduler: scheduler factory for ``optimizer``.

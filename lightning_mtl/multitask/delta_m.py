@@ -27,8 +27,8 @@ def delta_m(
         baselines: ``{task: {metric: single-task value}}``; only these pairs enter the sum.
         higher_is_better: ``{task: {metric: bool}}``.
 
-    Example:
-        >>> delta_m({"a": {"acc": 0.9}}, {"a": {"acc": 0.8}}, {"a": {"acc": True}})
+    Examples:
+        >>> round(delta_m({"a": {"acc": 0.9}}, {"a": {"acc": 0.8}}, {"a": {"acc": True}}), 6)
         -12.5
     """
     per_task = []

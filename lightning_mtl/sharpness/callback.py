@@ -74,8 +74,11 @@ class SharpnessAwareMinimization(pl.Callback):
         eta: ASAM's offset in ``T = |w| + eta`` (default 0.01, or the wrapper's).
         eps: added to the gradient norm.
 
-    Example:
-        >>> trainer = pl.Trainer(callbacks=[SharpnessAwareMinimization(rho=0.05)])  # doctest: +SKIP
+    Examples:
+        >>> sam = SharpnessAwareMinimization(rho=0.05)
+        >>> trainer = pl.Trainer(callbacks=[sam], logger=False, enable_checkpointing=False)
+        >>> sam in trainer.callbacks
+        True
     """
 
     def __init__(

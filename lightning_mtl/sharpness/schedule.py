@@ -17,7 +17,7 @@ class RhoSchedule:
     comes first (ramping ``rho`` up, as some SAM recipes do). The schedule holds no state of its own:
     whoever steps it (the callback or the optimizer wrapper) keeps the step count in its checkpoint.
 
-    Example:
+    Examples:
         >>> schedule = RhoSchedule(start=0.1, end=0.3, steps=10, kind="linear")
         >>> [round(schedule(step), 6) for step in (0, 5, 50)]
         [0.1, 0.2, 0.3]

@@ -85,7 +85,8 @@ class SSLAugmentation(_Composed):
         blur_kernel: kernel size of the blur (odd); default about a tenth of ``crop_size``.
         solarize_p: probability of solarization.
         solarize_threshold: solarization threshold as a fraction of the maximum value.
-        mean, std: per-channel normalization after conversion to [0, 1] floats (both or neither).
+        mean: per-channel normalization mean after conversion to [0, 1] floats (both or neither).
+        std: per-channel normalization standard deviation.
     """
 
     def __init__(
@@ -149,7 +150,8 @@ class EvalTransform(_Composed):
         resize: side of the shorter edge after resizing (None: no resize).
         crop_size: side of the centre crop (None: no crop).
         interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``.
-        mean, std: per-channel normalization (both or neither).
+        mean: per-channel normalization mean (both or neither).
+        std: per-channel normalization standard deviation.
     """
 
     def __init__(

@@ -125,7 +125,7 @@ def barlow_twins_loss(
 
     Computed in float32 (outside autocast). See the module docstring for the formula and DDP behaviour.
 
-    Example:
+    Examples:
         >>> z = torch.randn(64, 16)
         >>> terms = barlow_twins_loss(z, z + 0.1 * torch.randn(64, 16), lambda_bt=1 / 16)
         >>> bool(terms.loss > 0), float(terms.loss_reg)
@@ -168,7 +168,8 @@ def mixed_barlow_twins_loss(
     """Barlow Twins loss plus the mixed-sample regularizer (Bandara et al.).
 
     Args:
-        z_a, z_b: raw embeddings of the two views ``[n, d]`` (this rank's part of the batch).
+        z_a: raw embedding of the first view ``[n, d]`` (this rank's part of the batch).
+        z_b: raw embedding of the second view ``[n, d]``.
         z_m: raw embedding of the mixed input ``alpha * y_a + (1 - alpha) * y_b[perm]``.
         alpha: the mixing coefficient of this batch (the same on every rank).
         perm: this rank's permutation of ``range(n)`` used to build the mixed input.

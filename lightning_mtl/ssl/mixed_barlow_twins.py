@@ -30,9 +30,11 @@ class MixedBarlowTwins(BarlowTwins):
     Logged: those of :class:`BarlowTwins` plus ``train/loss_reg`` (weighted, warm-up included),
     ``train/reg_scale`` (the warm-up factor) and ``train/alpha``.
 
+    ``backbone``, ``embedding_dim``, ``projector_hidden``, ``lambda_bt``, ``feature_dim``, ``optimizer``,
+    ``lr_scheduler``, ``warmup_epochs``, ``cosine``, ``final_lr_factor`` and ``eps`` are those of
+    :class:`BarlowTwins`.
+
     Args:
-        backbone, embedding_dim, projector_hidden, lambda_bt, feature_dim, optimizer, lr_scheduler,
-            warmup_epochs, cosine, final_lr_factor, eps: see :class:`BarlowTwins`.
         lambda_reg: weight of the regularizer relative to ``lambda_bt`` (4 for CIFAR-10/100 and
             Tiny-ImageNet, 2 for STL-10); 0 gives plain Barlow Twins (and skips the mixed forward).
         mix_beta: parameters of the Beta distribution of ``alpha`` ((1, 1): uniform, as published).
