@@ -11,8 +11,7 @@ References:
       NeurIPS 2023; official code ``github.com/Cranial-XIX/FAMO``, ``experiments/toy``: the
       Nash-MTL set-up, with FAMO working on ``log(L_i - L_i^min)``, ``L^min = (-21 scale, -21)``.
 
-Nothing here depends on Lightning (it runs the plain-torch :class:`~lightning_mtl.multitask.engine.GradientEngine`);
-it is used by ``tests/aggregators/test_toy_problem.py`` and
+Nothing here depends on Lightning; it is used by ``tests/aggregators/test_toy_problem.py`` and
 ``examples/toy_trajectories.py``.
 
 The losses
@@ -34,29 +33,12 @@ damped by ``tanh``, with minima near ``(7, -8.43)`` (``L1``) and ``(-7, -8.43)``
 about ``-20``. :func:`log_losses` gives ``log(L_i - L_i^min)`` with FAMO's lower bounds
 (``L1 > -20 scale``, ``L2 > -20``): a monotone transform per task, so the Pareto set is the same.
 
-The Pareto set (derived here, checked numerically in the tests)
----------------------------------------------------------------
-Dominance does not change when one loss is multiplied by ``scale > 0``, so take ``scale = 1``.
-Every point with ``x2 >= 0`` is dominated: both losses are ``> -6.21`` there (``0`` on the axis),
-while at ``(0, -8.355)`` both are ``-15.09``. Below the axis ``L_i = s(x2) q_i(x)``
-with ``s = tanh(-x2 / 2) > 0``. A Pareto-optimal point is Pareto-stationary:
-``lam grad L1 + (1 - lam) grad L2 = 0`` for some ``lam`` in ``[0, 1]`` (with ``scale`` absorbed in
-``lam``). The ``x1`` component is ``s (lam (x1 - 7) + (1 - lam) (x1 + 7)) / 5 = 0``, so
-``x1 = 14 lam - 7`` covers ``[-7, 7]``, and there ``lam q1 + (1 - lam) q2 = c(x1) + (x2 + 8)^2 / 100``
-with ``c(x1) = -15.1 - x1^2 / 10``. The ``x2`` component is then the derivative of
-``h(t) = tanh(-t / 2) (c + (t + 8)^2 / 100)``::
-
-    h'(t) = -(1 - tanh(t / 2)^2) / 2 * (c + (t + 8)^2 / 100) + tanh(-t / 2) * (t + 8) / 50 = 0,
-
-which is positive on ``[-8, 0)`` (both terms are) and negative on ``(-inf, -12]`` (there
-``1 - tanh^2 < 3e-5`` and the second term is ``< -0.079``); numerically it has a single root in
-``(-12, -8)``, found by bisection in float64 (:func:`pareto_x2`). That root is the minimiser of
-``h``, hence of the weighted sum ``lam L1 + (1 - lam) L2`` (whose minimisers are Pareto optimal).
-So the Pareto set is the curve ``{(x1, y(x1)) : -7 <= x1 <= 7}`` with ``y(0) = -8.3551`` and
-``y(+-7) = -8.4345``: an arc, not quite the horizontal segment ``x2 = -8.3552`` drawn in the
-papers' figures (that value is ``y(0)``, the minimiser of the mean loss for ``scale = 1``; the arc
-deviates from it by at most 0.08). It does not depend on ``scale`` (a positive rescaling of one
-loss only moves ``lam``).
+The Pareto set
+--------------
+The curve ``{(x1, y(x1)) : -7 <= x1 <= 7}``, with ``y(x1)`` the single root in ``(-12, -8)`` of the
+stationarity condition, found by bisection in float64 (:func:`pareto_x2`): ``y(0) = -8.3551``,
+``y(+-7) = -8.4345``, the same for every ``scale``. The derivation is on the documentation's
+multi-task page (section "The toy problem"); the tests check it numerically.
 
 Optimisation
 ------------
