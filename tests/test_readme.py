@@ -23,3 +23,8 @@ def test_quickstart_has_exactly_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci/run").read_text()
     assert _quickstart_commands()[1] in ci
+
+
+def test_readme_stays_a_front_page():
+    # the manual lives in docs/ (mkdocs.yml); the README keeps what it is, a picture, the commands, the methods
+    assert len((ROOT / "README.md").read_text()) <= 8000
