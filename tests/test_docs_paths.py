@@ -82,7 +82,7 @@ def test_the_expansion_of_placeholders():
         "configs/b/x.yaml",
         "configs/b/x_y.yaml",
     ]
-    assert _exists(ROOT, "configs/multidigits/<method>.yaml")
+    assert _exists(ROOT, "configs/methods/<method>.yaml")
     assert not _exists(ROOT, "configs/multidigits/no_such_method.yaml")
     assert not _exists(ROOT, "configs/no_such_folder/<method>.yaml")
 
