@@ -1,84 +1,124 @@
 """lightning_mtl: multi-task and related training methods as composable PyTorch Lightning plugins.
 
-Importing the package registers the short class names that configs use (``MultiTaskModule``,
-``MultiDigits``, ``ClassificationTask``, ``DigitsCNN``, ...).
+Importing the package is cheap: it loads no method family until one of its names is used
+(``lightning_mtl.MultiTaskModule`` imports ``lightning_mtl.multitask``, and so on). Configs that
+name classes by their short names (``MultiTaskModule``, ``MultiDigits``, ``ClassificationTask``,
+``DigitsCNN``, ...) work through the command line, ``python -m lightning_mtl``, which imports every
+family (:func:`import_families`) before it parses; a custom ``LightningCLI`` calls that function
+first to get the same short names.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
 
 __version__ = "0.1.0"
 
-from lightning_mtl.aggregators import create_aggregator, list_aggregators  # noqa: E402
-from lightning_mtl.architectures import (  # noqa: E402
-    CGC,
-    MMoE,
-    MTAN,
-    PLE,
-    CrossStitch,
-    DeepLabHead,
-    DigitsCNN,
-    HardParameterSharing,
-    MultiLeNet,
-    PreActResNet18,
-    ResNet18,
-    ResNetDilated,
-    SegNet,
-    TimmEncoder,
-    TransformersEncoder,
-    timm_encoder,
+# the packages above floor 0; `lightning_mtl.multitask` and the like work without an explicit import,
+# as they did when this module imported them all
+_SUBPACKAGES = (
+    "lightning_mtl.aggregators",
+    "lightning_mtl.architectures",
+    "lightning_mtl.callbacks",
+    "lightning_mtl.continual",
+    "lightning_mtl.datamodules",
+    "lightning_mtl.mixup",
+    "lightning_mtl.multitask",
+    "lightning_mtl.sharpness",
+    "lightning_mtl.ssl",
 )
-from lightning_mtl.callbacks import (  # noqa: E402
-    AnytimeEvaluation,
-    BestMetricsSummary,
-    EMATeacher,
-    GradientConflictMonitor,
-    KNNMonitor,
-    OnlineLinearProbe,
-    RunSummary,
-    TaskPredictionWriter,
-)
-from lightning_mtl.datamodules import (  # noqa: E402
-    CIFAR10,
-    CIFAR100,
-    NYUv2,
-    STL10,
-    CelebA,
-    Cityscapes,
-    Digits,
-    ImageNetR,
-    MultiDigits,
-    MultiMNIST,
-    NpzMultiTaskDataModule,
-    TabularMultiTask,
-    TextMultiTask,
-    TinyImageNet,
-)
-from lightning_mtl.continual import (  # noqa: E402
-    ER,
-    L2P,
-    MVP,
-    DualPrompt,
-    LinearBaseline,
-    OnePrompt,
-    SiBlurryStream,
-    ViTEvalTransform,
-    ViTTrainTransform,
-    VirtualOutlierRegularization,
-)
-from lightning_mtl.mixup import AdAutoMix, AutoMix, CutMix, MixBatch, Mixup, ResizeMix, ThreeSampleMixup  # noqa: E402
-from lightning_mtl.multitask import (  # noqa: E402
-    MISSING_LABEL,
-    BinaryTask,
-    ClassificationTask,
-    DepthTask,
-    MultiLabelTask,
-    MultiTaskModule,
-    RegressionTask,
-    SegmentationTask,
-    SurfaceNormalTask,
-    Task,
-    delta_m,
-)
-from lightning_mtl.sharpness import FMTL, SAM, RhoSchedule, SharpnessAwareMinimization  # noqa: E402
-from lightning_mtl.ssl import BarlowTwins, LinearEvaluation, MixedBarlowTwins, SSLAugmentation, TwoViews  # noqa: E402
+
+# public name -> the package that exports it, imported on first access
+_LAZY = {
+    # lightning_mtl.aggregators
+    "create_aggregator": "lightning_mtl.aggregators",
+    "list_aggregators": "lightning_mtl.aggregators",
+    # lightning_mtl.architectures
+    "CGC": "lightning_mtl.architectures",
+    "CrossStitch": "lightning_mtl.architectures",
+    "DeepLabHead": "lightning_mtl.architectures",
+    "DigitsCNN": "lightning_mtl.architectures",
+    "HardParameterSharing": "lightning_mtl.architectures",
+    "MMoE": "lightning_mtl.architectures",
+    "MTAN": "lightning_mtl.architectures",
+    "MultiLeNet": "lightning_mtl.architectures",
+    "PLE": "lightning_mtl.architectures",
+    "PreActResNet18": "lightning_mtl.architectures",
+    "ResNet18": "lightning_mtl.architectures",
+    "ResNetDilated": "lightning_mtl.architectures",
+    "SegNet": "lightning_mtl.architectures",
+    "timm_encoder": "lightning_mtl.architectures",
+    "TimmEncoder": "lightning_mtl.architectures",
+    "TransformersEncoder": "lightning_mtl.architectures",
+    # lightning_mtl.callbacks
+    "BestMetricsSummary": "lightning_mtl.callbacks",
+    "EMATeacher": "lightning_mtl.callbacks",
+    "GradientConflictMonitor": "lightning_mtl.callbacks",
+    "RunSummary": "lightning_mtl.callbacks",
+    "TaskPredictionWriter": "lightning_mtl.callbacks",
+    # lightning_mtl.continual
+    "AnytimeEvaluation": "lightning_mtl.continual",
+    "DualPrompt": "lightning_mtl.continual",
+    "ER": "lightning_mtl.continual",
+    "L2P": "lightning_mtl.continual",
+    "LinearBaseline": "lightning_mtl.continual",
+    "MVP": "lightning_mtl.continual",
+    "OnePrompt": "lightning_mtl.continual",
+    "SiBlurryStream": "lightning_mtl.continual",
+    "VirtualOutlierRegularization": "lightning_mtl.continual",
+    "ViTEvalTransform": "lightning_mtl.continual",
+    "ViTTrainTransform": "lightning_mtl.continual",
+    # lightning_mtl.datamodules
+    "CelebA": "lightning_mtl.datamodules",
+    "CIFAR10": "lightning_mtl.datamodules",
+    "CIFAR100": "lightning_mtl.datamodules",
+    "Cityscapes": "lightning_mtl.datamodules",
+    "Digits": "lightning_mtl.datamodules",
+    "ImageNetR": "lightning_mtl.datamodules",
+    "MultiDigits": "lightning_mtl.datamodules",
+    "MultiMNIST": "lightning_mtl.datamodules",
+    "NpzMultiTaskDataModule": "lightning_mtl.datamodules",
+    "NYUv2": "lightning_mtl.datamodules",
+    "STL10": "lightning_mtl.datamodules",
+    "TabularMultiTask": "lightning_mtl.datamodules",
+    "TextMultiTask": "lightning_mtl.datamodules",
+    "TinyImageNet": "lightning_mtl.datamodules",
+    # lightning_mtl.mixup
+    "AdAutoMix": "lightning_mtl.mixup",
+    "AutoMix": "lightning_mtl.mixup",
+    "CutMix": "lightning_mtl.mixup",
+    "MixBatch": "lightning_mtl.mixup",
+    "Mixup": "lightning_mtl.mixup",
+    "ResizeMix": "lightning_mtl.mixup",
+    "ThreeSampleMixup": "lightning_mtl.mixup",
+    # lightning_mtl.multitask
+    "BinaryTask": "lightning_mtl.multitask",
+    "ClassificationTask": "lightning_mtl.multitask",
+    "delta_m": "lightning_mtl.multitask",
+    "DepthTask": "lightning_mtl.multitask",
+    "MISSING_LABEL": "lightning_mtl.multitask",
+    "MultiLabelTask": "lightning_mtl.multitask",
+    "MultiTaskModule": "lightning_mtl.multitask",
+    "RegressionTask": "lightning_mtl.multitask",
+    "SegmentationTask": "lightning_mtl.multitask",
+    "SurfaceNormalTask": "lightning_mtl.multitask",
+    "Task": "lightning_mtl.multitask",
+    # lightning_mtl.sharpness
+    "FMTL": "lightning_mtl.sharpness",
+    "RhoSchedule": "lightning_mtl.sharpness",
+    "SAM": "lightning_mtl.sharpness",
+    "SharpnessAwareMinimization": "lightning_mtl.sharpness",
+    # lightning_mtl.ssl
+    "BarlowTwins": "lightning_mtl.ssl",
+    "KNNMonitor": "lightning_mtl.ssl",
+    "LinearEvaluation": "lightning_mtl.ssl",
+    "MixedBarlowTwins": "lightning_mtl.ssl",
+    "OnlineLinearProbe": "lightning_mtl.ssl",
+    "SSLAugmentation": "lightning_mtl.ssl",
+    "TwoViews": "lightning_mtl.ssl",
+}
 
 __all__ = [
     "AdAutoMix",
@@ -157,6 +197,36 @@ __all__ = [
     "__version__",
     "create_aggregator",
     "delta_m",
+    "import_families",
     "list_aggregators",
     "timm_encoder",
 ]
+
+
+def import_families() -> None:
+    """Import every family and every public name, as ``import lightning_mtl`` did before it became lazy.
+
+    jsonargparse (the Lightning CLI) resolves a short class name (``MultiTaskModule``, ``MultiDigits``,
+    ``ClassificationTask``, ``GradientConflictMonitor``, ...) among the subclasses imported so far, so
+    the command line calls this before it parses.
+    """
+    for package in _SUBPACKAGES:
+        importlib.import_module(package)
+    for name in __all__:  # the lazy re-exports too (the gradient-conflict monitor)
+        getattr(sys.modules[__name__], name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif f"{__name__}.{name}" in _SUBPACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | {m.rsplit(".", 1)[1] for m in _SUBPACKAGES})
+

@@ -2,7 +2,8 @@
 
 A :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode for model and data, so configs pick
 any LightningModule / LightningDataModule by class path, or by short name for everything this
-package exports (importing the package registers the names).
+package exports (this module imports every family, :func:`lightning_mtl.import_families`, so that
+jsonargparse finds the names; ``import lightning_mtl`` alone is lazy).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from jsonargparse import ArgumentParser, lazy_instance
 
-import lightning_mtl  # noqa: F401  (registers every short class name)
-from lightning_mtl import __version__
+from lightning_mtl import __version__, import_families
 from lightning_mtl.callbacks import BestMetricsSummary, RunSummary, TaskPredictionWriter
+
+import_families()  # before any parser exists: every short class name resolves as configs expect
 
 DESCRIPTION = (
     "lightning-mtl: multi-task gradient aggregators, sharpness-aware training, mixup, self-supervised and "

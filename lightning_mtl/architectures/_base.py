@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_mtl.multitask.tasks import Task
+from lightning_mtl._constants import TaskLike
 
 __all__ = ["MultiTaskArchitecture", "TaskHead", "reinitialized_copy"]
 
@@ -45,7 +45,7 @@ class MultiTaskArchitecture(nn.Module):
     def check_tasks(self, names: list[str]) -> None:
         """Raise if the architecture was built for other tasks (architectures that need the names)."""
 
-    def attach(self, tasks: dict[str, Task]) -> dict[str, Task]:
+    def attach(self, tasks: dict[str, TaskLike]) -> dict[str, TaskLike]:
         """Copies of ``tasks`` whose heads are the architecture's task parts around each task's own head."""
         self.check_tasks(list(tasks))
         attached = {}

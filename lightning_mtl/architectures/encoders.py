@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from lightning_mtl._weights import create_timm_model
+
+_NOT_FOUND = "timm checkpoint for {model_name!r} not found at {path}: give a local weights file"
 
 
 class DigitsCNN(nn.Module):
@@ -74,33 +76,19 @@ class TimmEncoder(nn.Module):
 
 
 def timm_encoder(model_name: str, checkpoint_path: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build ``timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)``.
+    """Build ``timm.create_model(model_name, num_classes=0, **kwargs)``, weights random or from a local file.
 
-    With ``checkpoint_path`` the weights are loaded from that local file (strictly, after dropping the
-    classifier keys that a ``num_classes=0`` model has no room for).
+    With ``checkpoint_path`` the weights are loaded from that local file by the package's one loader,
+    :func:`lightning_mtl._weights.create_timm_model` (strictly, after dropping the classifier keys that a
+    ``num_classes=0`` model has no room for).
+
+    Raises:
+        ValueError: timm has no model of that name.
+        FileNotFoundError: ``checkpoint_path`` is not a file.
+        lightning_mtl._weights.WeightsMismatchError: the file does not fit the model (a ``ValueError``).
     """
     import timm
 
     if model_name not in timm.list_models() and not timm.is_model(model_name):
         raise ValueError(f"timm has no model named {model_name!r}; see timm.list_models()")
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
-    if checkpoint_path is not None:
-        path = Path(checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"timm checkpoint for {model_name!r} not found at {path}: give a local weights file")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):
-                if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                    state = state[key]
-        own = model.state_dict()
-        state = {k: v for k, v in state.items() if k in own}
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise ValueError(f"{path} does not fit {model_name!r}: missing {len(missing)} keys, e.g. {missing[:3]}")
-        model.load_state_dict(state)
-    return model
+    return create_timm_model(model_name, checkpoint_path, not_found=_NOT_FOUND, **kwargs)

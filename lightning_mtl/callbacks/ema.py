@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_mtl._distributed import broadcast_
+
 __all__ = ["EMATeacher", "ema_decay"]
 
 Schedule = Literal["constant", "cosine", "warmup", "hold_cosine"]
@@ -399,12 +401,9 @@ class EMATeacher(pl.Callback):
     @torch.no_grad()
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ready(pl_module)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not self._pairs and trainer.world_size > 1 and distributed:
+        if not self._pairs and trainer.world_size > 1:
             # DDP's buffer broadcast skips a teacher outside the module: every rank evaluates rank 0's statistics
-            for t in self._tensors()[3]:
-                if t.is_floating_point():
-                    torch.distributed.broadcast(t, src=0)
+            broadcast_((t for t in self._tensors()[3] if t.is_floating_point()), src=0)
         students, teachers = self._eval_tensors()
         self._stash = [s.clone() for s in students]
         torch._foreach_copy_(students, teachers)

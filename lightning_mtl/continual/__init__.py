@@ -3,10 +3,11 @@ OVOR (OnePrompt + virtual outlier regularization), L2P, DualPrompt, ER and the l
 
 The stream (:class:`SiBlurryStream`) turns any image data module into the training loop's batches and
 a schedule; the modules subclass :class:`ContinualModule`; the anytime metrics come from
-:class:`~lightning_mtl.callbacks.AnytimeEvaluation`, the outlier phase of OVOR from
+:class:`~lightning_mtl.continual.AnytimeEvaluation`, the outlier phase of OVOR from
 :class:`VirtualOutlierRegularization`, which works with every module here.
 """
 
+from lightning_mtl.continual.anytime import AnytimeEvaluation, evaluation_plan
 from lightning_mtl.continual.base import ContinualModule, mask_unseen
 from lightning_mtl.continual.dualprompt import DualPrompt
 from lightning_mtl.continual.er import ER, LinearBaseline
@@ -37,6 +38,7 @@ METHODS: dict[str, type[ContinualModule]] = {
 }
 
 __all__ = [
+    "AnytimeEvaluation",
     "DualPrompt",
     "ER",
     "L2P",
@@ -60,6 +62,7 @@ __all__ = [
     "build_prompted_vit",
     "class_accuracy",
     "create_vit",
+    "evaluation_plan",
     "forgetting_last",
     "last_accuracy",
     "mask_unseen",

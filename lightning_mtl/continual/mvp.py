@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.continual.base import mask_unseen
 from lightning_mtl.continual.dualprompt import DualPrompt
-from lightning_mtl.ssl._distributed import differentiable_sum, distributed_world_size, sum_over_ranks
+from lightning_mtl._distributed import differentiable_sum, distributed_world_size, sum_over_ranks
 
 __all__ = [
     "MVP",
@@ -148,7 +148,7 @@ def contrastive_prompt_loss(
     ``P`` and ``A`` are batch means inside a nonlinear function, so under DDP the mean of the ranks' losses
     is not the loss of the global batch. ``sync`` fixes that: it is applied to the ``[3]`` vector of the
     local sums of ``exp`` terms and the row count, and must return their sums over the ranks with
-    gradients (:func:`~lightning_mtl.ssl._distributed.differentiable_sum`); every rank then computes ``P``,
+    gradients (:func:`~lightning_mtl._distributed.differentiable_sum`); every rank then computes ``P``,
     ``A`` and the loss of the global batch, and DDP's gradient average equals the gradient of the
     single-process loss on the concatenated batch.
 

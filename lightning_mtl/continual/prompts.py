@@ -20,15 +20,22 @@ Weights load only from a local file (:func:`create_vit`); nothing here downloads
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mtl._weights import create_timm_model
+
 __all__ = ["PromptPool", "PromptedViT", "build_prompted_vit", "create_vit"]
+
+_NOT_FOUND = (
+    "ViT weights not found at {path!r}. Nothing is downloaded automatically: fetch them once on a machine with "
+    "network access, e.g. `timm.create_model({model_name!r}, pretrained=True)` and "
+    "`torch.save(model.state_dict(), {path!r})` (or the original ViT-B/16 ImageNet-21k .npz), and point "
+    "checkpoint_path at the file"
+)
 
 
 def create_vit(
@@ -45,23 +52,9 @@ def create_vit(
 
     Raises:
         FileNotFoundError: ``checkpoint_path`` does not exist (nothing is downloaded in its place).
+        lightning_mtl._weights.WeightsMismatchError: the file does not fit the model.
     """
-    kwargs["num_classes"] = 0
-    kwargs.pop("pretrained", None)
-    if checkpoint_path is None:
-        return timm.create_model(model_name, pretrained=False, **kwargs)
-    path = Path(checkpoint_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ViT weights not found at {str(path)!r}. Nothing is downloaded automatically: fetch them once on a "
-            f"machine with network access, e.g. `timm.create_model({model_name!r}, pretrained=True)` and "
-            f"`torch.save(model.state_dict(), {str(path)!r})` (or the original ViT-B/16 ImageNet-21k .npz), and "
-            "point checkpoint_path at the file"
-        )
-    # `file` has priority over the url / hub entries of the pretrained config, so timm reads this file and
-    # never the network; a .npz goes through the model's own JAX loader (`custom_load`)
-    overlay = dict(file=str(path), source="", state_dict=None, custom_load=path.suffix == ".npz")
-    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return create_timm_model(model_name, checkpoint_path, not_found=_NOT_FOUND, **kwargs)
 
 
 def build_prompted_vit(

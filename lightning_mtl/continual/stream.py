@@ -19,9 +19,10 @@ from typing import Any, NamedTuple
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_mtl._distributed import distributed_rank, distributed_world_size
 
 __all__ = ["SiBlurrySplit", "SiBlurryStream", "StreamBatch", "StreamStep", "si_blurry_split"]
 
@@ -372,9 +373,7 @@ class _StreamItems(Dataset):
 
 
 def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed_rank(), distributed_world_size()
 
 
 class _StreamBatchSampler(Sampler[list]):

@@ -22,7 +22,7 @@ from typing import Any
 
 from torchvision.transforms import InterpolationMode, v2
 
-from lightning_mtl.ssl.augmentations import _Composed
+from lightning_mtl._transforms import ComposedTransform
 
 __all__ = ["ViTEvalTransform", "ViTTrainTransform"]
 
@@ -36,7 +36,7 @@ def _check_size(image_size: int) -> int:
     return int(image_size)
 
 
-class ViTTrainTransform(_Composed):
+class ViTTrainTransform(ComposedTransform):
     """Training augmentation of the Si-Blurry / MVP code (Moon et al., "Online Class Incremental Learning
     on Stochastic Blurry Task Boundary via Mask and Visual Prompt Tuning", ICCV 2023): ``Resize((S, S))``,
     ``RandomCrop(S, padding)``, a horizontal flip, then float32 and ``Normalize(mean, std)``.
@@ -72,7 +72,7 @@ class ViTTrainTransform(_Composed):
         super().__init__(steps, mean, std)
 
 
-class ViTEvalTransform(_Composed):
+class ViTEvalTransform(ComposedTransform):
     """Evaluation transform of the Si-Blurry / MVP code: ``Resize((S, S))``, float32, ``Normalize(mean, std)``.
 
     Args:

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from lightning_mtl._distributed import gather_strided
 from lightning_mtl._modes import eval_mode
 from lightning_mtl.continual.base import mask_unseen
 
@@ -292,9 +293,9 @@ class VirtualOutlierRegularization(pl.Callback):
     skips nor repeats one.
 
     DDP: each rank extracts the features of its share (``rank::world``) of the task's samples; the
-    shares are gathered (``trainer.strategy.all_gather``) back into the single-process order, so every
-    rank generates the same outliers and trains the same head, and the head is broadcast from rank 0
-    at the end so it stays bit-identical. Sharded strategies (FSDP, DeepSpeed) are refused.
+    shares are gathered (:func:`~lightning_mtl._distributed.gather_strided`) back into the
+    single-process order, so every rank generates the same outliers and trains the same head, and the
+    head is broadcast from rank 0 at the end so it stays bit-identical. Sharded strategies (FSDP, DeepSpeed) are refused.
 
     Logs ``train/vor/ce``, ``train/vor/reg``, ``train/vor/energy_id``, ``train/vor/energy_ood`` (means
     over the last epoch of the head phase) at each task end.
@@ -519,19 +520,7 @@ class VirtualOutlierRegularization(pl.Callback):
         width = parts[0].shape[1] if parts else 0
         features = torch.cat(parts) if parts else torch.zeros(0, width, device=device)
         labels = torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long, device=device)
-        if world == 1:
-            return features, labels
-        # all_gather needs equal shapes: pad each share to ceil(n / world) rows; row i of rank r is
-        # sample r + i * world, so the gathered [world, m] grid read row-major over i is the data order
-        width = int(trainer.strategy.all_gather(torch.tensor(width, device=device)).max())
-        m = -(-n // world)
-        padded = features.new_zeros(m, width)
-        padded[: features.shape[0]] = features
-        padded_labels = labels.new_full((m,), -1)
-        padded_labels[: labels.shape[0]] = labels
-        gathered = trainer.strategy.all_gather(padded).reshape(world, m, width)
-        gathered_labels = trainer.strategy.all_gather(padded_labels).reshape(world, m)
-        return gathered.transpose(0, 1).reshape(-1, width)[:n], gathered_labels.transpose(0, 1).reshape(-1)[:n]
+        return gather_strided(features, n), gather_strided(labels, n)
 
     def class_outliers(self, features: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """One draw of virtual outliers for every class in ``labels`` (sorted class order), at the raw

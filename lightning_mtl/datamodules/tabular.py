@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torch
 
+from lightning_mtl._constants import MISSING_LABEL
 from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _TensorDataModule, check_data_path, split_indices
-from lightning_mtl.multitask.tasks import MISSING_LABEL
 
 __all__ = ["TabularMultiTask", "read_table"]
 

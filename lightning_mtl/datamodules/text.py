@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_mtl._constants import MISSING_LABEL
 from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _TensorDataModule, check_data_path
-from lightning_mtl.multitask.tasks import MISSING_LABEL
 
 __all__ = ["TextMultiTask", "WordVocabulary", "load_records"]
 

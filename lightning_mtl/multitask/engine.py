@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl._distributed import mean_over_ranks_, sum_over_ranks
 from lightning_mtl.aggregators.base import Aggregator, GramianWeighting, LossWeighting
 from lightning_mtl.aggregators.linear import LinearScalarization
 
@@ -287,8 +288,7 @@ class GradientEngine:
         if world_size > 1:
             # the full batch's loss is the mean of the per-rank means: its representation Jacobian
             # is the per-rank ones / world side by side, so its Gramian is their sum / world^2
-            torch.distributed.all_reduce(gramian)
-            gramian = gramian / torch.distributed.get_world_size() ** 2
+            gramian = sum_over_ranks(gramian) / world_size**2
         weights = self.aggregator(gramian).to(terms[0].dtype)
         self.last_weights, self.last_gramian = weights.detach(), gramian
         return (weights.detach() * torch.stack(terms)).sum()
@@ -386,8 +386,7 @@ def loss_scale(loss: Tensor, closure_loss: Tensor) -> Tensor | None:
 
 def _all_mean(tensor: Tensor) -> Tensor:
     """Mean over the DDP ranks (one all-reduce, in place)."""
-    torch.distributed.all_reduce(tensor)
-    return tensor.div_(torch.distributed.get_world_size())
+    return mean_over_ranks_(tensor)
 
 
 def _all_mean_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl._modes import restored_buffers
 from lightning_mtl.multitask.engine import write_flat
 from lightning_mtl.sharpness.perturb import apply_perturbation, restore_parameters, sam_perturbation
 
@@ -126,12 +127,11 @@ class FMTL:
             params = [*shared, *own[i]]
             perturbations.append(self.perturbation([*rows, *head_grads[i]], params, len(shared)))
         buffers = [*encoder.buffers(), *(b for head in heads for b in head.buffers())]
-        saved_buffers = [b.detach().clone() for b in buffers]  # BatchNorm statistics: one update per step
         out = torch.zeros_like(jacobian)
         head_out: list[list[Tensor | None]] = [[] for _ in heads]
         batched = self.batched if self.batched is not None else inputs.is_cuda
         step = (self.chunk_size or len(heads)) if batched else 1
-        try:
+        with restored_buffers(buffers):  # BatchNorm statistics: one update per step
             for first in range(0, len(heads), step):
                 tasks = range(first, min(first + step, len(heads)))
                 if batched:
@@ -143,10 +143,6 @@ class FMTL:
                 for j, i in enumerate(tasks):
                     write_flat(out[i], rows[j], sizes)
                     head_out[i] = heads_sam[j]
-        finally:
-            if buffers:
-                with torch.no_grad():
-                    torch._foreach_copy_(buffers, saved_buffers)
         return out, head_out
 
     @staticmethod

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_mtl._modes import restored_buffers
 from lightning_mtl._plotting import figure_class, figure_to_rgb
 from lightning_mtl.multitask.engine import GradientEngine, flat_jacobian
 
@@ -110,22 +111,16 @@ class GradientConflictMonitor(pl.Callback):
         """Task-gradient matrix ``[m, n]`` on ``batch`` at the current weights, in one extra forward whose
         buffer updates (BatchNorm statistics) are undone: for use outside training (the monitor itself
         reads the engine's Jacobian of the step it logs)."""
-        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
-        try:
-            with torch.enable_grad():
-                inputs, targets = pl_module.unpack_batch(batch)
-                features = pl_module.encoder(inputs)
-                preds = {name: head(features) for name, head in pl_module.heads.items()}
-                terms, _ = pl_module.task_loss_terms(preds, targets, "train")
-                if self.level == "parameter":
-                    wrt = [p for p in pl_module.encoder.parameters() if p.requires_grad]
-                else:
-                    wrt = [features]
-                return flat_jacobian(terms, wrt, batched=features.is_cuda).float().detach()
-        finally:
-            with torch.no_grad():  # the extra forward must not move BatchNorm statistics
-                for name, b in pl_module.named_buffers():
-                    b.copy_(buffers[name])
+        with restored_buffers(pl_module), torch.enable_grad():
+            inputs, targets = pl_module.unpack_batch(batch)
+            features = pl_module.encoder(inputs)
+            preds = {name: head(features) for name, head in pl_module.heads.items()}
+            terms, _ = pl_module.task_loss_terms(preds, targets, "train")
+            if self.level == "parameter":
+                wrt = [p for p in pl_module.encoder.parameters() if p.requires_grad]
+            else:
+                wrt = [features]
+            return flat_jacobian(terms, wrt, batched=features.is_cuda).float().detach()
 
 
 def heatmap(matrix: Tensor, cell: int = 24) -> Tensor:

@@ -30,8 +30,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-MISSING_LABEL = -100
-"""Sentinel for a missing integer label (float labels use ``NaN``)."""
+from lightning_mtl._constants import MISSING_LABEL  # public here too: the constant's historical home
 
 
 class TaskError(ValueError):

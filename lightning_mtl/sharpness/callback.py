@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
+from lightning_mtl._modes import restored_buffers
 from lightning_mtl.sharpness._perturb import apply_perturbation, restore_parameters, sam_perturbation
 from lightning_mtl.sharpness.sam import SAM
 from lightning_mtl.sharpness.schedule import resolve_rho
@@ -298,19 +299,16 @@ class _ModuleParts:
 @contextmanager
 def _one_pass_side_effects(pl_module: pl.LightningModule, parts: _ModuleParts) -> Iterator[None]:
     """Mute logging; give buffers and torchmetrics states back afterwards."""
-    saved_buffers = [b.detach().clone() for b in parts.buffers]
     metrics = [(m, m._copy_state_dict(), m._update_count, m._computed, m._forward_cache) for m in parts.metrics]
     pl_module.__dict__["log"] = _no_log
     pl_module.__dict__["log_dict"] = _no_log
     pl_module.__dict__["_sam_perturbed_pass"] = True
     try:
-        yield
+        with restored_buffers(parts.buffers):
+            yield
     finally:
         for key in ("log", "log_dict", "_sam_perturbed_pass"):
             pl_module.__dict__.pop(key, None)
-        if parts.buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(parts.buffers, saved_buffers)
         for metric, states, count, computed, cache in metrics:
             for attr, value in states.items():
                 setattr(metric, attr, value)

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from lightning_mtl._transforms import ComposedTransform
+
 __all__ = ["EvalTransform", "SSLAugmentation", "TwoViews"]
 
 _INTERPOLATION = {
@@ -37,31 +39,7 @@ _INTERPOLATION = {
 }
 
 
-def _to_float(mean: Sequence[float] | None, std: Sequence[float] | None) -> list[Any]:
-    if (mean is None) != (std is None):
-        raise ValueError("give both mean and std for normalization, or neither")
-    steps: list[Any] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if mean is not None and std is not None:
-        if len(mean) != len(std):
-            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-        steps.append(v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]))
-    return steps
-
-
-class _Composed:
-    """``v2.Compose`` of ``steps``, then float32 in [0, 1] and ``Normalize(mean, std)`` when both are given."""
-
-    def __init__(self, steps: list[Any], mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
-        self.transform = v2.Compose([*steps, *_to_float(mean, std)])
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return self.transform(image)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
-
-
-class SSLAugmentation(_Composed):
+class SSLAugmentation(ComposedTransform):
     """One random view for self-supervised learning (SimCLR / BYOL / Barlow Twins family).
 
     The steps, in order: ``RandomResizedCrop(crop_size, scale, ratio)``, horizontal flip
@@ -142,7 +120,7 @@ class SSLAugmentation(_Composed):
         super().__init__(steps, mean, std)
 
 
-class EvalTransform(_Composed):
+class EvalTransform(ComposedTransform):
     """Deterministic evaluation transform: optional ``Resize(resize)`` and ``CenterCrop(crop_size)``,
     then float32 in [0, 1] and ``Normalize(mean, std)`` when both are given.
 

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_mtl._features import split_views
 from lightning_mtl._hparams import save_init_hyperparameters
 from lightning_mtl._schedules import check_horizon
 from lightning_mtl.ssl.losses import BarlowTwinsLossTerms, barlow_twins_loss
@@ -42,38 +43,6 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, final_f
     return q + final_factor * (1 - q)
 
 
-def split_views(batch: Any) -> tuple[list[Tensor], Tensor | None]:
-    """``(views, labels)`` of an SSL batch.
-
-    Accepted: ``((view_a, view_b, ...), labels)`` (what a DataModule with a :class:`TwoViews` transform
-    yields), ``(images, labels)`` (one view, e.g. validation), a bare tensor or a tuple of views without
-    labels. Labels given as ``{task: labels}`` with one task are unpacked.
-    """
-    labels = None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not _is_views(batch):
-        views, labels = batch
-    else:
-        views = batch
-    if isinstance(labels, dict):
-        if len(labels) != 1:
-            raise ValueError(f"an SSL batch carries one label set, got {len(labels)}: {sorted(labels)}")
-        labels = next(iter(labels.values()))
-    if isinstance(views, Tensor):
-        views = [views]
-    if not isinstance(views, (tuple, list)) or not all(isinstance(v, Tensor) for v in views):
-        raise TypeError(
-            "an SSL batch must be ((view_a, view_b), labels) or (images, labels); give the DataModule a "
-            "two-view train_transform such as lightning_mtl.ssl.TwoViews"
-        )
-    return list(views), labels
-
-
-def _is_views(batch: Sequence[Any]) -> bool:
-    """Two same-shape image tensors and no labels: a bare pair of views."""
-    a, b = batch
-    return isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 3 and a.shape == b.shape
-
-
 class BarlowTwins(pl.LightningModule):
     """Barlow Twins (Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy Reduction",
     ICML 2021): a backbone and a projector trained so that the cross-correlation of the embeddings of two
@@ -83,8 +52,8 @@ class BarlowTwins(pl.LightningModule):
     test batches ``(images, labels)``. ``training_step`` returns ``{"loss", "features"}`` and
     ``validation_step`` / ``test_step`` return ``{"features"}`` (the detached backbone features of the
     first view / of the images), which the evaluation callbacks
-    (:class:`~lightning_mtl.callbacks.knn.KNNMonitor`,
-    :class:`~lightning_mtl.callbacks.linear_probe.OnlineLinearProbe`) read instead of running the backbone
+    (:class:`~lightning_mtl.ssl.knn.KNNMonitor`,
+    :class:`~lightning_mtl.ssl.linear_probe.OnlineLinearProbe`) read instead of running the backbone
     again. Select checkpoints on their validation metrics (e.g. ``val/knn/acc``), never on the test split.
 
     DDP: the loss standardizes over the global batch and reduces the cross-correlation with a

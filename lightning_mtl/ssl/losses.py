@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_mtl.ssl._distributed import differentiable_sum, distributed_world_size
+from lightning_mtl._distributed import differentiable_sum, distributed_world_size, sum_over_ranks
 
 __all__ = [
     "BarlowTwinsLossTerms",
@@ -68,11 +68,7 @@ def _resolve_sync(sync: bool | None) -> bool:
 
 def _global_count(n: int, sync: bool, device: torch.device) -> Tensor:
     count = torch.tensor(float(n), device=device)
-    if sync:
-        import torch.distributed as dist
-
-        dist.all_reduce(count)
-    return count
+    return sum_over_ranks(count) if sync else count
 
 
 def standardize(views: Tensor, sync: bool | None = None, eps: float = 1e-8, count: Tensor | None = None) -> Tensor:
