@@ -94,7 +94,8 @@ def gather_strided(tensor: Tensor, total: int) -> Tensor:
     # row r + i * world, so the gathered [world, m] grid read row-major over i is the data order
     m = -(-total // world)
     padded = tensor.new_zeros((m, *tail))
-    padded[: tensor.shape[0]] = tensor
+    if tensor.shape[0]:
+        padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.stack(parts, dim=1).reshape(world * m, *tail)[:total]

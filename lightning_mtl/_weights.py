@@ -7,6 +7,7 @@ weight file is read, adapted and checked the same way everywhere, and nothing is
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ __all__ = ["WeightsMismatchError", "create_timm_model"]
 
 
 class WeightsMismatchError(ValueError, RuntimeError):
-    """A local weight file does not fit the model (missing, unexpected or misshapen entries).
+    """A local weight file does not fit the model (missing or misshapen entries).
 
     A ``ValueError`` (a bad argument) and a ``RuntimeError`` (what ``load_state_dict`` raises), so
     handlers written for either keep working.
@@ -29,13 +30,13 @@ def create_timm_model(
 ) -> nn.Module:
     """``timm.create_model(model_name, num_classes=0, **kwargs)`` with weights from a local file only.
 
-    Without ``checkpoint_path`` the weights stay random. With it, timm itself reads the file through its
-    pretrained-weights path, with the file taking the place of every URL or hub entry: a
-    ``.pth`` / ``.bin`` / ``.safetensors`` state dict (a ``state_dict`` / ``model`` entry of a training
-    checkpoint is unwrapped, an EMA entry preferred), or a JAX ``.npz`` where the model has its own loader
-    (the original ViT release). The model's checkpoint filter runs (e.g. ViT position embeddings
-    resampled to another image size), input channels are adapted to ``in_chans``, a classifier in the
-    file is dropped, and the rest loads strictly.
+    Without ``checkpoint_path`` the weights stay random. With it, the file is a ``.pth`` / ``.bin`` /
+    ``.safetensors`` state dict, read by timm's own reader (a ``state_dict`` / ``model`` entry of a
+    training checkpoint is unwrapped, an EMA entry preferred, a DDP ``module.`` prefix removed), or a JAX
+    ``.npz`` where the model has its own loader (the original ViT release). A state dict goes through the
+    checkpoint filter of the model's timm module where it has one (what timm's own pretrained loading
+    applies, e.g. ViT position embeddings resampled to another image size); entries the model has no
+    room for (a classifier) are dropped, and every entry of the model must be in the file.
 
     Args:
         model_name: a name from ``timm.list_models()``.
@@ -47,23 +48,36 @@ def create_timm_model(
 
     Raises:
         FileNotFoundError: ``checkpoint_path`` is not a file (nothing is downloaded in its place).
-        WeightsMismatchError: the file's entries do not fit the model.
+        WeightsMismatchError: the file lacks entries of the model or holds misshapen ones.
     """
     import timm  # the heavy import happens only when a timm model is built
 
     kwargs["num_classes"] = 0
     kwargs.pop("pretrained", None)
-    if checkpoint_path is None:
-        return timm.create_model(model_name, pretrained=False, **kwargs)
-    path = Path(checkpoint_path).expanduser()
-    if not path.is_file():
+    path = None if checkpoint_path is None else Path(checkpoint_path).expanduser()
+    if path is not None and not path.is_file():
         raise FileNotFoundError(not_found.format(path=str(path), model_name=model_name))
-    # `file` has priority over the url / hub entries of the pretrained config, so timm reads this file and
-    # never the network; a .npz goes through the model's own JAX loader (`custom_load`)
-    overlay = dict(file=str(path), source="", state_dict=None, custom_load=path.suffix == ".npz")
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    if path is None:
+        return model
+    if path.suffix == ".npz":
+        model.load_pretrained(str(path))  # the model's JAX loader; a model without one raises AttributeError
+        return model
+    state = timm.models.load_state_dict(str(path))
+    # timm's own pretrained loading passes the model module's filter; reading the file ourselves keeps the
+    # check below (timm's loading turns strictness off when the classifier is dropped)
+    checkpoint_filter = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if checkpoint_filter is not None:
+        state = checkpoint_filter(state, model)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise WeightsMismatchError(
+            f"{path} does not fit {model_name!r}: missing {len(missing)} keys, e.g. {missing[:3]}"
+        )
     try:
-        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except RuntimeError as error:
-        if "state_dict" not in str(error):  # torch's load_state_dict names itself; anything else is not ours
-            raise
+        model.load_state_dict(state)
+    except RuntimeError as error:  # a shape that differs
         raise WeightsMismatchError(f"{path} does not fit {model_name!r}: {error}") from error
+    return model

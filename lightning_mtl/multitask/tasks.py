@@ -31,6 +31,7 @@ from torchmetrics.classification import (
 )
 
 from lightning_mtl._constants import MISSING_LABEL  # public here too: the constant's historical home
+from lightning_mtl._losses import soft_target_cross_entropy
 
 
 class TaskError(ValueError):
@@ -186,8 +187,6 @@ class ClassificationTask(Task):
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if target.is_floating_point():  # probability rows of mixed samples
-            from lightning_mtl.mixup.losses import soft_target_cross_entropy  # only mixing needs the mixup package
-
             return soft_target_cross_entropy(pred, target, self.label_smoothing)
         if target.device.type == "cpu" and not bool((target < 0).any()):
             # on the host this test costs no device sync: a batch without missing labels takes the plain mean
