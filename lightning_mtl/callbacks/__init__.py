@@ -21,7 +21,7 @@ from lightning_mtl.callbacks.run_summary import RunSummary, run_folder
 # name -> the module that defines it, imported on first access
 _LAZY = {
     "AnytimeEvaluation": "lightning_mtl.continual.anytime",
-    "GradientConflictMonitor": "lightning_mtl.callbacks.gradient_conflict",
+    "GradientConflictMonitor": "lightning_mtl.multitask.gradient_conflict",
     "KNNMonitor": "lightning_mtl.ssl.knn",
     "OnlineLinearProbe": "lightning_mtl.ssl.linear_probe",
     "weighted_knn_predict": "lightning_mtl.ssl.knn",
