@@ -79,7 +79,7 @@ class DenseNpyDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         image = self._load("image", index).permute(2, 0, 1)
         maps: dict[str, Tensor] = {}
-        for name, (sub, kind) in self.tasks.items():
+        for name, (sub, _kind) in self.tasks.items():
             value = self._load(sub, index)
             maps[name] = value[None] if value.ndim == 2 else value.permute(2, 0, 1)  # -> [C, H, W]
         if self.size is not None and tuple(image.shape[-2:]) != self.size:

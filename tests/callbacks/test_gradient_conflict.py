@@ -31,7 +31,7 @@ def test_cosines_equal_a_direct_computation_and_buffers_are_untouched(level):
     z = module.encoder(x)
     losses = [F.cross_entropy(module.heads[t](z), y[t]) for t in ("left", "right")]
     wrt = list(module.encoder.parameters()) if level == "parameter" else [z]
-    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(l, wrt, retain_graph=True)]) for l in losses]
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, wrt, retain_graph=True)]) for loss in losses]
     assert torch.allclose(jac, torch.stack(grads), atol=1e-5)
 
 

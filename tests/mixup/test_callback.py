@@ -78,7 +78,7 @@ def test_multitask_module_trains_on_the_mixed_soft_labels(mix):
     trainer.fit(module, datamodule=tiny_multidigits())
     for (_, y), (_, original) in zip(probe.batches, before.batches):
         _assert_mixed_alike(original, y)
-    for (x, y), losses in zip(probe.batches, probe.expected):
+    for (_, y), losses in zip(probe.batches, probe.expected):
         assert y["left"].shape == (32, 10) and y["left"].dtype == torch.float32
         assert torch.allclose(y["left"].sum(1), torch.ones(32))
         for task, (hand, logged) in losses.items():

@@ -118,5 +118,5 @@ def test_plain_all_reduce_would_give_wrong_gradients(tmp_path):
     g_full = torch.autograd.grad(full, list(start.parameters()))
     per_rank = [barlow_twins_loss(start.embed(y_a[s])[1], start.embed(y_b[s])[1], 0.2, sync=False).loss
                 for s in (slice(0, 8), slice(8, 16))]  # fmt: skip
-    g_avg = [sum(g) / 2 for g in zip(*(torch.autograd.grad(l, list(start.parameters())) for l in per_rank))]
+    g_avg = [sum(g) / 2 for g in zip(*(torch.autograd.grad(loss, list(start.parameters())) for loss in per_rank))]
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(g_full, g_avg))
