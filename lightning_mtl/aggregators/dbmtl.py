@@ -44,6 +44,10 @@ class DBMTL(JacobianAggregator):
 
     uses_log_losses: ClassVar[bool] = True
 
+    # buffers, registered in __init__ (declared here for the type checker)
+    grad_ema: Tensor
+    num_steps: Tensor
+
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()
         self.beta = float(beta)

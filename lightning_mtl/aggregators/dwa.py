@@ -28,6 +28,12 @@ class DynamicWeightAverage(LossWeighting):
         temperature: ``T`` (2 in the paper).
     """
 
+    # buffers, registered in __init__ (declared here for the type checker)
+    loss_sum: Tensor
+    history: Tensor
+    count: Tensor
+    epochs_seen: Tensor
+
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
         self.temperature = float(temperature)

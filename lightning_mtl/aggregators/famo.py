@@ -37,6 +37,12 @@ class FAMO(LossWeighting):
     """
 
     needs_losses_after_step: ClassVar[bool] = True
+    # buffers, registered in __init__ (declared here for the type checker)
+    logits: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    min_losses: Tensor
+    adam_step: Tensor
 
     def __init__(
         self, lr: float = 0.025, weight_decay: float = 1e-3, min_losses: list[float] | None = None, eps: float = 1e-8

@@ -35,6 +35,9 @@ class GradNorm(LossWeighting):
 
     needs_grad_norms: ClassVar[bool] = True
 
+    # buffers, registered in __init__ (declared here for the type checker)
+    initial_losses: Tensor
+
     def __init__(self, alpha: float = 1.5) -> None:
         super().__init__()
         self.alpha = float(alpha)

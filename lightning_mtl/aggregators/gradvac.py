@@ -83,6 +83,9 @@ class GradVac(SeededOrders, GramianWeighting):
         eps: added to denominators, on the Gramian normalised to mean diagonal 1.
     """
 
+    # buffers, registered in __init__ (declared here for the type checker)
+    phi_hat: Tensor
+
     def __init__(self, beta: float = 1e-2, reduction: str = "sum", seed: int | None = None, eps: float = 1e-8) -> None:
         super().__init__()
         if not 0.0 <= beta <= 1.0:

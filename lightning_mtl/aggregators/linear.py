@@ -25,6 +25,8 @@ class LinearScalarization(LossWeighting):
             task (equal weighting).
     """
 
+    weight_vector: Tensor  # a buffer, registered in __init__ (declared here for the type checker)
+
     def __init__(self, weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.fixed: list[float] | None = None

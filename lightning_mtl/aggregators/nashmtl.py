@@ -50,6 +50,9 @@ class NashMTL(GramianWeighting):
             number of CCCP iterations).
     """
 
+    # buffers, registered in __init__ (declared here for the type checker)
+    alpha: Tensor
+
     def __init__(self, update_weights_every: int = 1, optim_niter: int = 20) -> None:
         super().__init__()
         if update_weights_every < 1:
