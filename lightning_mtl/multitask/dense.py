@@ -16,6 +16,8 @@ instead, so its numbers can differ slightly on the last, smaller batch).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -197,8 +199,9 @@ class AngleMedian(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    hist: Tensor  # a metric state, added in __init__ (declared here for the type checker)
 
-    def __init__(self, bins: int = 18000, **kwargs) -> None:
+    def __init__(self, bins: int = 18000, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bins = int(bins)
         self.add_state("hist", torch.zeros(self.bins, dtype=torch.float64), dist_reduce_fx="sum")
@@ -227,9 +230,9 @@ class AngleMedian(Metric):
 class _PercentWithin(MeanMetric):
     """Share (in %) of errors below a threshold."""
 
-    higher_is_better = True
+    higher_is_better = True  # type: ignore[assignment]  # torchmetrics' aggregators type the flag as None
 
-    def __init__(self, threshold: float, **kwargs) -> None:
+    def __init__(self, threshold: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.threshold = float(threshold)
 
@@ -238,7 +241,7 @@ class _PercentWithin(MeanMetric):
 
 
 class _MeanAngle(MeanMetric):
-    higher_is_better = False
+    higher_is_better = False  # type: ignore[assignment]  # torchmetrics' aggregators type the flag as None
 
 
 class SurfaceNormalTask(_DenseTask):

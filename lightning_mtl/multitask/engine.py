@@ -467,7 +467,8 @@ def write_flat(rows: Tensor, grads: Sequence[Tensor | None], sizes: Sequence[int
 def _accumulate(totals: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
     for k, grad in enumerate(grads):
         if grad is not None:
-            totals[k] = grad if totals[k] is None else totals[k].add_(grad)
+            total = totals[k]
+            totals[k] = grad if total is None else total.add_(grad)
 
 
 def add_to_grads(params: Sequence[Tensor], flat: Tensor) -> None:

@@ -16,7 +16,7 @@ drop its other attributes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -233,7 +233,7 @@ class MultiLabelTask(Task):
         self.threshold = float(threshold)
 
     def build_metrics(self) -> dict[str, Metric]:
-        kwargs = dict(threshold=self.threshold, ignore_index=MISSING_LABEL)
+        kwargs: dict[str, Any] = dict(threshold=self.threshold, ignore_index=MISSING_LABEL)
         if self.num_labels == 1:  # torchmetrics' multilabel metrics need at least two labels
             return {"acc": BinaryAccuracy(**kwargs), "f1": BinaryF1Score(**kwargs)}
         kwargs["num_labels"] = self.num_labels
