@@ -292,7 +292,7 @@ class _ModuleParts:
         except ImportError:  # pragma: no cover - torchmetrics ships with Lightning
             Metric = ()  # type: ignore[assignment,misc]
         self.buffers = list(pl_module.buffers())
-        self.metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]  # type: ignore[arg-type]
+        self.metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
         self.takes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
 
 

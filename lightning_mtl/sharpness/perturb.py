@@ -109,10 +109,11 @@ def sam_perturbation(
     norm = perturbation_norm(scaled)
     factor = rho / (norm + eps)
     flags = _flags(adaptive, len(params))
-    index = [i for i, s in enumerate(scaled) if s is not None]
+    present = [(i, s) for i, s in enumerate(scaled) if s is not None]
+    index = [i for i, _ in present]
     # T (T g) = T^2 g for ASAM; one foreach multiply by the common factor (a 0-dim tensor, no device sync)
-    ascent = [scaled[i] * adaptive_scale(params[i], eta) if flags[i] else scaled[i] for i in index]
-    ascent = torch._foreach_mul(ascent, factor.to(ascent[0].device))
+    ascent = [s * adaptive_scale(params[i], eta) if flags[i] else s for i, s in present]
+    ascent = list(torch._foreach_mul(ascent, factor.to(ascent[0].device)))
     out: list[Tensor | None] = [None] * len(params)
     for i, e in zip(index, ascent):
         out[i] = e.to(params[i].dtype)
@@ -132,7 +133,7 @@ def apply_perturbation(params: Sequence[Tensor], perturbation: Sequence[Tensor |
     targets = [params[i] for i in index]
     saved = [p.detach().clone() for p in targets]
     if targets:
-        torch._foreach_add_(targets, [perturbation[i] for i in index])
+        torch._foreach_add_(targets, [e for e in perturbation if e is not None])
     backup: list[Tensor | None] = [None] * len(params)
     for i, b in zip(index, saved):
         backup[i] = b

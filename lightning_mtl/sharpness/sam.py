@@ -137,7 +137,7 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if self.driven_by_callback:
             # Lightning: the callback swapped the closure's gradients for those at w + e already
             loss = None
