@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,16 @@ def sample_beta(alpha: float, size: int = 1, device: torch.device | None = None)
         raise ValueError(f"the Beta parameter alpha must be positive, got {alpha}")
     draws = torch.distributions.Beta(float(alpha), float(alpha)).sample((size,)).float()
     return draws.to(device) if device is not None else draws
+
+
+@overload
+def mix_targets(targets: Tensor, mixed: MixedBatch, num_classes: int | Mapping[str, int | None] | None) -> Tensor: ...
+
+
+@overload
+def mix_targets(
+    targets: Mapping[str, Tensor], mixed: MixedBatch, num_classes: int | Mapping[str, int | None] | None
+) -> dict[str, Tensor]: ...
 
 
 def mix_targets(

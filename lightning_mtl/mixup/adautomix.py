@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -232,7 +232,7 @@ class AdAutoMix(pl.LightningModule):
             return
         from lightning_mtl.callbacks.ema import EMATeacher
 
-        if not any(isinstance(c, EMATeacher) for c in self.trainer.callbacks):
+        if not any(isinstance(c, EMATeacher) for c in self.trainer.callbacks):  # type: ignore[attr-defined]  # set by Lightning's callback connector
             raise ValueError(
                 "AdAutoMix needs the EMATeacher callback (its generator reads the EMA teacher): add "
                 "EMATeacher(decay=0.999, schedule='hold_cosine', final_decay=0.999999, buffers='own') to the "
@@ -317,7 +317,10 @@ class AdAutoMix(pl.LightningModule):
     @staticmethod
     def apply_masks(inputs: Tensor, sources: Tensor, masks: Tensor) -> Tensor:
         """``sum_k masks[:, k] * inputs[sources[:, k]]``."""
-        return sum(masks[:, k : k + 1].to(inputs.dtype) * inputs[sources[:, k]] for k in range(sources.shape[1]))
+        # a sum of tensors is a tensor (typeshed's sum starts from the int 0)
+        return cast(
+            Tensor, sum(masks[:, k : k + 1].to(inputs.dtype) * inputs[sources[:, k]] for k in range(sources.shape[1]))
+        )
 
     def in_margin(self, weights: Tensor) -> bool:
         first = float(weights[0])
@@ -356,10 +359,11 @@ class AdAutoMix(pl.LightningModule):
         mixed_g = MixedBatch(self.apply_masks(inputs, src_g, masks_g), src_g, lam_g.expand(batch, -1))
         mixed_teacher = self.teacher_head(self.teacher_encoder(mixed_g.inputs))
         generator_mix_loss = soft_target_cross_entropy(mixed_teacher, mix_targets(labels, mixed_g, self.num_classes))
-        similarity = sum(
+        terms = [
             lam_g[k] * F.cosine_similarity(mixed_teacher.float(), clean_teacher[src_g[:, k]].float(), dim=-1)
             for k in range(self.mix_samples)
-        ).mean()
+        ]
+        similarity = cast(Tensor, sum(terms)).mean()  # typeshed's sum starts from the int 0
         if adversarial:
             cosine_term = (1 - similarity) if self.cosine_sign == "paper" else similarity
             generator_loss = -self.beta * generator_mix_loss + (1 - self.beta) * cosine_term
@@ -396,10 +400,13 @@ class AdAutoMix(pl.LightningModule):
                 logits = self.teacher_head(self.teacher_encoder(inputs))
             else:
                 logits = self.head(self.encoder(inputs))
-            self.metrics[f"{stage}_{name}"].update(logits.detach(), labels)
+            self._metric(stage, name).update(logits.detach(), labels)
             if name == who[0]:
                 loss = F.cross_entropy(logits.float(), labels)
                 self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=inputs.shape[0], sync_dist=True)
+
+    def _metric(self, stage: str, who: str) -> MulticlassAccuracy:
+        return cast(MulticlassAccuracy, self.metrics[f"{stage}_{who}"])  # a ModuleDict's items are typed Module
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -414,7 +421,7 @@ class AdAutoMix(pl.LightningModule):
         who = ("teacher", "student") if self.evaluate == "both" else (self.evaluate,)
         logged = {}
         for name in who:
-            metric = self.metrics[f"{stage}_{name}"]
+            metric = self._metric(stage, name)
             if not metric.update_called:
                 continue
             value = metric.compute()

@@ -95,7 +95,7 @@ class MixBatch(pl.Callback):
         self.num_classes = num_classes
         self.log_every_n_steps = log_every_n_steps
         self.max_images = int(max_images)
-        self._classes: int | dict[str, int] | None = None
+        self._classes: int | Mapping[str, int | None] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.num_classes is not None:
@@ -124,12 +124,12 @@ class MixBatch(pl.Callback):
         if isinstance(batch, list):
             batch[0] = mixed.inputs
             if isinstance(targets, MutableMapping):
-                targets.update(mixed_targets)  # type: ignore[arg-type]
+                targets.update(mixed_targets)
             else:
                 batch[1] = mixed_targets
         else:
             inputs.copy_(mixed.inputs)
-            targets.update(mixed_targets)  # type: ignore[union-attr, arg-type]
+            targets.update(mixed_targets)
         every = self.log_every_n_steps
         if every and trainer.global_step % every == 0 and batch_idx % trainer.accumulate_grad_batches == 0:
             log_mixed_grid(trainer, "train/mixed", mixed.inputs, mixed.weights, self.max_images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +65,10 @@ class MixMaskGenerator(nn.Module):
         self.value = nn.Conv2d(channels, 1, 1, bias=False)
         for conv in (self.query, self.key, self.value):
             nn.init.normal_(conv.weight, std=init_std)
+        assert self.query.bias is not None  # built with a bias above
         nn.init.zeros_(self.query.bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # earlier versions had key and value biases, which cannot change the masks (see the class docstring)
         for name in ("key.bias", "value.bias"):
             state_dict.pop(prefix + name, None)

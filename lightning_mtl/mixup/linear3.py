@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -41,5 +43,6 @@ class ThreeSampleMixup(BatchMix):
         index = torch.arange(batch, device=inputs.device)
         sources = torch.stack([index, torch.randperm(batch, device=inputs.device),
                                torch.randperm(batch, device=inputs.device)], dim=1)  # fmt: skip
-        mixed = sum(w[k].to(inputs.dtype) * inputs[sources[:, k]] for k in range(3))
+        # a sum of tensors is a tensor (typeshed's sum starts from the int 0)
+        mixed = cast(Tensor, sum(w[k].to(inputs.dtype) * inputs[sources[:, k]] for k in range(3)))
         return MixedBatch(mixed, sources, w.expand(batch, 3).contiguous())
