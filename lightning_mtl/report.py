@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lightning_mtl.multitask.delta_m import delta_m
 
@@ -257,7 +258,7 @@ def _span(values: Sequence[float], include: float | None = None) -> tuple[float,
     return low - pad, high + pad * 2.5  # more room on the right, where the labels go
 
 
-def _figure(columns: list[str], rows: list[dict[str, object]]):  # -> matplotlib.figure.Figure | None
+def _figure(columns: list[str], rows: list[dict[str, object]]) -> Any:  # a matplotlib Figure, or None
     """The chart: one panel per column, a dot per run with its value, or ``None`` without matplotlib."""
     try:
         import matplotlib  # noqa: F401  (first: an absent package fails here, not halfway through the drawing)
@@ -298,7 +299,7 @@ def _figure(columns: list[str], rows: list[dict[str, object]]):  # -> matplotlib
             ax.set_xlim(*_span(values))
             ax.set_title(column, fontsize=9)
             metric = column.rsplit("/", 1)[-1]
-            direction = {True: " (higher is better)", False: " (lower is better)"}.get(_direction(metric), "")
+            direction = {True: " (higher is better)", False: " (lower is better)", None: ""}[_direction(metric)]
             ax.set_xlabel(f"{column}{direction}", fontsize=8)
         ax.hlines(y, ax.get_xlim()[0], values, color="#d9dde2", linewidth=1.0, zorder=1)
         ax.scatter(values, y, color=colors, s=36, zorder=2)

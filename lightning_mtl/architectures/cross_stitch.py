@@ -67,7 +67,7 @@ class CrossStitch(MultiTaskArchitecture):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         features = [x] * len(self.tasks)
         for s in range(self.alphas.shape[0]):
-            out = torch.stack([self.columns[t][s](f) for t, f in zip(self.tasks, features)], 0)
+            out = torch.stack([self.columns[t][s](f) for t, f in zip(self.tasks, features)], 0)  # type: ignore[index]  # nested ModuleDict / ModuleList items are typed Module
             mixed = torch.einsum("tu,u...->t...", self.alphas[s], out)
             features = list(mixed.unbind(0))
         return dict(zip(self.tasks, features))

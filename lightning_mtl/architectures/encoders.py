@@ -69,7 +69,7 @@ class TimmEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.model = timm_encoder(model_name, checkpoint_path, in_chans=in_chans, **(model_kwargs or {}))
-        self.out_features = int(self.model.num_features)
+        self.out_features = int(self.model.num_features)  # type: ignore[arg-type]  # timm models carry num_features; nn.Module types attributes as Tensor | Module
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

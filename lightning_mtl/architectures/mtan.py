@@ -44,6 +44,7 @@ class _Attention(nn.Module):
             u, p = stages[j]
             a = self.enc_masks[j](u if attended is None else torch.cat([u, attended], 1)) * p
             attended = F.max_pool2d(enc_convs[j](a), 2, 2)
+        assert attended is not None  # the encoder loop ran: an MTAN has at least one stage
         for step, j in enumerate(reversed(range(n))):
             u, p = stages[n + step]
             up = dec_convs[j](F.interpolate(attended, size=u.shape[-2:], mode="bilinear", align_corners=True))

@@ -129,16 +129,16 @@ class PLE(MultiTaskArchitecture):
         shared_x = x
         out: dict = {"input": x}
         for level in range(self.num_levels - 1):
-            own = {t: _run(self.task_experts[level][t], task_x[t]) for t in self.tasks}
-            shared = _run(self.shared_experts[level], shared_x)
+            own = {t: _run(self.task_experts[level][t], task_x[t]) for t in self.tasks}  # type: ignore[index]  # nested ModuleDict / ModuleList items are typed Module
+            shared = _run(self.shared_experts[level], shared_x)  # type: ignore[arg-type]  # ModuleList items are typed Module
             candidates = {t: torch.cat([own[t], shared], 1) for t in self.tasks}
             if level == self.num_levels - 2:  # the task gates of this level belong to the task parts
                 out["gate_input"], out["candidates"] = task_x, candidates
             else:
-                task_x = {t: mix(self.task_gates[level][t](flat_inputs(task_x[t])), candidates[t]) for t in self.tasks}
+                task_x = {t: mix(self.task_gates[level][t](flat_inputs(task_x[t])), candidates[t]) for t in self.tasks}  # type: ignore[index]  # nested ModuleDict / ModuleList items are typed Module
             every = torch.cat([*own.values(), shared], 1)
             shared_x = mix(self.shared_gates[level](flat_inputs(shared_x)), every)
-        out["shared"] = _run(self.shared_experts[-1], shared_x)
+        out["shared"] = _run(self.shared_experts[-1], shared_x)  # type: ignore[arg-type]  # ModuleList items are typed Module
         return out
 
     def build_task_head(self, name: str, head: nn.Module) -> nn.Module:

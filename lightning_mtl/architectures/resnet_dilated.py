@@ -46,7 +46,7 @@ class ResNetDilated(nn.Module):
         self.model = timm_encoder(
             model_name, checkpoint_path, in_chans=in_chans, output_stride=output_stride, global_pool="", **kwargs
         )
-        self.out_features = int(self.model.num_features)
+        self.out_features = int(self.model.num_features)  # type: ignore[arg-type]  # timm models carry num_features; nn.Module types attributes as Tensor | Module
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
