@@ -209,7 +209,7 @@ class EMATeacher(pl.Callback):
             self._pairs = []
             if not getattr(pl_module, "_ema_legacy_hook", False):
                 pl_module._register_load_state_dict_pre_hook(self._take_legacy_teacher, with_module=False)
-                pl_module._ema_legacy_hook = True  # type: ignore[attr-defined]
+                pl_module._ema_legacy_hook = True  # type: ignore[assignment]  # a plain flag, not a tensor or module
             return
         pairs = [tuple(pair) for pair in pl_module.ema_pairs()]  # type: ignore[operator]
         if not pairs:
@@ -225,7 +225,7 @@ class EMATeacher(pl.Callback):
             if len(list(student.buffers())) != len(list(teacher.buffers())):
                 raise ValueError("EMATeacher: student and teacher have different numbers of buffers")
             teacher.requires_grad_(False)
-        self._pairs = pairs  # type: ignore[assignment]
+        self._pairs = pairs
         self._teacher = None
 
     def _take_legacy_teacher(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
@@ -290,9 +290,11 @@ class EMATeacher(pl.Callback):
             if self.buffers != "own":
                 for s, t in zip(s_buf, t_buf):
                     if self.buffers == "average" and t.is_floating_point():
-                        s_avg.append(s), t_avg.append(t)
+                        s_avg.append(s)
+                        t_avg.append(t)
                     else:
-                        s_copy.append(s), t_copy.append(t)
+                        s_copy.append(s)
+                        t_copy.append(t)
             self._lists = (s_avg, t_avg, s_copy, t_copy)
         return self._lists
 
@@ -390,6 +392,7 @@ class EMATeacher(pl.Callback):
         if trainer.global_step > self.last_global_step:
             self.update()
             self.last_global_step = trainer.global_step
+            assert self.current_decay is not None  # update() has just set it
             pl_module.log("train/ema_decay", self.current_decay, on_step=True, on_epoch=False, batch_size=1)
 
     # -- evaluation with the teacher's weights -----------------------------------------------------------

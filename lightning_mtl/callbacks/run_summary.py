@@ -58,14 +58,14 @@ class RunSummary(pl.Callback):
         self.metrics: dict[str, float] = {}
 
     def _write(self, trainer: pl.Trainer) -> None:
-        for key, value in trainer.callback_metrics.items():
-            value = float(value)
+        for key, tensor in trainer.callback_metrics.items():
+            value = float(tensor)
             if math.isfinite(value):  # JSON has no NaN
                 self.metrics[key] = value
         if not trainer.is_global_zero or trainer.sanity_checking or not self.metrics:
             return
         best: dict[str, float] = {}
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
             best.update({f"best/{k}": float(v) for k, v in (getattr(callback, "best", None) or {}).items()})
         summary = {"metrics": self.metrics, "best": best, "config": self.config}
         write_json_atomically(run_folder(trainer) / self.filename, summary)

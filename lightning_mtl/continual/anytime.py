@@ -184,7 +184,7 @@ class AnytimeEvaluation(pl.Callback):
         entry = self._plan.get(batch_idx)
         if entry is None:
             return
-        schedule = trainer.datamodule.schedule
+        schedule = trainer.datamodule.schedule  # type: ignore[attr-defined]  # set by Lightning's data connector
         if batch_idx >= len(schedule):
             raise IndexError(f"training batch {batch_idx} is past the data module's schedule ({len(schedule)} steps)")
         step = schedule[batch_idx]
@@ -215,7 +215,7 @@ class AnytimeEvaluation(pl.Callback):
         self._log_to_loggers(trainer, metrics)
 
     def _loader(self, trainer: pl.Trainer, num_seen: int) -> DataLoader:
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector
         dataset = datamodule.test_dataset(num_seen)
         if trainer.world_size > 1:
             dataset = Subset(dataset, range(trainer.global_rank, len(dataset), trainer.world_size))

@@ -97,14 +97,16 @@ class GradientConflictMonitor(pl.Callback):
             _log_image(trainer, "train/grad_cos", self._picture(names, step), step)
 
     def _picture(self, names: list[str], step: int) -> Any:
-        image = conflict_image(self.last_cosines, names, step)
+        cosines = self.last_cosines
+        assert cosines is not None  # drawn right after a measurement
+        image = conflict_image(cosines, names, step)
         if image is None:
             if not self._warned:
                 rank_zero_warn(
                     "GradientConflictMonitor: matplotlib is not installed; the heatmap is drawn without task names or values"
                 )
                 self._warned = True
-            image = (heatmap(self.last_cosines) * 255).round().byte().permute(1, 2, 0).numpy()
+            image = (heatmap(cosines) * 255).round().byte().permute(1, 2, 0).numpy()
         return image
 
     def jacobian(self, pl_module: Any, batch: Any) -> Tensor:

@@ -107,17 +107,19 @@ class OnlineLinearProbe(pl.Callback):
         features, labels = batch_features(pl_module, outputs, batch, self.feature_key)
         if labels is None:
             raise ValueError("OnlineLinearProbe needs labelled training batches ((views, labels))")
-        head = self._ready(features.device)
+        head, optimizer = self._ready(features.device), self.optimizer
+        assert optimizer is not None  # _ready checked it
         keep = labels >= 0
         with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
             logits = head(features.detach())
             # a rank without labelled samples still takes part in the gradient average (zero gradient)
             loss = F.cross_entropy(logits[keep], labels[keep], reduction="sum") / keep.sum().clamp_min(1)
-            self.optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad(set_to_none=False)
             loss.backward()
         for parameter in head.parameters():
+            assert parameter.grad is not None  # zero_grad(set_to_none=False) and backward above
             mean_over_ranks_(parameter.grad)
-        self.optimizer.step()
+        optimizer.step()
         pl_module.log(f"train/{self.name}/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=int(keep.sum()))
 
     # -- evaluation --------------------------------------------------------------------------------
