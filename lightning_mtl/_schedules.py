@@ -25,7 +25,7 @@ def check_horizon(module: pl.LightningModule, config: dict[str, Any], key: str =
     trainer = module._trainer
     scheduler = config.get("scheduler")
     name = next((arg for cls, arg in HORIZONS.items() if isinstance(scheduler, cls)), None)
-    if trainer is None or name is None or trainer.fast_dev_run:
+    if trainer is None or name is None or trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's connector
         return config
     if config.get("interval", "epoch") == "step":
         run, what = trainer.estimated_stepping_batches, "estimated_stepping_batches"

@@ -54,6 +54,8 @@ class ContinualModule(pl.LightningModule):
 
     head: nn.Module
 
+    seen_classes: Tensor  # a buffer, registered in __init__ (declared here for the type checker)
+
     def __init__(
         self,
         num_classes: int,
@@ -97,7 +99,7 @@ class ContinualModule(pl.LightningModule):
     # -- Lightning --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # a head narrower than the stream would fail later with an opaque out-of-bounds target error
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        datamodule = self._trainer.datamodule if self._trainer is not None else None  # type: ignore[attr-defined]  # set by Lightning's data connector
         stream_classes = getattr(datamodule, "num_classes", None)
         if isinstance(stream_classes, int) and stream_classes > self.num_classes:
             raise ValueError(

@@ -50,7 +50,7 @@ class ER(ContinualModule):
         self.freeze_backbone = bool(freeze_backbone)
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
-        self.head = nn.Linear(self.backbone.num_features, self.num_classes)
+        self.head = nn.Linear(self.backbone.num_features, self.num_classes)  # type: ignore[arg-type]  # timm models carry num_features
 
     def train(self, mode: bool = True) -> ER:
         super().train(mode)

@@ -388,6 +388,9 @@ class MVP(DualPrompt):
         lr_scheduler: optional scheduler factory.
     """
 
+    prompt_counts: Tensor  # a buffer, registered in __init__ (declared here for the type checker)
+    head: nn.Linear
+
     def __init__(
         self,
         num_classes: int,
@@ -471,7 +474,8 @@ class MVP(DualPrompt):
             query = self.vit.query(x)
             indices, similarity = self.select_prompts(query)
             features = self.prompted_features(x, indices)
-        logit_mask = instance_logit_mask(self.logit_mask, indices) if self.use_mask else None
+        # use_mask implies the e-prompt pool (checked in __init__), so indices are there
+        logit_mask = instance_logit_mask(self.logit_mask, indices) if self.use_mask and indices is not None else None
         # the logits of the model (accuracy); the loss may read scaled features
         logits = masked_head_logits(features, weight, bias, logit_mask, num_seen)
         extras: dict[str, Tensor] = {"logits": logits}

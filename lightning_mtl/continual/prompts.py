@@ -107,7 +107,7 @@ class PromptedViT(nn.Module):
                 )
         if getattr(vit, "cls_token", None) is None:
             raise ValueError("PromptedViT needs a ViT with a class token (its [CLS] output is the query / feature)")
-        self.vit = vit
+        self.vit: Any = vit  # a timm VisionTransformer, read by duck typing (checked above)
         self.frozen = bool(freeze)
         self.project_prefix = bool(project_prefix)
         if self.frozen:
@@ -182,12 +182,12 @@ class PromptedViT(nn.Module):
         return self.forward_features(x)[:, 0].detach()
 
     # -- prefix tuning ----------------------------------------------------------------------------
-    def _prefix_block(self, block: nn.Module, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def _prefix_block(self, block: Any, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """timm's pre-norm ``Block.forward`` with prefix keys / values in its attention."""
         x = x + block.drop_path1(block.ls1(self._prefix_attention(block.attn, block.norm1(x), keys, values)))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    def _prefix_attention(self, attn: nn.Module, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def _prefix_attention(self, attn: Any, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """timm ``Attention.forward`` on ``x`` with ``keys`` / ``values`` prepended to its keys / values."""
         if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
             raise TypeError(f"prefix tuning needs timm's Attention (qkv, num_heads), got {type(attn).__name__}")
