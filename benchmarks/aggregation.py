@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now  # noqa: E402
+from _timing import emit, median, now
 
-from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule  # noqa: E402
-from lightning_mtl.aggregators import GramianWeighting, create_aggregator, list_aggregators  # noqa: E402
+from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule
+from lightning_mtl.aggregators import GramianWeighting, create_aggregator, list_aggregators
 
 NUM_CLASSES = 10
 QUICK_METHODS = ["ls", "upgrad", "mgda", "imtl_g", "graddrop"]
@@ -211,7 +211,8 @@ def torchjd_aggregator(name: str, ours: Any, m: int) -> tuple[Any, str]:
         "cagrad": lambda: tja.CAGrad(c=getattr(ours, "c", 0.4)),
         "imtl_g": lambda: tja.IMTLG(),
         "nashmtl": lambda: tja.NashMTL(
-            n_tasks=m, update_weights_every=getattr(ours, "update_weights_every", 1),
+            n_tasks=m,
+            update_weights_every=getattr(ours, "update_weights_every", 1),
             optim_niter=getattr(ours, "optim_niter", 20),
         ),  # fmt: skip
         "aligned_mtl": lambda: tja.AlignedMTL(scale_mode=getattr(ours, "scale_mode", "min")),
@@ -378,11 +379,20 @@ def print_row(row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU, DigitsCNN, m in {2, 10}, a handful of methods, few repeats (about a minute)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU, DigitsCNN, m in {2, 10}, a handful of methods, few repeats (about a minute)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", "--dtype", dest="precision", default="fp32", choices=["fp32", "bf16"],
-                        help="bf16: autocast around the forward of every side (meant for GPUs)")
+    parser.add_argument(
+        "--precision",
+        "--dtype",
+        dest="precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast around the forward of every side (meant for GPUs)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
     parser.add_argument("--encoders", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
     parser.add_argument("--tasks", nargs="+", type=int, default=[2, 10, 40], help="numbers of tasks m")
@@ -390,19 +400,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the sides")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side and round")
-    parser.add_argument("--torchjd-chunk", type=int, default=None,
-                        help="torchjd's parallel_chunk_size (default None: all m rows in one vmapped backward)")
-    parser.add_argument("--jacobian-batched", type=lambda s: {"auto": None, "yes": True, "no": False}[s],
-                        default=None, help="ours: auto (batched on GPUs, loop on CPUs), yes or no")
+    parser.add_argument(
+        "--torchjd-chunk",
+        type=int,
+        default=None,
+        help="torchjd's parallel_chunk_size (default None: all m rows in one vmapped backward)",
+    )
+    parser.add_argument(
+        "--jacobian-batched",
+        type=lambda s: {"auto": None, "yes": True, "no": False}[s],
+        default=None,
+        help="ours: auto (batched on GPUs, loop on CPUs), yes or no",
+    )
     parser.add_argument("--jacobian-chunk-size", type=int, default=None)
-    parser.add_argument("--loop-losses", default="list", choices=["list", "tensor"],
-                        help="the loop's losses: separate tensors (each backward runs only its own head) or, as "
-                        "LibMTL's trainer does, written into one [m] tensor (each backward runs every head)")
+    parser.add_argument(
+        "--loop-losses",
+        default="list",
+        choices=["list", "tensor"],
+        help="the loop's losses: separate tensors (each backward runs only its own head) or, as "
+        "LibMTL's trainer does, written into one [m] tensor (each backward runs every head)",
+    )
     parser.add_argument("--no-torchjd", action="store_true", help="skip the torchjd side")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--check", action="store_true",
-                        help="before timing, print how far the loop's gradients are from ours after one step "
-                        "(0 up to rounding, except for methods that draw random numbers: graddrop, pcgrad, gradvac)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="before timing, print how far the loop's gradients are from ours after one step "
+        "(0 up to rounding, except for methods that draw random numbers: graddrop, pcgrad, gradvac)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.device, args.encoders, args.tasks = "cpu", ["digits"], [2, 10]

@@ -31,18 +31,18 @@ import torch
 from torch import nn
 
 sys.path.append(os.path.dirname(__file__))  # appended: a script here must not shadow a module
-from _timing import emit, median, now  # noqa: E402
+from _timing import emit, median, now
 
-from lightning_mtl import MultiTaskModule  # noqa: E402
-from lightning_mtl.architectures.cross_stitch import CrossStitch  # noqa: E402
-from lightning_mtl.architectures.hps import HardParameterSharing  # noqa: E402
-from lightning_mtl.architectures.mmoe import MMoE  # noqa: E402
-from lightning_mtl.architectures.mtan import MTAN  # noqa: E402
-from lightning_mtl.architectures.ple import CGC, PLE  # noqa: E402
-from lightning_mtl.architectures.segnet import SegNet  # noqa: E402
-from lightning_mtl.datamodules.nyuv2 import NYUv2  # noqa: E402
-from lightning_mtl.multitask.dense import DepthTask, SegmentationTask, SurfaceNormalTask  # noqa: E402
-from lightning_mtl.multitask.tasks import ClassificationTask  # noqa: E402
+from lightning_mtl import MultiTaskModule
+from lightning_mtl.architectures.cross_stitch import CrossStitch
+from lightning_mtl.architectures.hps import HardParameterSharing
+from lightning_mtl.architectures.mmoe import MMoE
+from lightning_mtl.architectures.mtan import MTAN
+from lightning_mtl.architectures.ple import CGC, PLE
+from lightning_mtl.architectures.segnet import SegNet
+from lightning_mtl.datamodules.nyuv2 import NYUv2
+from lightning_mtl.multitask.dense import DepthTask, SegmentationTask, SurfaceNormalTask
+from lightning_mtl.multitask.tasks import ClassificationTask
 
 
 def lenet_stages() -> nn.Sequential:

@@ -25,12 +25,12 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-from _timing import emit, median, now  # noqa: E402
+import torch
+from _timing import emit, median, now
 
-from lightning_mtl.architectures.resnet_cifar import ResNet18  # noqa: E402
-from lightning_mtl.callbacks.knn import KNNMonitor  # noqa: E402
-from lightning_mtl.ssl import BarlowTwins, MixedBarlowTwins  # noqa: E402
+from lightning_mtl.architectures.resnet_cifar import ResNet18
+from lightning_mtl.callbacks.knn import KNNMonitor
+from lightning_mtl.ssl import BarlowTwins, MixedBarlowTwins
 
 
 def step_times(module, batches, device, warmup: int, dtype: torch.dtype | None) -> float:

@@ -28,8 +28,10 @@ SAM_FMTL = ("multidigits", "multi_mnist", "multi_fashion", "multi_fashion_mnist"
 NO_CLIP = ("multi_mnist", "multi_fashion", "multi_fashion_mnist", "celeba")  # Nash-MTL runs without clipping
 DIGIT_FLAGS = {  # the quick digits versions of the CIFAR-100 mixup recipes (configs/mixup/data/digits.yaml)
     "mixup": ["--trainer.callbacks.init_args.log_every_n_steps=null"],
-    "cutmix": ["--trainer.callbacks.init_args.log_every_n_steps=null",
-               "--trainer.callbacks.init_args.mix.init_args.alpha=1.0"],  # fmt: skip
+    "cutmix": [
+        "--trainer.callbacks.init_args.log_every_n_steps=null",
+        "--trainer.callbacks.init_args.mix.init_args.alpha=1.0",
+    ],  # fmt: skip
 }
 VOR_DIGITS = ["--trainer.callbacks.init_args.k=10", "--trainer.callbacks.init_args.num_boundary=10",
               "--trainer.callbacks.init_args.num_candidates=100", "--trainer.callbacks.init_args.num_outliers=20"]  # fmt: skip
@@ -66,7 +68,13 @@ def composition(old: str) -> list[str] | None:
         return args + (DIGIT_FLAGS[name] if folder == "digits" else [])
     if folder in ("digits", "cifar100") and name in ("automix", "adautomix"):
         return cfg(f"mixup/{name}_{folder}.yaml")
-    ssl = {"ssl": "digits", "cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10", "tiny_imagenet": "tiny_imagenet"}
+    ssl = {
+        "ssl": "digits",
+        "cifar10": "cifar10",
+        "cifar100": "cifar100",
+        "stl10": "stl10",
+        "tiny_imagenet": "tiny_imagenet",
+    }
     if folder in ssl:
         data = ssl[folder]
         method = name.removeprefix("digits_")

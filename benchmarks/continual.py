@@ -32,20 +32,18 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, per_step, timed_fit  # noqa: E402
+import torch
+from _timing import emit, median, now, per_step, timed_fit
 
-import torch  # noqa: E402
-
-from lightning_mtl.continual.dualprompt import DualPrompt  # noqa: E402
-from lightning_mtl.continual.er import ER, LinearBaseline  # noqa: E402
-from lightning_mtl.continual.l2p import L2P  # noqa: E402
-from lightning_mtl.continual.mvp import MVP, _per_sample_head_grads_loop, per_sample_head_grads  # noqa: E402
-from lightning_mtl.continual.oneprompt import OnePrompt  # noqa: E402
-from lightning_mtl.continual.stream import StreamBatch  # noqa: E402
+from lightning_mtl.continual.dualprompt import DualPrompt
+from lightning_mtl.continual.er import ER, LinearBaseline
+from lightning_mtl.continual.l2p import L2P
+from lightning_mtl.continual.mvp import MVP, _per_sample_head_grads_loop, per_sample_head_grads
+from lightning_mtl.continual.oneprompt import OnePrompt
+from lightning_mtl.continual.stream import StreamBatch
 
 METHODS = {"er": ER, "linear": LinearBaseline, "l2p": L2P, "dualprompt": DualPrompt, "mvp": MVP, "oneprompt": OnePrompt}
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=96, depth=6, num_heads=3)
-
 
 
 def stream_batches(steps: int, batch_size: int, image_size: int, num_classes: int, device: torch.device) -> list:
@@ -130,26 +128,43 @@ def main() -> None:
     dim = modules[names[0]].head.in_features
     vec_ms, loop_ms, error = time_grads(args.batch_size, dim, args.num_classes, device, 5 if args.quick else 20)
 
-    print(f"device {device.type}, {args.backbone} {vit_kwargs or ''} at {image_size} px, batch {args.batch_size}, "
-          f"{args.num_classes} classes, precision {args.precision or '32-true'}, {args.steps} steps "
-          f"({args.warmup} warm-up), {args.repeats} rounds, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device.type}, {args.backbone} {vit_kwargs or ''} at {image_size} px, batch {args.batch_size}, "
+        f"{args.num_classes} classes, precision {args.precision or '32-true'}, {args.steps} steps "
+        f"({args.warmup} warm-up), {args.repeats} rounds, torch threads {torch.get_num_threads()}"
+    )
     base = ms.get("er")
     for name in names:
         ratio = f"   {ms[name] / base:.2f}x ER" if base else ""
         print(f"{name:11s} {ms[name]:9.2f} ms/step  {1000 * args.batch_size / ms[name]:9.1f} stream samples/s{ratio}")
     if vor_ms is not None:
         print(f"OVOR outlier phase of one task ({args.vor_samples} features): {vor_ms:.1f} ms")
-    print(f"per-sample head gradients [{args.batch_size} x {args.num_classes} x {dim}]: vectorized {vec_ms:.3f} ms, "
-          f"loop {loop_ms:.3f} ms, loop / vectorized {loop_ms / vec_ms:.1f}x, max |difference| {error:.2e}")
-    figures = {"benchmark": "continual", "device": device.type, "backbone": args.backbone, "image_size": image_size,
-               "batch_size": args.batch_size, "precision": args.precision or "32-true", "steps": args.steps}
+    print(
+        f"per-sample head gradients [{args.batch_size} x {args.num_classes} x {dim}]: vectorized {vec_ms:.3f} ms, "
+        f"loop {loop_ms:.3f} ms, loop / vectorized {loop_ms / vec_ms:.1f}x, max |difference| {error:.2e}"
+    )
+    figures = {
+        "benchmark": "continual",
+        "device": device.type,
+        "backbone": args.backbone,
+        "image_size": image_size,
+        "batch_size": args.batch_size,
+        "precision": args.precision or "32-true",
+        "steps": args.steps,
+    }
     for name in names:
         figures[f"{name}_ms"] = round(ms[name], 3)
         if base:
             figures[f"{name}_vs_er"] = round(ms[name] / base, 3)
-    figures.update({"vor_phase_ms": None if vor_ms is None else round(vor_ms, 2),
-                    "grad_vectorized_ms": round(vec_ms, 4), "grad_loop_ms": round(loop_ms, 4),
-                    "grad_loop_over_vectorized": round(loop_ms / vec_ms, 2), "grad_max_abs_diff": error})
+    figures.update(
+        {
+            "vor_phase_ms": None if vor_ms is None else round(vor_ms, 2),
+            "grad_vectorized_ms": round(vec_ms, 4),
+            "grad_loop_ms": round(loop_ms, 4),
+            "grad_loop_over_vectorized": round(loop_ms / vec_ms, 2),
+            "grad_max_abs_diff": error,
+        }
+    )
     emit(figures)  # fmt: skip
 
 

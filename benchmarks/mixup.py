@@ -27,16 +27,14 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, per_step, timed_fit  # noqa: E402
+import torch
+from _timing import emit, median, now, per_step, timed_fit
 
-import torch  # noqa: E402
-
-from lightning_mtl.architectures.resnet_cifar import ResNet18  # noqa: E402
-from lightning_mtl.callbacks.ema import EMATeacher  # noqa: E402
-from lightning_mtl.mixup.adautomix import AdAutoMix  # noqa: E402
-from lightning_mtl.multitask.module import MultiTaskModule  # noqa: E402
-from lightning_mtl.multitask.tasks import ClassificationTask  # noqa: E402
-
+from lightning_mtl.architectures.resnet_cifar import ResNet18
+from lightning_mtl.callbacks.ema import EMATeacher
+from lightning_mtl.mixup.adautomix import AdAutoMix
+from lightning_mtl.multitask.module import MultiTaskModule
+from lightning_mtl.multitask.tasks import ClassificationTask
 
 
 def ema_update_alone(model: torch.nn.Module, repeats: int) -> float:
@@ -94,8 +92,10 @@ def main() -> None:
     update_ms = 1000 * ema_update_alone(copy.deepcopy(backbone).to(device), 20 if args.quick else 100)
     params = sum(p.numel() for p in backbone.parameters())
 
-    print(f"device {device.type}, ResNet-18 (CIFAR stem, {params / 1e6:.1f} M parameters), batch {args.batch_size}, "
-          f"{args.steps} steps ({args.warmup} warm-up), {args.repeats} rounds, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device.type}, ResNet-18 (CIFAR stem, {params / 1e6:.1f} M parameters), batch {args.batch_size}, "
+        f"{args.steps} steps ({args.warmup} warm-up), {args.repeats} rounds, torch threads {torch.get_num_threads()}"
+    )
     print(f"plain classification step   {ms['plain']:9.2f} ms")
     ema_ratio = ms["plain_ema"] / ms["plain"]
     print(f"  + EMATeacher              {ms['plain_ema']:9.2f} ms   ratio {ema_ratio:.3f}  (target <= 1.03)")

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, timed_fit  # noqa: E402
+from _timing import emit, median, now, timed_fit
 
-from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule  # noqa: E402
+from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule
 
 
 class BareModule(pl.LightningModule):

@@ -20,9 +20,9 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit  # noqa: E402
+from _timing import emit
 
-from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule  # noqa: E402
+from lightning_mtl import ClassificationTask, DigitsCNN, MultiDigits, MultiTaskModule
 
 
 def run(precision: str, epochs: int, accelerator: str, num_train: int, aggregator: str, mode: str) -> dict[str, float]:
@@ -60,7 +60,9 @@ def main() -> None:
         p: run(p, args.epochs, accelerator, args.num_train, args.aggregator, args.gradient_mode) for p in precisions
     }
     base = results["32-true"]["s_per_epoch"]
-    print(f"{accelerator}, {args.aggregator} ({args.gradient_mode}), {args.epochs} epochs of {args.num_train} pairs, batch 256")
+    print(
+        f"{accelerator}, {args.aggregator} ({args.gradient_mode}), {args.epochs} epochs of {args.num_train} pairs, batch 256"
+    )
     for p, r in results.items():
         print(f"{p:11s} test acc left {r['left']:.4f} right {r['right']:.4f}  "
               f"{r['s_per_epoch']:.2f} s/epoch ({r['s_per_epoch'] / base:.2f}x of 32-true)")  # fmt: skip

@@ -43,13 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, per_step, timed_fit  # noqa: E402
-from aggregation import reference_losses  # noqa: E402
+from _timing import emit, median, now, per_step, timed_fit
+from aggregation import reference_losses
 
-from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule  # noqa: E402
-from lightning_mtl.aggregators import create_aggregator  # noqa: E402
-from lightning_mtl.datamodules import Digits  # noqa: E402
-from lightning_mtl.sharpness import FMTL, SharpnessAwareMinimization  # noqa: E402
+from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule
+from lightning_mtl.aggregators import create_aggregator
+from lightning_mtl.datamodules import Digits
+from lightning_mtl.sharpness import FMTL, SharpnessAwareMinimization
 
 # -- the shared pieces --------------------------------------------------------------------------
 
@@ -219,13 +219,21 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "sam": Method(
-        sides={"plain_hand": _hand_loop(plain_hand_step), "plain_lightning": plain_lightning,
-               "sam_hand": _hand_loop(sam_hand_step), "sam_callback": sam_callback},  # fmt: skip
-        ratios={"sam_callback_vs_hand": ("sam_callback", "sam_hand"),
-                "lightning_floor": ("plain_lightning", "plain_hand"),
-                "sam_cost": ("sam_hand", "plain_hand")},  # fmt: skip
-        paired={"sam_callback_vs_hand_paired": (sam_callback_callbacks, sam_hand_step),
-                "lightning_floor_paired": (lambda setup: [], plain_hand_step)},  # fmt: skip
+        sides={
+            "plain_hand": _hand_loop(plain_hand_step),
+            "plain_lightning": plain_lightning,
+            "sam_hand": _hand_loop(sam_hand_step),
+            "sam_callback": sam_callback,
+        },  # fmt: skip
+        ratios={
+            "sam_callback_vs_hand": ("sam_callback", "sam_hand"),
+            "lightning_floor": ("plain_lightning", "plain_hand"),
+            "sam_cost": ("sam_hand", "plain_hand"),
+        },  # fmt: skip
+        paired={
+            "sam_callback_vs_hand_paired": (sam_callback_callbacks, sam_hand_step),
+            "lightning_floor_paired": (lambda setup: [], plain_hand_step),
+        },  # fmt: skip
         targets={"sam_callback_vs_hand": 1.05, "sam_callback_vs_hand_paired": 1.05},
         floor_pair=("sam_callback_vs_hand_paired", "lightning_floor_paired"),
     ),
@@ -288,7 +296,9 @@ class FMTLOfficial:
                 outs = {n: h(z) for n, h in self.heads.items()}  # every head, as the official code
                 loss = F.cross_entropy(outs[name].float(), ys[name])
             loss.backward()
-            sam_grads.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.shared])
+            sam_grads.append(
+                [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.shared]
+            )
             for p in self.shared:
                 p.grad = None
             with torch.no_grad():
@@ -341,8 +351,12 @@ def run_fmtl(args, device: torch.device) -> list[dict[str, Any]]:
             for method in args.aggregators:
 
                 def ours(batched: bool) -> OursFMTL:
-                    module = MultiTaskModule(encoder=copy.deepcopy(template.encoder), tasks=tasks, aggregator=method,
-                                             fmtl=FMTL(rho=args.rho, batched=batched, chunk_size=args.fmtl_chunk))
+                    module = MultiTaskModule(
+                        encoder=copy.deepcopy(template.encoder),
+                        tasks=tasks,
+                        aggregator=method,
+                        fmtl=FMTL(rho=args.rho, batched=batched, chunk_size=args.fmtl_chunk),
+                    )
                     module.heads = copy.deepcopy(template.heads)
                     return OursFMTL(module.to(device).train(), batch, amp)
 
@@ -361,7 +375,6 @@ def run_fmtl(args, device: torch.device) -> list[dict[str, Any]]:
                       f"ours vmap {ms['ours_vmap']:9.1f} ({row['vmap_vs_official']:.3f})")  # fmt: skip
                 rows.append(row)
     return rows
-
 
 
 def main() -> None:
@@ -436,8 +449,10 @@ def main() -> None:
         if method.floor_pair is not None:
             ours_pair, floor_pair = method.floor_pair
             own = excess[ours_pair] - excess[floor_pair]
-            print(f"  {name}/{'own overhead':<28}{own:9.2f} ms/step  (paired excess over the hand-written step, "
-                  f"minus Lightning's own: {excess[ours_pair]:.2f} - {excess[floor_pair]:.2f} ms)")
+            print(
+                f"  {name}/{'own overhead':<28}{own:9.2f} ms/step  (paired excess over the hand-written step, "
+                f"minus Lightning's own: {excess[ours_pair]:.2f} - {excess[floor_pair]:.2f} ms)"
+            )
             figures[f"{name}_own_overhead_ms"] = round(own, 3)
         for ratio_name, (ours, base) in method.ratios.items():
             ratio = ms[ours] / ms[base]

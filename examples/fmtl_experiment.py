@@ -36,7 +36,9 @@ def run(method: str, seed: int, fmtl: bool, args: argparse.Namespace) -> dict:
         optimizer=lambda params: torch.optim.Adam(params, lr=args.lr),
         fmtl=FMTL(rho=args.rho, adaptive=args.adaptive, normalization=args.normalization) if fmtl else None,
     )
-    data = MultiDigits(num_train=args.num_train, num_val=500, num_test=args.num_test, batch_size=args.batch_size, seed=0)
+    data = MultiDigits(
+        num_train=args.num_train, num_val=500, num_test=args.num_test, batch_size=args.batch_size, seed=0
+    )
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

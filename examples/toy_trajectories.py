@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     (spare[0] if spare else fig).legend(handles=handles, loc="center", fontsize=9, frameon=False)
     fig.suptitle(
         "Toy problem of CAGrad / Nash-MTL: contours of (L1 + L2) / 2, Pareto set (grey), starts (dots), ends (x); "
-        "title: largest final distance to the Pareto set\n"
-        + describe(run, args.scale),
+        "title: largest final distance to the Pareto set\n" + describe(run, args.scale),
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.96))

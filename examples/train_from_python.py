@@ -1,6 +1,6 @@
 """Train a two-task model from Python instead of YAML, with the library's pieces in your own Trainer.
 
-    python examples/train_from_python.py
+python examples/train_from_python.py
 """
 
 import lightning.pytorch as pl

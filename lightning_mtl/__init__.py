@@ -229,4 +229,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | {m.rsplit(".", 1)[1] for m in _SUBPACKAGES})
-

@@ -61,7 +61,7 @@ def create_timm_model(
     if path is None:
         return model
     if path.suffix == ".npz":
-        model.load_pretrained(str(path))  # the model's JAX loader; a model without one raises AttributeError
+        model.load_pretrained(str(path))  # type: ignore[operator]  # timm's JAX loader (hidden by nn.Module.__getattr__); none: AttributeError
         return model
     state = timm.models.load_state_dict(str(path))
     # timm's own pretrained loading passes the model module's filter; reading the file ourselves keeps the

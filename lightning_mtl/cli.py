@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import ArgumentParser, lazy_instance
 from lightning.pytorch.callbacks import (
     BasePredictionWriter,
     Checkpoint,
@@ -27,7 +28,6 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from jsonargparse import ArgumentParser, lazy_instance
 
 from lightning_mtl import __version__, import_families
 from lightning_mtl.callbacks import BestMetricsSummary, RunSummary, TaskPredictionWriter
@@ -288,7 +288,9 @@ class MultiTaskCLI(LightningCLI):
         params = flat_config(resolved)
         params.pop("config", None)  # the paths of the config files, not a fact of the run
         present = trainer.callbacks
-        monitors = [c.monitor for c in present if isinstance(c, (Checkpoint, EarlyStopping)) and getattr(c, "monitor", None)]
+        monitors = [
+            c.monitor for c in present if isinstance(c, (Checkpoint, EarlyStopping)) and getattr(c, "monitor", None)
+        ]
         extra: list[pl.Callback] = [ConfigHyperparameters(params, list(dict.fromkeys(monitors)) or ["val/loss"])]
         if not any(isinstance(c, RunSummary) for c in present):
             extra.append(RunSummary(config={"subcommand": self.subcommand, **params}))
@@ -371,4 +373,11 @@ def main(args: list[str] | None = None, prog: str = "lightning-mtl") -> Any:
     return MultiTaskCLI(args=args, parser_kwargs={"prog": prog})
 
 
-__all__ = ["ConfigHyperparameters", "LoggerSaveConfigCallback", "MultiTaskCLI", "SigtermCheckpoint", "flat_config", "main"]
+__all__ = [
+    "ConfigHyperparameters",
+    "LoggerSaveConfigCallback",
+    "MultiTaskCLI",
+    "SigtermCheckpoint",
+    "flat_config",
+    "main",
+]

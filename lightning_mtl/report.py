@@ -266,7 +266,7 @@ def _figure(columns: list[str], rows: list[dict[str, object]]) -> Any:  # a matp
         from matplotlib.lines import Line2D
     except ImportError:
         warnings.warn(
-            "the report's chart needs matplotlib (pip install \"lightning-mtl[plots]\"); report.png is not written",
+            'the report\'s chart needs matplotlib (pip install "lightning-mtl[plots]"); report.png is not written',
             stacklevel=3,
         )
         return None

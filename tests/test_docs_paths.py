@@ -16,9 +16,7 @@ DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 # a path of the repository mentioned in prose, code or a command: a top-level folder, then path characters
-_PATH = re.compile(
-    r"(?<![\w/.-])((?:configs|docs|examples|benchmarks|lightning_mtl|tests)/[\w./{},<>*-]*[\w/}>*])"
-)
+_PATH = re.compile(r"(?<![\w/.-])((?:configs|docs|examples|benchmarks|lightning_mtl|tests)/[\w./{},<>*-]*[\w/}>*])")
 # what a mention must look like to count as a file or folder of ours (not e.g. LibMTL's `examples/nyu`)
 _KIND = {
     "configs": re.compile(r"(\.yaml|/)$"),

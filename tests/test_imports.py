@@ -28,10 +28,7 @@ ENTRY_POINTS = {"__init__", "__main__", "cli", "report"}
 
 def _loaded_after(statement: str) -> dict:
     """Modules in ``sys.modules`` after ``statement`` in a fresh interpreter that imports this checkout."""
-    probe = (
-        f"import json, sys\n{statement}\n"
-        "print(json.dumps(sorted(m for m in sys.modules)))"
-    )
+    probe = f"import json, sys\n{statement}\nprint(json.dumps(sorted(m for m in sys.modules)))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", probe]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -195,9 +192,7 @@ def test_no_folder_level_import_loop():
     for v in sorted(families):
         if v not in index:
             visit(v)
-    described = [
-        f"{a} -> {b}: {edges[a][b]}" for loop in loops for a in loop for b in loop if b in graph.get(a, ())
-    ]
+    described = [f"{a} -> {b}: {edges[a][b]}" for loop in loops for a in loop for b in loop if b in graph.get(a, ())]
     assert not loops, "folder-level import loops:\n" + "\n".join(described)
 
 

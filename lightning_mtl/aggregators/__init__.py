@@ -5,9 +5,6 @@ from lightning_mtl.aggregators.dwa import DynamicWeightAverage
 from lightning_mtl.aggregators.famo import FAMO
 from lightning_mtl.aggregators.gradnorm import GradNorm
 from lightning_mtl.aggregators.linear import LinearScalarization
-from lightning_mtl.aggregators.rlw import RandomLossWeighting
-from lightning_mtl.aggregators.scale_invariant import ScaleInvariantLS
-from lightning_mtl.aggregators.uncertainty import UncertaintyWeighting
 from lightning_mtl.aggregators.registry import (
     AggregatorName,
     create_aggregator,
@@ -15,6 +12,9 @@ from lightning_mtl.aggregators.registry import (
     list_aggregators,
     register_aggregator,
 )
+from lightning_mtl.aggregators.rlw import RandomLossWeighting
+from lightning_mtl.aggregators.scale_invariant import ScaleInvariantLS
+from lightning_mtl.aggregators.uncertainty import UncertaintyWeighting
 
 __all__ = [
     "Aggregator",
@@ -36,18 +36,18 @@ __all__ = [
 ]
 
 # Gradient aggregators (Gramian weightings and Jacobian aggregators); importing registers them.
-from lightning_mtl.aggregators.aligned_mtl import AlignedMTL  # noqa: E402
-from lightning_mtl.aggregators.cagrad import CAGrad  # noqa: E402
-from lightning_mtl.aggregators.dbmtl import DBMTL  # noqa: E402
-from lightning_mtl.aggregators.dualproj import DualProj  # noqa: E402
-from lightning_mtl.aggregators.fairgrad import FairGrad  # noqa: E402
-from lightning_mtl.aggregators.graddrop import GradDrop  # noqa: E402
-from lightning_mtl.aggregators.gradvac import GradVac  # noqa: E402
-from lightning_mtl.aggregators.imtl import IMTLG  # noqa: E402
-from lightning_mtl.aggregators.mgda import MGDA  # noqa: E402
-from lightning_mtl.aggregators.nashmtl import NashMTL  # noqa: E402
-from lightning_mtl.aggregators.pcgrad import PCGrad  # noqa: E402
-from lightning_mtl.aggregators.upgrad import UPGrad  # noqa: E402
+from lightning_mtl.aggregators.aligned_mtl import AlignedMTL
+from lightning_mtl.aggregators.cagrad import CAGrad
+from lightning_mtl.aggregators.dbmtl import DBMTL
+from lightning_mtl.aggregators.dualproj import DualProj
+from lightning_mtl.aggregators.fairgrad import FairGrad
+from lightning_mtl.aggregators.graddrop import GradDrop
+from lightning_mtl.aggregators.gradvac import GradVac
+from lightning_mtl.aggregators.imtl import IMTLG
+from lightning_mtl.aggregators.mgda import MGDA
+from lightning_mtl.aggregators.nashmtl import NashMTL
+from lightning_mtl.aggregators.pcgrad import PCGrad
+from lightning_mtl.aggregators.upgrad import UPGrad
 
 __all__ += [
     "AlignedMTL",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import typing
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lightning_mtl.aggregators.base import Aggregator
 
@@ -109,7 +110,7 @@ def _teach_jsonargparse() -> None:
 
     _typehints.ActionTypeHint.extra_help = help_with_names  # type: ignore[method-assign]
 
-    def resolve(cls: type | tuple[type, ...], name: str) -> str:
+    def resolve(cls: type | tuple[type], name: str) -> str:  # the signature of the lookup it wraps
         path = lookup(cls, name)  # calls back here for each type of a tuple
         if "." in path or isinstance(cls, tuple) or not (isinstance(cls, type) and issubclass(cls, Aggregator)):
             return path

@@ -72,7 +72,9 @@ class MTAN(MultiTaskArchitecture):
         super().__init__()
         self.backbone = backbone if backbone is not None else SegNet()
         if not isinstance(self.backbone, SegNet):
-            raise TypeError(f"MTAN needs a SegNet backbone (it attends to its blocks), got {type(self.backbone).__name__}")
+            raise TypeError(
+                f"MTAN needs a SegNet backbone (it attends to its blocks), got {type(self.backbone).__name__}"
+            )
         c, n = self.backbone.channels, len(self.backbone.channels)
         self.enc_convs = nn.ModuleList(conv_bn_relu(c[j], c[min(j + 1, n - 1)]) for j in range(n))
         self.dec_convs = nn.ModuleList(

@@ -109,9 +109,7 @@ class PLE(MultiTaskArchitecture):
             nn.ModuleDict({t: nn.Linear(gate_in(lv), num_specific + num_shared) for t in self.tasks})
             for lv in range(max(num_levels - 2, 0))
         )
-        self.shared_gates = nn.ModuleList(
-            nn.Linear(gate_in(lv), n_tasks * num_specific + num_shared) for lv in lower
-        )
+        self.shared_gates = nn.ModuleList(nn.Linear(gate_in(lv), n_tasks * num_specific + num_shared) for lv in lower)
         self._template = (template(num_levels - 1),)  # a tuple: the template itself is not a parameter
         self._last_gate_in = gate_in(num_levels - 1)
         self._prev_gate_in = gate_in(num_levels - 2) if num_levels > 1 else 0
@@ -165,6 +163,11 @@ class CGC(PLE):
     """
 
     def __init__(
-        self, expert: nn.Module, in_features: int, num_specific: int = 1, num_shared: int = 1, out_features: int | None = None
+        self,
+        expert: nn.Module,
+        in_features: int,
+        num_specific: int = 1,
+        num_shared: int = 1,
+        out_features: int | None = None,
     ) -> None:
         super().__init__(expert, in_features, None, 1, num_specific, num_shared, out_features)

@@ -73,7 +73,9 @@ class DeepLabHead(nn.Module):
         width: channels of every branch and of the projection.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int] = (12, 24, 36), width: int = 256) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, rates: Sequence[int] = (12, 24, 36), width: int = 256
+    ) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             [_conv_bn_relu(in_channels, width, 1)] + [_conv_bn_relu(in_channels, width, 3, r) for r in rates]

@@ -71,4 +71,3 @@ class TransformersEncoder(nn.Module):
         mask = (input_ids != self.pad_token_id).long()
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return pool(hidden, mask, self.pooling)
-

@@ -231,7 +231,9 @@ class EMATeacher(pl.Callback):
     def _take_legacy_teacher(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         # checkpoints of earlier versions kept this teacher in the module as `ema_teacher.*`: take it out of
         # the module's state (so strict loading works) and use it, unless the callback's state brings one
-        legacy = {k[len(prefix) + 12 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + "ema_teacher.")}
+        legacy = {
+            k[len(prefix) + 12 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + "ema_teacher.")
+        }
         if legacy and self._pending is None:
             self._pending, self._legacy = legacy, True
 

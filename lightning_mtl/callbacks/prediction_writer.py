@@ -63,7 +63,11 @@ class TaskPredictionWriter(BasePredictionWriter):
         self._indices.setdefault(dataloader_idx, []).append(batch_indices)
 
     def write_on_epoch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
     ) -> None:
         per_loader = []
         for loader in sorted(self._outputs):

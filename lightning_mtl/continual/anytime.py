@@ -211,7 +211,9 @@ class AnytimeEvaluation(pl.Callback):
         # every rank holds the same summed value: no sync needed. The loggers get it directly (below), as
         # Lightning sends step metrics to them only every log_every_n_steps
         for key, value in metrics.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, prog_bar=key == "anytime/acc", batch_size=1)
+            pl_module.log(
+                key, value, on_step=True, on_epoch=False, logger=False, prog_bar=key == "anytime/acc", batch_size=1
+            )
         self._log_to_loggers(trainer, metrics)
 
     def _loader(self, trainer: pl.Trainer, num_seen: int) -> DataLoader:
@@ -220,7 +222,10 @@ class AnytimeEvaluation(pl.Callback):
         if trainer.world_size > 1:
             dataset = Subset(dataset, range(trainer.global_rank, len(dataset), trainer.world_size))
         batch_size = (
-            self.eval_batch_size or getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "batch_size", None) or 256
+            self.eval_batch_size
+            or getattr(datamodule, "eval_batch_size", None)
+            or getattr(datamodule, "batch_size", None)
+            or 256
         )
         workers = self.num_workers if self.num_workers is not None else int(getattr(datamodule, "num_workers", 0) or 0)
         return DataLoader(
@@ -299,7 +304,9 @@ class AnytimeEvaluation(pl.Callback):
     def _draw(self, trainer: pl.Trainer) -> None:
         Figure = figure_class()
         if Figure is None:
-            rank_zero_warn("AnytimeEvaluation: matplotlib is not installed; the accuracy curve and matrix are not drawn")
+            rank_zero_warn(
+                "AnytimeEvaluation: matplotlib is not installed; the accuracy curve and matrix are not drawn"
+            )
             return
         figures = {"anytime_accuracy": self._curve(Figure)}
         if self.class_accuracies:

@@ -117,7 +117,9 @@ class ContinualModule(pl.LightningModule):
                 f"{type(self).__name__}: non-finite training loss {loss.item():g} at global step "
                 f"{self.global_step} (batch {batch_idx}); lower the learning rate or check the inputs"
             )
-        logged = {f"train/{name}": value.detach() for name, value in extras.items() if name != "logits" and value.dim() == 0}
+        logged = {
+            f"train/{name}": value.detach() for name, value in extras.items() if name != "logits" and value.dim() == 0
+        }
         logged["train/loss"] = loss.detach()
         logits = extras.get("logits")
         if logits is not None:
@@ -160,4 +162,3 @@ class ContinualModule(pl.LightningModule):
     def mask_unseen(logits: Tensor, num_seen: Tensor | int) -> Tensor:
         """See :func:`mask_unseen`."""
         return mask_unseen(logits, num_seen)
-

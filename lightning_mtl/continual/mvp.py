@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_mtl._distributed import differentiable_sum, distributed_world_size, sum_over_ranks
 from lightning_mtl.continual.base import mask_unseen
 from lightning_mtl.continual.dualprompt import DualPrompt
-from lightning_mtl._distributed import differentiable_sum, distributed_world_size, sum_over_ranks
 
 __all__ = [
     "MVP",

@@ -486,7 +486,9 @@ class VirtualOutlierRegularization(pl.Callback):
                 if trainer.world_size > 1:
                     # identical inputs and seeds already give identical heads; the broadcast guards
                     # against non-deterministic kernels
-                    state = trainer.strategy.broadcast({n: t.detach().cpu() for n, t in head.state_dict().items()}, src=0)
+                    state = trainer.strategy.broadcast(
+                        {n: t.detach().cpu() for n, t in head.state_dict().items()}, src=0
+                    )
                     head.load_state_dict(state)
         finally:
             for p, flag, grad in zip(params, flags, grads):

@@ -92,7 +92,9 @@ class DenseNpyDataset(Dataset):
             targets[name] = value[0].round().long() if kind == KIND_SEGMENTATION else value.contiguous()
         return image.contiguous(), targets
 
-    def _resize(self, image: Tensor, maps: dict[str, Tensor], size: tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _resize(
+        self, image: Tensor, maps: dict[str, Tensor], size: tuple[int, int]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         # labels, depth and normals: nearest, so no invalid (0 / void) pixel is blended into a valid one
         return image, {k: F.interpolate(v[None], size=size, mode="nearest")[0] for k, v in maps.items()}
@@ -168,7 +170,9 @@ class DenseNpyDataModule(_TensorDataModule):
             check_data_path(os.path.join(self.root, split, "image"), self.dataset_name, hint)
             for sub, _ in self._tasks.values():
                 check_data_path(os.path.join(self.root, split, sub), self.dataset_name, hint)
-        self.train_set = DenseNpyDataset(os.path.join(self.root, "train"), self._tasks, self.augment, size=self.image_size)
+        self.train_set = DenseNpyDataset(
+            os.path.join(self.root, "train"), self._tasks, self.augment, size=self.image_size
+        )
         # the published protocol (MTAN, LibMTL, Nash-MTL) has no separate test split: val serves as test
         self.val_set = DenseNpyDataset(os.path.join(self.root, "val"), self._tasks, False, size=self.image_size)
         self.test_set = self.val_set

@@ -174,7 +174,12 @@ class _TransformedImages(Dataset):
     """Items ``(standardize(transform(images[i])), targets[i])``; ``targets`` a tensor or ``{task: tensor}``."""
 
     def __init__(
-        self, images: Tensor, targets: Tensor | dict[str, Tensor], transform: Callable[[Tensor], Any], mean: float, std: float
+        self,
+        images: Tensor,
+        targets: Tensor | dict[str, Tensor],
+        transform: Callable[[Tensor], Any],
+        mean: float,
+        std: float,
     ) -> None:
         self.images, self.targets, self.transform = images, targets, transform
         self.mean, self.std = mean, std

@@ -191,7 +191,13 @@ class MultiMNIST(_LeftRightDigits):
         rng = np.random.default_rng(self.seed)
         train_x, train_y, train_group = self._generate("train", rng)
         test_x, test_y, _ = self._generate("test", rng)
-        arrays = {"train_x": train_x, "train_y": train_y, "train_group": train_group, "test_x": test_x, "test_y": test_y}
+        arrays = {
+            "train_x": train_x,
+            "train_y": train_y,
+            "train_group": train_group,
+            "test_x": test_x,
+            "test_y": test_y,
+        }
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             tmp = path + f".{os.getpid()}.tmp.npz"

@@ -23,7 +23,7 @@ def read_table(path: str) -> dict[str, list]:
             import pyarrow.parquet as pq
         except ImportError as error:
             raise ImportError(
-                f"reading {path} needs the optional `pyarrow` package (pip install \"lightning-mtl[parquet]\"), or save the table as CSV"
+                f'reading {path} needs the optional `pyarrow` package (pip install "lightning-mtl[parquet]"), or save the table as CSV'
             ) from error
         return pq.read_table(path).to_pydict()
     with open(path, newline="") as f:

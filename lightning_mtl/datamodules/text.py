@@ -19,7 +19,9 @@ from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _TensorDat
 __all__ = ["TextMultiTask", "WordVocabulary", "load_records"]
 
 _SPLITS = ("train", "val", "test")
-_DATASETS_HINT = "TextMultiTask(engine='datasets') needs the optional `datasets` package: pip install \"lightning-mtl[text]\""
+_DATASETS_HINT = (
+    "TextMultiTask(engine='datasets') needs the optional `datasets` package: pip install \"lightning-mtl[text]\""
+)
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 PAD, UNKNOWN = 0, 1
 
@@ -144,7 +146,9 @@ class TextMultiTask(_TensorDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         if not tasks or any(not t.isidentifier() for t in tasks):
-            raise ValueError(f"tasks must be a non-empty list of label columns that are Python identifiers, got {tasks}")
+            raise ValueError(
+                f"tasks must be a non-empty list of label columns that are Python identifiers, got {tasks}"
+            )
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.save_hyperparameters()

@@ -255,13 +255,18 @@ class AdAutoMix(pl.LightningModule):
             self._generator_optimizer = self.generator_optimizer_factory(self.generator.parameters())
             if self.generator_lr_scheduler_factory is not None:
                 self._generator_scheduler = self.generator_lr_scheduler_factory(self._generator_optimizer)
-                check_horizon(self, {"scheduler": self._generator_scheduler, "interval": "step"}, "generator_lr_scheduler")
+                check_horizon(
+                    self, {"scheduler": self._generator_scheduler, "interval": "step"}, "generator_lr_scheduler"
+                )
             if self._pending_generator_state is not None:
                 self._load_generator_state(self._pending_generator_state)
                 self._pending_generator_state = None
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)})}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)}),
+        }
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

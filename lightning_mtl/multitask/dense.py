@@ -290,4 +290,3 @@ class SurfaceNormalTask(_DenseTask):
         errors = angle_errors(pred, target)[mask]
         for metric in metrics.values():
             metric.update(errors)
-

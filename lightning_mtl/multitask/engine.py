@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_mtl._distributed import mean_over_ranks_, sum_over_ranks
-from lightning_mtl.aggregators.base import Aggregator, GramianWeighting, LossWeighting
+from lightning_mtl.aggregators.base import Aggregator, GramianWeighting, JacobianAggregator, LossWeighting
 from lightning_mtl.aggregators.linear import LinearScalarization
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ class GradientEngine:
         else:
             objective = self.aggregator(losses)
         if not isinstance(self.aggregator, LinearScalarization):  # fixed weights are not worth a log line
+            assert isinstance(self.aggregator, LossWeighting)  # only loss weightings make an objective
             self.last_weights = self.aggregator.last_weights
         return objective
 
@@ -245,6 +246,7 @@ class GradientEngine:
             if log:
                 self.last_weights, self.last_gramian = weights.detach(), gramian
             return weights.to(jac.dtype) @ jac
+        assert isinstance(aggregator, JacobianAggregator), "a loss weighting has no direction of its own"
         return aggregator.aggregate(jac)
 
     def after_step(
@@ -280,6 +282,7 @@ class GradientEngine:
         """Weights from the Gramian of the representation gradients; the weighted loss comes back."""
         if request == "parameter":
             self._keep_jacobian(self._jacobian(request, terms, shared, step), scale, world_size > 1)
+        assert step.features is not None  # the module hands the representation on this path
         jac = flat_jacobian(terms, [step.features], self.is_batched(terms[0]), self.chunk_size)
         jac = jac if scale is None else jac / scale
         if request == "representation":
@@ -301,7 +304,7 @@ class GradientEngine:
             return None
         if level == "representation" and not isinstance(step.features, Tensor):
             raise ValueError("a representation-level Jacobian needs one shared representation tensor")
-        wrt = list(shared) if level == "parameter" else [step.features]
+        wrt = list(shared) if level == "parameter" else [cast(Tensor, step.features)]
         return flat_jacobian(terms, wrt, self.is_batched(terms[0]), self.chunk_size)
 
     def _keep_jacobian(self, jac: Tensor | None, scale: Tensor | None, distributed: bool) -> None:
@@ -314,6 +317,7 @@ class GradientEngine:
         """A loss weighting's weights ``d objective / d losses`` (F-MTL applies them to its gradients);
         the weighting's own parameters (uncertainty weighting) take their gradients of the objective."""
         own = [p for p in self.aggregator.parameters() if p.requires_grad]
+        assert step.objective is not None  # the caller checked it
         grads = torch.autograd.grad(step.objective, [step.losses, *own], retain_graph=True, allow_unused=True)
         weights = grads[0].detach().float()
         if distributed:
@@ -389,7 +393,7 @@ def _all_mean(tensor: Tensor) -> Tensor:
     return mean_over_ranks_(tensor)
 
 
-def _all_mean_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+def _all_mean_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The gradients averaged over the ranks, in one all-reduce of their concatenation (a parameter no
     loss reached on this rank counts as zero: another rank's batch may have reached it)."""
     if not params:

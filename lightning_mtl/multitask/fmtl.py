@@ -91,9 +91,7 @@ class FMTL:
             f"variant={self.variant!r})"
         )
 
-    def perturbation(
-        self, grads: Sequence[Tensor | None], params: Sequence[Tensor], split: int
-    ) -> list[Tensor | None]:
+    def perturbation(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], split: int) -> list[Tensor | None]:
         """The ascent step for one task: ``params[:split]`` are shared, the rest its head."""
         step = lambda g, p: sam_perturbation(g, p, self.rho, self.adaptive, self.eta, self.eps)  # noqa: E731
         if self.normalization == "joint" or split in (0, len(params)):

@@ -65,9 +65,7 @@ class GradientConflictMonitor(pl.Callback):
         if (trainer.global_step + 1) % self.every_n_steps == 0:
             pl_module.engine.request_jacobian(self.level)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         engine = pl_module.engine
         engine.request_jacobian(None)  # a skipped step leaves its request unread
         step = trainer.global_step

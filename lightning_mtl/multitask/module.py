@@ -26,8 +26,8 @@ from lightning_mtl.aggregators import (
 )
 from lightning_mtl.multitask.delta_m import delta_m
 from lightning_mtl.multitask.engine import GradientEngine, TaskStep
-from lightning_mtl.multitask.tasks import Task, TaskError
 from lightning_mtl.multitask.fmtl import FMTL
+from lightning_mtl.multitask.tasks import Task, TaskError
 
 _STAGES = ("val", "test")
 
@@ -167,9 +167,7 @@ class MultiTaskModule(pl.LightningModule):
                     "works on the full Jacobian: use gradient_mode='parameter'"
                 )
         if fmtl is not None and gradient_mode != "parameter":
-            raise ValueError(
-                "fmtl perturbs the shared parameters task by task, so it needs gradient_mode='parameter'"
-            )
+            raise ValueError("fmtl perturbs the shared parameters task by task, so it needs gradient_mode='parameter'")
         self.fmtl = fmtl
         if fmtl is not None and fmtl.variant == "flat" and not isinstance(self.aggregator, LossWeighting):
             self.flat_aggregator = copy.deepcopy(self.aggregator)  # its own state, saved in checkpoints

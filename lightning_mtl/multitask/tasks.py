@@ -237,7 +237,10 @@ class MultiLabelTask(Task):
         if self.num_labels == 1:  # torchmetrics' multilabel metrics need at least two labels
             return {"acc": BinaryAccuracy(**kwargs), "f1": BinaryF1Score(**kwargs)}
         kwargs["num_labels"] = self.num_labels
-        return {"acc": MultilabelAccuracy(average="micro", **kwargs), "f1": MultilabelF1Score(average="macro", **kwargs)}
+        return {
+            "acc": MultilabelAccuracy(average="micro", **kwargs),
+            "f1": MultilabelF1Score(average="macro", **kwargs),
+        }
 
     def check(self, name: str, pred: Tensor, target: Tensor) -> Tensor:
         return self._check_same_shape(name, pred, target, "num_labels")
@@ -265,7 +268,11 @@ class BinaryTask(MultiLabelTask):
     """A single binary label (shape ``[batch]`` or ``[batch, 1]``): :class:`MultiLabelTask` with one label."""
 
     def __init__(
-        self, pos_weight: float | None = None, threshold: float = 0.5, head: nn.Module | None = None, weight: float = 1.0
+        self,
+        pos_weight: float | None = None,
+        threshold: float = 0.5,
+        head: nn.Module | None = None,
+        weight: float = 1.0,
     ) -> None:
         super().__init__(
             num_labels=1,

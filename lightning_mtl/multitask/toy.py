@@ -56,7 +56,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -216,6 +216,21 @@ def distance_to_pareto_set(points: Tensor) -> Tensor:
     return out.reshape(points.shape[:-1])
 
 
+def _row_norms(jacobian: Tensor, b: int) -> Tensor:
+    """Point b's task-gradient norms (GradNorm's input)."""
+    return jacobian[b].norm(dim=-1)
+
+
+def _shifted_losses(point: Tensor, scale: float, lower: Tensor) -> Tensor:
+    """The losses at ``point``, shifted to be positive as the loss weightings see them."""
+    return losses(point, scale) - lower
+
+
+def _row(values: Callable[[], Tensor], b: int) -> Tensor:
+    """Point b's entry of a lazily computed batch of values."""
+    return values()[b]
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
 
@@ -311,12 +326,12 @@ def optimize(
             shifted = objectives - lower  # same gradients as the losses
             total = objectives.new_zeros(())
             for b, eng in enumerate(engines):
-                total = total + eng.objective(shifted[b], lambda b=b: jacobian[b].norm(dim=-1))
+                total = total + eng.objective(shifted[b], functools.partial(_row_norms, jacobian, b))
             total.backward()  # fills x.grad and the grads of the method's parameters
         optimizer.step()
         trajectory[step + 1] = x.detach()
-        after = functools.cache(lambda: losses(trajectory[step + 1], scale) - lower)  # FAMO's only
+        after = functools.cache(functools.partial(_shifted_losses, trajectory[step + 1], scale, lower))  # FAMO's only
         for b, eng in enumerate(engines):
-            eng.after_step(lambda b=b: after()[b])
+            eng.after_step(functools.partial(_row, after, b))
             eng.on_train_epoch_end(_identity)
     return trajectory[:, 0] if single else trajectory

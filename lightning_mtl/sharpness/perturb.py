@@ -56,9 +56,7 @@ def _scaled(
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
     flags = _flags(adaptive, len(params))
-    return [
-        None if g is None else (g * adaptive_scale(p, eta) if a else g) for g, p, a in zip(grads, params, flags)
-    ]
+    return [None if g is None else (g * adaptive_scale(p, eta) if a else g) for g, p, a in zip(grads, params, flags)]
 
 
 def perturbation_norm(

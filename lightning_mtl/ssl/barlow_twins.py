@@ -188,7 +188,10 @@ class BarlowTwins(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is not None:
-            return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)})}
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)}),
+            }
         if self.warmup_epochs == 0 and not self.cosine:
             return optimizer
         total = self.trainer.estimated_stepping_batches

@@ -109,7 +109,10 @@ class LinearEvaluation(pl.LightningModule):
 
         def accuracies() -> nn.ModuleDict:
             return nn.ModuleDict(
-                {_acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro", ignore_index=-1) for k in top_k}
+                {
+                    _acc_name(k): MulticlassAccuracy(num_classes, top_k=k, average="micro", ignore_index=-1)
+                    for k in top_k
+                }
             )
 
         # (a ModuleDict keyed by stage cannot hold "train": that name is nn.Module.train)
@@ -142,7 +145,9 @@ class LinearEvaluation(pl.LightningModule):
                  sync_dist=not on_step)  # fmt: skip
         for name, metric in getattr(self, f"{stage}_metrics").items():
             metric(logits, labels)
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage != "train" and name == "acc")
+            self.log(
+                f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage != "train" and name == "acc"
+            )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -158,7 +163,10 @@ class LinearEvaluation(pl.LightningModule):
         optimizer = self.optimizer_factory(self.head.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)})}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": check_horizon(self, {"scheduler": self.lr_scheduler_factory(optimizer)}),
+        }
 
 
 def _acc_name(k: int) -> str:

@@ -120,7 +120,9 @@ class OnlineLinearProbe(pl.Callback):
             assert parameter.grad is not None  # zero_grad(set_to_none=False) and backward above
             mean_over_ranks_(parameter.grad)
         optimizer.step()
-        pl_module.log(f"train/{self.name}/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=int(keep.sum()))
+        pl_module.log(
+            f"train/{self.name}/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=int(keep.sum())
+        )
 
     # -- evaluation --------------------------------------------------------------------------------
     def _start(self, pl_module: pl.LightningModule) -> None:

@@ -26,12 +26,21 @@ def _primal_optimum(jac, c):
     radius = c * np.linalg.norm(g0)
     cons = [
         {"type": "ineq", "fun": lambda z: a @ z[:n] - z[n], "jac": lambda z: np.hstack([a, -np.ones((a.shape[0], 1))])},
-        {"type": "ineq", "fun": lambda z: radius**2 - np.sum((z[:n] - g0) ** 2),
-         "jac": lambda z: np.append(-2 * (z[:n] - g0), 0.0)},
+        {
+            "type": "ineq",
+            "fun": lambda z: radius**2 - np.sum((z[:n] - g0) ** 2),
+            "jac": lambda z: np.append(-2 * (z[:n] - g0), 0.0),
+        },
     ]
     start = np.append(g0, (a @ g0).min())
-    res = minimize(lambda z: -z[n], start, jac=lambda z: np.append(np.zeros(n), -1.0), constraints=cons,
-                   method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000})
+    res = minimize(
+        lambda z: -z[n],
+        start,
+        jac=lambda z: np.append(np.zeros(n), -1.0),
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
     d = res.x[:n]
     assert np.sum((d - g0) ** 2) <= radius**2 * (1 + 1e-8)
     return (a @ d).min()

@@ -98,7 +98,7 @@ def test_famo_balances_the_rates_at_which_losses_fall():
             opt.zero_grad()
             agg(losses).backward()
             opt.step()
-            after = (theta.detach().pow(2) + 1e-3)
+            after = theta.detach().pow(2) + 1e-3
             rates = losses.detach().log() - after.log()
             agg.after_step(losses.detach(), after)
         return rates

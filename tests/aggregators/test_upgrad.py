@@ -15,9 +15,14 @@ def _jac(m, n, seed):
 def _project_scipy(y, jac):
     """argmin_x |x - y|^2 s.t. J x >= 0, solved by SLSQP in R^n."""
     a = jac.numpy()
-    res = minimize(lambda x: 0.5 * np.sum((x - y) ** 2), y, jac=lambda x: x - y,
-                   constraints={"type": "ineq", "fun": lambda x: a @ x, "jac": lambda x: a},
-                   method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000})
+    res = minimize(
+        lambda x: 0.5 * np.sum((x - y) ** 2),
+        y,
+        jac=lambda x: x - y,
+        constraints={"type": "ineq", "fun": lambda x: a @ x, "jac": lambda x: a},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
     return res.x
 
 
@@ -47,8 +52,9 @@ def test_non_conflicting_is_the_mean_and_pref_vector():
     jac = torch.rand(4, 10, generator=torch.Generator().manual_seed(8), dtype=torch.float64)  # no conflict
     torch.testing.assert_close(UPGrad().aggregate(jac), jac.mean(0), rtol=1e-5, atol=1e-6)
     pref = [0.1, 0.2, 0.3, 0.4]
-    torch.testing.assert_close(UPGrad(pref_vector=pref).aggregate(jac), torch.tensor(pref, dtype=torch.float64) @ jac,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        UPGrad(pref_vector=pref).aggregate(jac), torch.tensor(pref, dtype=torch.float64) @ jac, rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError):
         UPGrad(pref_vector=[1.0, -1.0])
 
@@ -64,7 +70,12 @@ def test_active_set_solver_agrees_with_the_barrier_solver(m, seed):
     projection QP, no worse than the barrier method (its fallback) and equal to it wherever the
     barrier's own result is certified, with strong conflicts among the gradients."""
     from lightning_mtl.aggregators._solvers import (
-        Quadratic, active_set_box_qp, barrier_newton, kkt_certified, polish_quadratic, quadratic_finisher,
+        Quadratic,
+        active_set_box_qp,
+        barrier_newton,
+        kkt_certified,
+        polish_quadratic,
+        quadratic_finisher,
     )
 
     jac = _jac(m, 3 * m, seed)
@@ -94,7 +105,9 @@ def test_uncertified_active_set_falls_back_to_the_barrier_solver(monkeypatch):
     u = torch.eye(6, dtype=torch.float64)
     expected = dual_cone_projection_weights(gram, u)
     # zero iterations leave the start point x = lower, which is not optimal here
-    monkeypatch.setattr(upgrad, "active_set_box_qp", lambda q, c, lower: (lower.clone(), torch.zeros(6, dtype=torch.bool)))
+    monkeypatch.setattr(
+        upgrad, "active_set_box_qp", lambda q, c, lower: (lower.clone(), torch.zeros(6, dtype=torch.bool))
+    )
     torch.testing.assert_close(dual_cone_projection_weights(gram, u), expected, atol=1e-8, rtol=0)
 
 
@@ -109,4 +122,3 @@ def test_no_conflict_with_badly_scaled_gradients(family, m):
         norms = jac.norm(dim=1)
         slack = jac @ (w @ jac) / (norms * (w.abs() @ norms))
         assert slack.min() >= -1e-6, (seed, slack)
-

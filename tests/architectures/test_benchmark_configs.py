@@ -16,11 +16,11 @@ import yaml
 
 from lightning_mtl.aggregators import get_aggregator_class, list_aggregators
 from lightning_mtl.cli import main
+from tests.config_matrix import CELLS, DATA, METHODS, SAM_FMTL, SINGLE_TASK, compose
 from tests.fixtures.celeba import write_celeba
 from tests.fixtures.dense import write_cityscapes, write_nyuv2
 from tests.fixtures.mnist import write_mnist_raw
 from tests.fixtures.trainers import one_thread  # noqa: F401 (autouse fixture)
-from tests.config_matrix import CELLS, DATA, METHODS, SAM_FMTL, SINGLE_TASK, compose
 
 FAST = ["--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.accelerator=cpu", "--test_after_fit=false"]  # fmt: skip
@@ -110,14 +110,23 @@ def data_roots(tmp_path_factory):
     write_celeba(base / "faces", n=6, size=12)
     write_nyuv2(base / "nyuv2", n_train=2, n_val=2, size=(32, 32))
     write_cityscapes(base / "cityscapes", n_train=2, n_val=2, size=(32, 32))
-    return {"digits": base / "digits", "faces": base / "faces", "nyuv2": base / "nyuv2", "cityscapes": base / "cityscapes"}
+    return {
+        "digits": base / "digits",
+        "faces": base / "faces",
+        "nyuv2": base / "nyuv2",
+        "cityscapes": base / "cityscapes",
+    }
 
 
 def _overrides(data: str, roots: dict) -> list[str]:
     if data == "multidigits":
         return []
     if data.startswith("multi_"):
-        return [f"--data.init_args.root={roots['digits']}", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0"]
+        return [
+            f"--data.init_args.root={roots['digits']}",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.num_workers=0",
+        ]
     if data == "celeba":
         return [f"--data.init_args.root={roots['faces']}", "--data.init_args.image_size=16", "--data.init_args.num_workers=0",
                 "--model.init_args.encoder.init_args.model_name=test_resnet"]  # fmt: skip

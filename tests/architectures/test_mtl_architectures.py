@@ -48,7 +48,9 @@ def _dense_targets(n: int, h: int = 10, w: int = 12):
 
 
 def _stitch_backbone():
-    return nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh()), nn.Sequential(nn.Linear(6, 6), nn.Tanh()))
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh()), nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+    )
 
 
 ARCHITECTURES = {

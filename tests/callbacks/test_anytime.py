@@ -102,7 +102,9 @@ class ScriptedModule(pl.LightningModule):
         return (self.weight**2).sum()
 
     def forward(self, x):
-        self.calls.append((self.training, self.frozen.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        self.calls.append(
+            (self.training, self.frozen.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))
+        )
         label, index = x[:, 0].long(), x[:, 1].long()
         seen = int(self.seen)
         logits = torch.zeros(len(x), NUM_CLASSES)
@@ -165,7 +167,12 @@ def test_logged_accuracies_and_summary_match_the_hand_computed_values(capsys):
     anytime = [m for m, _ in logger.calls if "anytime/acc" in m]
     assert [m["anytime/acc"] for m in anytime] == pytest.approx(ACCS)
     assert [m["anytime/samples_seen"] for m in anytime] == [4, 6, 8, 12]
-    expected = {"continual/A_auc": A_AUC, "continual/A_avg": A_AVG, "continual/A_last": A_LAST, "continual/F_last": F_LAST}
+    expected = {
+        "continual/A_auc": A_AUC,
+        "continual/A_avg": A_AVG,
+        "continual/A_last": A_LAST,
+        "continual/F_last": F_LAST,
+    }
     summary = next(m for m, _ in logger.calls if "continual/A_auc" in m)
     assert summary == pytest.approx(expected)
     for key, value in expected.items():
@@ -281,7 +288,9 @@ def test_matrix_rows_are_labelled_by_their_task_and_a_task_without_a_task_end_is
     callback = AnytimeEvaluation(eval_period=4)
     # the stream left task 1 (of 0..3) without samples: task ends after tasks 0, 2 and 3 only
     for step, task in ((3, 0), (7, 2), (11, 3)):
-        evaluation = dict(step=step, samples_seen=step + 1, num_seen=4, task=task, accuracy=0.5, weight=1, task_end=True)
+        evaluation = dict(
+            step=step, samples_seen=step + 1, num_seen=4, task=task, accuracy=0.5, weight=1, task_end=True
+        )
         callback.evaluations.append(evaluation)
     nan = float("nan")
     callback.class_accuracies = [[0.5, 1.0, nan, nan], [0.25, 0.75, 1.0, nan], [0.0, 0.5, 0.5, 1.0]]
@@ -342,7 +351,12 @@ def test_ranks_evaluate_shares_and_sum_the_counts(tmp_path):
     trainer.fit(ScriptedModule(), datamodule=FakeStream())
     results = [json.loads((tmp_path / f"anytime_rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["share"] for r in results] == [NUM_CLASSES * PER_CLASS // 2] * 2
-    expected = {"continual/A_auc": A_AUC, "continual/A_avg": A_AVG, "continual/A_last": A_LAST, "continual/F_last": F_LAST}
+    expected = {
+        "continual/A_auc": A_AUC,
+        "continual/A_avg": A_AVG,
+        "continual/A_last": A_LAST,
+        "continual/F_last": F_LAST,
+    }
     for r in results:
         assert r["accs"] == pytest.approx(ACCS)
         assert r["summary"] == pytest.approx(expected)

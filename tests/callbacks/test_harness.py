@@ -23,8 +23,9 @@ import inspect
 import io
 import math
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -172,7 +173,11 @@ def _callbacks(name):
 ENTRIES: dict[str, Entry] = {
     "AnytimeEvaluation": Entry(
         make=lambda: _callbacks("AnytimeEvaluation")(eval_period=4, log_images=False, verbose=False),
-        module=_anytime_module, data=_anytime_stream, epochs=1, resume="step", stop_step=7,
+        module=_anytime_module,
+        data=_anytime_stream,
+        epochs=1,
+        resume="step",
+        stop_step=7,
         check_accumulate=_same_evaluations,
         ddp="test::tests.callbacks.test_anytime::test_ranks_evaluate_shares_and_sum_the_counts",
     ),
@@ -181,39 +186,55 @@ ENTRIES: dict[str, Entry] = {
         make=lambda: importlib.import_module("lightning_mtl.cli").ConfigHyperparameters({"lr": 0.1}, ["val/acc"])
     ),
     "EMATeacher": Entry(
-        make=_ema, check_accumulate=_updates_per_optimizer_step("num_updates"),
+        make=_ema,
+        check_accumulate=_updates_per_optimizer_step("num_updates"),
         ddp="test::tests.callbacks.test_ema::test_ddp_ranks_evaluate_the_same_callback_teacher",
     ),
     "GradientConflictMonitor": Entry(
         make=lambda: _callbacks("GradientConflictMonitor")(every_n_steps=2, log_image=False),
-        module=tiny_module, data=lambda: tiny_multidigits(num_train=64, num_val=16, batch_size=16),
+        module=tiny_module,
+        data=lambda: tiny_multidigits(num_train=64, num_val=16, batch_size=16),
         observe=lambda callback, trainer: callback.last_cosines,
-        check_accumulate=_measured_at_optimizer_steps, ddp="harness",
+        check_accumulate=_measured_at_optimizer_steps,
+        ddp="harness",
     ),
     "KNNMonitor": Entry(
         make=lambda: _callbacks("KNNMonitor")(k=5),
-        module=FixedFeatureModule, data=lambda: ToyData(n_train=32, n_val=16, batch_size=8),
+        module=FixedFeatureModule,
+        data=lambda: ToyData(n_train=32, n_val=16, batch_size=8),
         observe=lambda callback, trainer: float(trainer.callback_metrics["val/knn/acc"]),
         ddp="test::tests.callbacks.test_knn::test_monitor_gathers_the_bank_across_ranks",
     ),
     "LoggerSaveConfigCallback": Entry(make=_save_config_callback),
-    "MixBatch": Entry(make=_mixup, data=lambda: TinyClassification(image=True), deterministic=False),  # mixes with torch's global generator, not checkpointed
+    "MixBatch": Entry(
+        make=_mixup, data=lambda: TinyClassification(image=True), deterministic=False
+    ),  # mixes with torch's global generator, not checkpointed
     "OnlineLinearProbe": Entry(
         make=lambda: _callbacks("OnlineLinearProbe")(num_classes=4, lr=0.05),
-        module=FixedFeatureModule, data=lambda: ToyData(n_train=32, n_val=16, batch_size=8),
+        module=FixedFeatureModule,
+        data=lambda: ToyData(n_train=32, n_val=16, batch_size=8),
         ddp="test::tests.callbacks.test_linear_probe::test_probe_copies_stay_identical_under_ddp",
     ),
     "RunSummary": Entry(make=lambda: _callbacks("RunSummary")(), observe=lambda callback, trainer: callback.metrics),
     "SharpnessAwareMinimization": Entry(
-        make=_sam, check_accumulate=_updates_per_optimizer_step("steps"),
+        make=_sam,
+        check_accumulate=_updates_per_optimizer_step("steps"),
         ddp="test::tests.sharpness.test_sam_ddp::test_ddp_sam_equals_per_rank_perturbation_by_hand",
     ),
     "SigtermCheckpoint": Entry(make=lambda: importlib.import_module("lightning_mtl.cli").SigtermCheckpoint()),
     "TaskPredictionWriter": Entry(
-        make=lambda: _callbacks("TaskPredictionWriter")(), after=_predict, observe=_predictions, ddp="harness",
+        make=lambda: _callbacks("TaskPredictionWriter")(),
+        after=_predict,
+        observe=_predictions,
+        ddp="harness",
     ),
     "VirtualOutlierRegularization": Entry(
-        make=_vor, module=_vor_module, data=_vor_stream, epochs=1, resume="step", stop_step=2,
+        make=_vor,
+        module=_vor_module,
+        data=_vor_stream,
+        epochs=1,
+        resume="step",
+        stop_step=2,
         trainer=dict(use_distributed_sampler=False),
         ddp="test::tests.continual.test_vor::test_ddp_ranks_share_features_outliers_and_head",
     ),

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from sklearn.neighbors import KNeighborsClassifier
 
 from lightning_mtl.callbacks.knn import KNNMonitor, weighted_knn_predict
-from tests.fixtures.trainers import tiny_trainer
 from tests.fixtures.ssl_toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData, clusters
+from tests.fixtures.trainers import tiny_trainer
 
 
 def _sklearn_knn(bank, bank_labels, k, temperature):
@@ -109,7 +109,11 @@ class _SaveBankAndAccuracy(pl.Callback):
             self.bank_size = len(monitor._bank[0])
 
     def on_fit_end(self, trainer, pl_module):
-        result = {"bank": self.bank_size, "acc": float(trainer.callback_metrics["val/knn/acc"]), "rank": trainer.global_rank}
+        result = {
+            "bank": self.bank_size,
+            "acc": float(trainer.callback_metrics["val/knn/acc"]),
+            "rank": trainer.global_rank,
+        }
         (self.folder / f"knn_rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 

@@ -13,8 +13,8 @@ from torch import nn
 from lightning_mtl.architectures import DigitsCNN
 from lightning_mtl.callbacks.linear_probe import OnlineLinearProbe
 from lightning_mtl.ssl import BarlowTwins
-from tests.fixtures.trainers import tiny_trainer
 from tests.fixtures.ssl_toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData
+from tests.fixtures.trainers import tiny_trainer
 
 
 class _NoTrainer:
@@ -101,7 +101,12 @@ def test_probe_copies_stay_identical_under_ddp(tmp_path):
 @pytest.mark.parametrize(
     "module, data, probe, match",
     [
-        (lambda: CountingModule(hook=False), ToyData, lambda: OnlineLinearProbe(4), "extract_features.*backbone.*forward"),
+        (
+            lambda: CountingModule(hook=False),
+            ToyData,
+            lambda: OnlineLinearProbe(4),
+            "extract_features.*backbone.*forward",
+        ),
         (CountingModule, UnlabelledTrainData, lambda: OnlineLinearProbe(4), "labelled training batches"),
         (CountingModule, ToyData, lambda: OnlineLinearProbe(3), r"num_classes=3.*datamodule's num_classes=4"),
     ],

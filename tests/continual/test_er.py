@@ -116,7 +116,12 @@ def test_non_finite_loss_names_the_step():
 
 def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
-        ER(num_classes=3, backbone="vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "none.pth"), vit_kwargs=TINY_VIT)
+        ER(
+            num_classes=3,
+            backbone="vit_tiny_patch16_224",
+            checkpoint_path=str(tmp_path / "none.pth"),
+            vit_kwargs=TINY_VIT,
+        )
 
 
 def test_accumulated_steps_equal_one_step_on_the_mean_gradient():

@@ -168,9 +168,9 @@ def test_focal_loss_is_the_per_sample_weighted_cross_entropy():
     scores = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0])
     torch.testing.assert_close(focal_weights(scores), torch.tensor([0.5, 0.625, 1.0, 1.625, 2.5]))
     loss = gradient_similarity_focal_loss(logits, targets, scores, alpha=0.5, gamma=2.0)
-    by_hand = sum(
-        (0.5 + 0.5 * scores[i].item() ** 2) * -F.log_softmax(logits[i], 0)[targets[i]].item() for i in range(5)
-    ) / 5
+    by_hand = (
+        sum((0.5 + 0.5 * scores[i].item() ** 2) * -F.log_softmax(logits[i], 0)[targets[i]].item() for i in range(5)) / 5
+    )
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     # not the official batch-mean form: mean(CE) * mean(w)
     official = F.cross_entropy(logits, targets) * focal_weights(scores).mean()

@@ -17,8 +17,10 @@ from lightning_mtl.continual.vor import (
     sample_virtual_outliers,
     vor_loss,
 )
-from tests.fixtures.trainers import one_thread  # noqa: F401
-from tests.fixtures.trainers import tiny_trainer
+from tests.fixtures.trainers import (
+    one_thread,  # noqa: F401
+    tiny_trainer,
+)
 
 
 def _kth_by_sorting(queries, bank, k, exclude_self=False):
@@ -204,8 +206,19 @@ class _Probe(pl.Callback):
 
 
 def _vor(**kwargs):
-    defaults = dict(epochs=15, optimizer=functools.partial(torch.optim.Adam, lr=0.05), batch_size=32, k=5,
-                    num_boundary=5, num_candidates=20, num_outliers=8, tau_id=-6.0, tau_ood=-1.0, lam=1.0, seed=0)
+    defaults = dict(
+        epochs=15,
+        optimizer=functools.partial(torch.optim.Adam, lr=0.05),
+        batch_size=32,
+        k=5,
+        num_boundary=5,
+        num_candidates=20,
+        num_outliers=8,
+        tau_id=-6.0,
+        tau_ood=-1.0,
+        lam=1.0,
+        seed=0,
+    )
     defaults.update(kwargs)
     return VirtualOutlierRegularization(**defaults)  # fmt: skip
 

@@ -70,7 +70,9 @@ def test_scale_crop_zooms_in_and_divides_depth_by_the_zoom(tmp_path, monkeypatch
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"NYUv2: data not found.*image/, label/, depth/, normal/.*lorenmt/mtan"):
+    with pytest.raises(
+        FileNotFoundError, match=r"NYUv2: data not found.*image/, label/, depth/, normal/.*lorenmt/mtan"
+    ):
         NYUv2(tmp_path / "nowhere").setup()
     write_nyuv2(tmp_path)
     (tmp_path / "train" / "depth" / "1.npy").unlink()

@@ -62,7 +62,9 @@ def test_trains_a_small_text_model(tmp_path):
         def forward(self, ids):
             return self.embed(ids)
 
-    model = MultiTaskModule(BagOfWords(), {"topic": ClassificationTask(2), "score": RegressionTask()}, aggregator="pcgrad")
+    model = MultiTaskModule(
+        BagOfWords(), {"topic": ClassificationTask(2), "score": RegressionTask()}, aggregator="pcgrad"
+    )
     trainer = tiny_trainer(max_steps=2, limit_val_batches=1)
     trainer.fit(model, dm)
     assert trainer.global_step == 2 and "val/topic/acc" in trainer.callback_metrics

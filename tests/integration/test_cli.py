@@ -213,7 +213,7 @@ def test_misspelled_aggregator_fails_when_parsed_naming_close_matches(capsys):
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if "'pcgrd'" in line)
     assert "pcgrad" in line
-    assert "Traceback" not in err and len(err[err.index("error:"):].splitlines()) < 25  # the usage, then a short error
+    assert "Traceback" not in err and len(err[err.index("error:") :].splitlines()) < 25  # the usage, then a short error
 
 
 def test_the_models_help_lists_every_aggregator_name_with_its_class(capsys):
@@ -228,7 +228,7 @@ def test_the_models_help_lists_every_aggregator_name_with_its_class(capsys):
     # the help of the aggregator argument alone (not the usage line), its wrapped lines joined
     entry = re.search(r"^  --model\.aggregator AGGREGATOR\b(.*?)^  --", out, re.MULTILINE | re.DOTALL).group(1)
     entry = " ".join(entry.split())
-    listed = entry[entry.index("registered names: ") + len("registered names: "): entry.rindex(")")]
+    listed = entry[entry.index("registered names: ") + len("registered names: ") : entry.rindex(")")]
     shown: dict[str, str] = {}
     for item in listed.split(", "):
         names, cls = re.fullmatch(r"(\S+) -> (\w+)", item).groups()
@@ -287,7 +287,9 @@ def test_sigterm_during_fit_saves_a_checkpoint_exits_143_and_the_run_resumes_fro
 def test_a_cosine_horizon_other_than_the_trainers_is_named_in_a_warning(tmp_path, max_epochs):
     import warnings
 
-    t_max = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())["model"]["init_args"]["lr_scheduler"]["init_args"]["T_max"]
+    t_max = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())["model"]["init_args"]["lr_scheduler"][
+        "init_args"
+    ]["T_max"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--trainer.max_epochs={max_epochs}",

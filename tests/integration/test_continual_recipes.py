@@ -13,9 +13,9 @@ import pytest
 from lightning_mtl.callbacks.anytime import AnytimeEvaluation
 from lightning_mtl.cli import MultiTaskCLI, main
 from lightning_mtl.continual import METHODS, SiBlurryStream, VirtualOutlierRegularization
+from tests.config_matrix import CONTINUAL_DATA, CONTINUAL_METHODS, compose_family
 from tests.fixtures.cifar import write_cifar
 from tests.fixtures.trainers import one_thread  # noqa: F401
-from tests.config_matrix import CONTINUAL_DATA, CONTINUAL_METHODS, compose_family
 
 DATASETS = {"cifar100": "CIFAR100", "tiny_imagenet": "TinyImageNet", "imagenet_r": "ImageNetR"}
 TINY_VIT = "{img_size: 16, patch_size: 4, depth: 5}"

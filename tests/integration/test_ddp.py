@@ -4,8 +4,8 @@ the concatenated batch; validation metrics are the metrics of the whole validati
 from __future__ import annotations
 
 import copy
-import inspect
 import functools
+import inspect
 
 import lightning.pytorch as pl
 import pytest
@@ -145,6 +145,8 @@ def test_ddp_regression_task_trains_and_ranks_agree():
         tasks={"left": ClassificationTask(10), "right": RegressionTask()},
     )  # fmt: skip
 
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=3, callbacks=[_RanksAgree()])
+    trainer = tiny_trainer(
+        strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=3, callbacks=[_RanksAgree()]
+    )
     trainer.fit(module, datamodule=_AsRegression())
     assert "val/right/mae" in trainer.callback_metrics

@@ -26,7 +26,14 @@ def test_wandb_offline_run_gets_config_metrics_and_best_summary(tmp_path, monkey
     best = cli.trainer.callbacks  # BestMetricsSummary is forced into every CLI run
     tracker = next(c for c in best if type(c).__name__ == "BestMetricsSummary")
     assert run.summary["best/val/left/acc"] == pytest.approx(tracker.best["val/left/acc"])
-    logged = ("train/left/loss", "train/right/loss", "val/left/acc", "val/right/acc", "val/mean/acc", "best/val/mean/acc")
+    logged = (
+        "train/left/loss",
+        "train/right/loss",
+        "val/left/acc",
+        "val/right/acc",
+        "val/mean/acc",
+        "best/val/mean/acc",
+    )
     for key in logged:
         assert key in dict(run.summary), key
     run_file = Path(run.dir).parent / f"run-{run.id}.wandb"
@@ -75,7 +82,9 @@ def test_the_report_reads_a_run_of_every_logger(logger, tmp_path, monkeypatch):
     assert summary["best"] == pytest.approx({f"best/{k}": v for k, v in tracker.best.items()})
     config = _quickstart()["model"]["init_args"]
     # the short name, resolved to its class path when the config is parsed
-    assert summary["config"]["model.aggregator"].rsplit(".", 1)[-1] == get_aggregator_class(config["aggregator"]).__name__
+    assert (
+        summary["config"]["model.aggregator"].rsplit(".", 1)[-1] == get_aggregator_class(config["aggregator"]).__name__
+    )
     assert summary["config"]["model.optimizer.lr"] == config["optimizer"]["init_args"]["lr"]
 
 
@@ -92,7 +101,10 @@ def test_tensorboard_gets_the_hyperparameters_and_the_learning_rate(tmp_path):
     content = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     config = _quickstart()["model"]["init_args"]
-    assert hparams["model.aggregator"].string_value.rsplit(".", 1)[-1] == get_aggregator_class(config["aggregator"]).__name__
+    assert (
+        hparams["model.aggregator"].string_value.rsplit(".", 1)[-1]
+        == get_aggregator_class(config["aggregator"]).__name__
+    )
     assert hparams["model.optimizer.lr"].number_value == pytest.approx(config["optimizer"]["init_args"]["lr"])
     # the HParams tab pairs each run with its main metric (the checkpoint's monitor), logged as a scalar
     monitor = _quickstart()["trainer"]["callbacks"][0]["init_args"]["monitor"]

@@ -80,7 +80,9 @@ def test_each_loss_reaches_only_its_own_parameters(adversarial, k):
         largest = max(g.abs().max() for n, g in grads.items() if n.startswith(owner) and g is not None)
         for name, grad in grads.items():
             if name.startswith(owner):
-                assert grad is not None and grad.abs().max() > 1e-6 * largest, f"{part} loss gives no gradient to {name}"
+                assert grad is not None and grad.abs().max() > 1e-6 * largest, (
+                    f"{part} loss gives no gradient to {name}"
+                )
             else:
                 assert grad is None, f"{part} loss leaks a gradient into {name}"
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("teacher_"))
@@ -184,8 +186,10 @@ def test_trains_with_the_ema_teacher_and_evaluates_both(cls):
 
 
 def test_separate_generator_optimizer_steps_and_is_checkpointed(tmp_path):
-    model = _model(generator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-                   generator_lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+    model = _model(
+        generator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        generator_lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
     before = model.generator.value.weight.detach().clone()
     trainer = tiny_trainer(max_steps=2, limit_val_batches=0, callbacks=[_ema()])
     trainer.fit(model, datamodule=Digits(image_size=16, batch_size=16))

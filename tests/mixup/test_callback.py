@@ -74,7 +74,7 @@ def test_multitask_module_trains_on_the_mixed_soft_labels(mix):
     module = tiny_module()
     module.eval()  # BatchNorm in eval mode: the probe's forward equals the module's
     trainer = tiny_trainer(max_steps=2, limit_val_batches=0, callbacks=[before, MixBatch(mix), probe])
-    module.train = lambda mode=True: module  # keep eval mode through fit  # noqa: E731
+    module.train = lambda mode=True: module  # keep eval mode through fit
     trainer.fit(module, datamodule=tiny_multidigits())
     for (_, y), (_, original) in zip(probe.batches, before.batches):
         _assert_mixed_alike(original, y)

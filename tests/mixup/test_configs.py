@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from lightning_mtl.cli import main
-from tests.fixtures.cifar import write_cifar
 from tests.config_matrix import MIXUP_METHODS, compose_family, configs
+from tests.fixtures.cifar import write_cifar
 
 RECIPES = {**{name: compose_family("mixup", "cifar100", name) for name in MIXUP_METHODS},
            **{name: configs(f"mixup/{name}_cifar100.yaml") for name in ("automix", "adautomix")}}  # fmt: skip

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mtl.multitask.tasks import ClassificationTask
 from lightning_mtl.mixup._base import MixedBatch, mix_targets
 from lightning_mtl.mixup.cutmix import CutMix
 from lightning_mtl.mixup.linear3 import ThreeSampleMixup
 from lightning_mtl.mixup.losses import soft_target_cross_entropy
 from lightning_mtl.mixup.mixup import Mixup
 from lightning_mtl.mixup.resizemix import ResizeMix
+from lightning_mtl.multitask.tasks import ClassificationTask
 
 MIXES = [Mixup(1.0), CutMix(1.0), ResizeMix(0.1, 0.8), ThreeSampleMixup(1.0)]
 

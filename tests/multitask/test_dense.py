@@ -53,7 +53,9 @@ def test_segmentation_loss_is_cross_entropy_over_labelled_pixels_and_resizes():
     target[0, 0, :] = -1
     loss = task.loss(logits, task.check("seg", logits, target))
     log_p = torch.log_softmax(logits, 1)
-    terms = [-log_p[b, target[b, i, j], i, j] for b in range(2) for i in range(4) for j in range(4) if target[b, i, j] >= 0]
+    terms = [
+        -log_p[b, target[b, i, j], i, j] for b in range(2) for i in range(4) for j in range(4) if target[b, i, j] >= 0
+    ]
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
     loss.backward()
     # a half-resolution prediction is upsampled to the label size first

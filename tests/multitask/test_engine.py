@@ -85,7 +85,9 @@ def test_parameter_level_step_writes_aggregated_gradient(name):
     if getattr(reference.aggregator, "uses_log_losses", False):
         losses = losses.log()
     shared = list(reference.encoder.parameters())
-    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], shared, retain_graph=True)]) for i in range(3)]
+    rows = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], shared, retain_graph=True)]) for i in range(3)
+    ]
     expected = reference.aggregator.aggregate(torch.stack(rows))
     written = torch.cat([p.grad.flatten() for p in module.encoder.parameters()])
     assert torch.allclose(written, expected, atol=1e-5, rtol=1e-4), name
@@ -118,9 +120,7 @@ def test_representation_mode_needs_a_gramian_weighting():
 
 def test_gradient_accumulation_is_refused_at_setup():
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 is not supported with MGDA"):
-        tiny_trainer(accumulate_grad_batches=2, fast_dev_run=True).fit(
-            _module("mgda"), datamodule=_SumData()
-        )
+        tiny_trainer(accumulate_grad_batches=2, fast_dev_run=True).fit(_module("mgda"), datamodule=_SumData())
 
 
 class _SumData(tiny_multidigits().__class__):

@@ -21,7 +21,9 @@ def test_forward_gives_one_output_per_task():
 
 
 def test_training_objective_is_weighted_sum_of_task_losses():
-    module = tiny_module(tasks={"left": ClassificationTask(10, weight=0.3), "right": ClassificationTask(10, weight=2.0)})
+    module = tiny_module(
+        tasks={"left": ClassificationTask(10, weight=0.3), "right": ClassificationTask(10, weight=2.0)}
+    )
     module.eval()  # fixed BatchNorm statistics, so forward passes agree
     x, y = _batch()
     loss = module.training_step((x, y), 0)

@@ -50,8 +50,7 @@ def test_old_paths_give_the_moved_objects():
     from lightning_mtl.aggregators import toy as old_toy
     from lightning_mtl.callbacks.gradient_conflict import GradientConflictMonitor as OldMonitor
     from lightning_mtl.multitask import fmtl, toy
-    from lightning_mtl.sharpness import FMTL
-    from lightning_mtl.sharpness import perturb
+    from lightning_mtl.sharpness import FMTL, perturb
     from lightning_mtl.sharpness._perturb import sam_perturbation
     from lightning_mtl.sharpness.fmtl import FMTL as OldFMTL
 
@@ -125,7 +124,10 @@ def _module(aggregator: str, **kwargs) -> MultiTaskModule:
 
 def _batch():
     g = torch.Generator().manual_seed(2)
-    return torch.randn(8, 6, generator=g), {"a": torch.randint(0, 3, (8,), generator=g), "b": torch.randn(8, generator=g)}
+    return torch.randn(8, 6, generator=g), {
+        "a": torch.randint(0, 3, (8,), generator=g),
+        "b": torch.randn(8, generator=g),
+    }
 
 
 @pytest.mark.parametrize(

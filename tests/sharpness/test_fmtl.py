@@ -41,8 +41,10 @@ def _loss(module, name, x, y, shared=None, head=None):
         for p, v in zip(hd.parameters(), head or []):
             p.copy_(v)
     pred = hd(enc(x))
-    loss = F.cross_entropy(pred, y[name]) if isinstance(module.tasks[name], ClassificationTask) else F.mse_loss(
-        pred.squeeze(1), y[name]
+    loss = (
+        F.cross_entropy(pred, y[name])
+        if isinstance(module.tasks[name], ClassificationTask)
+        else F.mse_loss(pred.squeeze(1), y[name])
     )
     return loss, list(enc.parameters()), list(hd.parameters())
 

@@ -25,7 +25,9 @@ def _backbone():
 
 def _views(n=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 1, 8, 8, generator=generator) for _ in range(2)], torch.randint(0, 10, (n,), generator=generator)
+    return [torch.randn(n, 1, 8, 8, generator=generator) for _ in range(2)], torch.randint(
+        0, 10, (n,), generator=generator
+    )
 
 
 def _grads(module):
@@ -110,7 +112,9 @@ def test_split_views_accepts_the_batch_layouts():
 
 
 def _digits(**kwargs):
-    aug = SSLAugmentation(crop_size=8, crop_scale=(0.6, 1.0), hflip_p=0.0, color_jitter=(0.4, 0.4, 0.0, 0.0), grayscale_p=0.0)
+    aug = SSLAugmentation(
+        crop_size=8, crop_scale=(0.6, 1.0), hflip_p=0.0, color_jitter=(0.4, 0.4, 0.0, 0.0), grayscale_p=0.0
+    )
     return Digits(as_dict=False, batch_size=64, train_transform=TwoViews(aug), **kwargs)
 
 
@@ -140,7 +144,9 @@ def test_regularizer_warmup_ramps_over_epochs():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(pl_module.reg_scale(batch_idx))
 
-    tiny_trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[Spy()]).fit(module, datamodule=_digits())
+    tiny_trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[Spy()]).fit(
+        module, datamodule=_digits()
+    )
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 

@@ -24,7 +24,9 @@ def _ssl_checkpoint(tmp_path):
     module = BarlowTwins(_backbone(seed=1), embedding_dim=8, projector_hidden=(8,), warmup_epochs=0)
     from lightning_mtl.ssl import SSLAugmentation, TwoViews
 
-    aug = SSLAugmentation(crop_size=8, crop_scale=(0.6, 1.0), hflip_p=0.0, color_jitter=(0.0, 0.0, 0.0, 0.0), grayscale_p=0.0)
+    aug = SSLAugmentation(
+        crop_size=8, crop_scale=(0.6, 1.0), hflip_p=0.0, color_jitter=(0.0, 0.0, 0.0, 0.0), grayscale_p=0.0
+    )
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=True,
                            callbacks=[checkpoint])  # fmt: skip

@@ -160,4 +160,6 @@ def test_loss_runs_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = mixed_barlow_twins_loss(z_a, z_b, z_m, 0.5, torch.arange(len(z_a)), 1 / 8, 4.0)
     assert terms.loss.dtype == torch.float32
-    assert torch.allclose(terms.loss, mixed_barlow_twins_loss(z_a, z_b, z_m, 0.5, torch.arange(len(z_a)), 1 / 8, 4.0).loss)
+    assert torch.allclose(
+        terms.loss, mixed_barlow_twins_loss(z_a, z_b, z_m, 0.5, torch.arange(len(z_a)), 1 / 8, 4.0).loss
+    )
