@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from jsonargparse import ArgumentParser, lazy_instance
@@ -65,15 +65,16 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         if self.already_saved:
             return
         claimed = _claim_run_dir(trainer) if trainer.is_global_zero else None
-        run_dir, error = trainer.strategy.broadcast(claimed)
+        # rank zero's claim (never None there) reaches every rank
+        run_dir, error = cast("tuple[str, str | None]", trainer.strategy.broadcast(claimed))
         if error:
             raise RuntimeError(error)
         self.run_dir = run_dir
         for checkpoint in trainer.checkpoint_callbacks:
             if getattr(checkpoint, "dirpath", "") is None:  # not chosen by the user
-                checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+                checkpoint.dirpath = os.path.join(run_dir, "checkpoints")  # type: ignore[attr-defined]  # has one (getattr above)
         if not trainer.loggers:
-            trainer._default_root_dir = run_dir  # so trainer.log_dir is the run folder too
+            trainer._default_root_dir = run_dir  # type: ignore[attr-defined]  # set by Lightning's connector; so trainer.log_dir is the run folder too
         if trainer.is_global_zero:
             self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False,
                              multifile=self.multifile)  # fmt: skip
@@ -165,7 +166,7 @@ class SigtermCheckpoint(pl.Callback):
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath:
                 candidates = checkpoint._monitor_candidates(trainer)
                 return checkpoint.format_checkpoint_name(candidates, checkpoint.CHECKPOINT_NAME_LAST)
-        claimed = [c.run_dir for c in trainer.callbacks if isinstance(c, LoggerSaveConfigCallback) and c.run_dir]
+        claimed = [c.run_dir for c in trainer.callbacks if isinstance(c, LoggerSaveConfigCallback) and c.run_dir]  # type: ignore[attr-defined]  # Lightning's callback connector sets it
         run_dir = claimed[0] if claimed else (trainer.log_dir or trainer.default_root_dir)
         return os.path.join(run_dir, "checkpoints", "sigterm.ckpt")
 
@@ -181,7 +182,7 @@ def _claim_run_dir(trainer: pl.Trainer) -> tuple[str, str | None]:
         run_dir = _claim_version(logger.root_dir)
         logger._version = int(os.path.basename(run_dir).removeprefix("version_"))
         return run_dir, None
-    logger.experiment  # noqa: B018  (W&B and the like choose their run id when the run starts)
+    logger.experiment  # type: ignore[attr-defined]  # noqa: B018  (every Lightning logger has one, the base class does not declare it; W&B and the like choose their run id when the run starts)
     run_dir = _fixed_run_dir(trainer, logger)
     error = _taken(run_dir)
     if error is None:
@@ -233,7 +234,7 @@ class MultiTaskCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         trainer_defaults = {"logger": lazy_instance(CSVLogger, save_dir="runs")}
         trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})
-        super().__init__(pl.LightningModule, pl.LightningDataModule, *args, trainer_defaults=trainer_defaults, **kwargs)
+        super().__init__(pl.LightningModule, pl.LightningDataModule, *args, trainer_defaults=trainer_defaults, **kwargs)  # type: ignore[misc]  # mypy cannot rule out *args reaching trainer_defaults
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -268,6 +269,7 @@ class MultiTaskCLI(LightningCLI):
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
         action = parser._subcommands_action
+        assert action is not None  # super()._add_subcommands has just added the subcommands
         for choice in action._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
         # listed only: `main` hands `report ...` to lightning_mtl.report before this parser sees it
@@ -287,9 +289,11 @@ class MultiTaskCLI(LightningCLI):
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=True, format="yaml")) or {}
         params = flat_config(resolved)
         params.pop("config", None)  # the paths of the config files, not a fact of the run
-        present = trainer.callbacks
+        present = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
         monitors = [
-            c.monitor for c in present if isinstance(c, (Checkpoint, EarlyStopping)) and getattr(c, "monitor", None)
+            c.monitor  # type: ignore[union-attr]  # the base Checkpoint declares no monitor; the filter reads it by getattr
+            for c in present
+            if isinstance(c, (Checkpoint, EarlyStopping)) and getattr(c, "monitor", None)
         ]
         extra: list[pl.Callback] = [ConfigHyperparameters(params, list(dict.fromkeys(monitors)) or ["val/loss"])]
         if not any(isinstance(c, RunSummary) for c in present):
@@ -333,7 +337,7 @@ class MultiTaskCLI(LightningCLI):
         if not self.config[self.subcommand].get("test_after_fit"):
             return
         checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
+        ckpt_path = "best" if checkpoint is not None and bool(getattr(checkpoint, "best_model_path", "")) else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 

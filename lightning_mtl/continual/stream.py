@@ -303,7 +303,7 @@ def _with_eval_transform(dataset: Dataset, source: Any) -> Dataset:
         return dataset  # in-memory tensors without augmentation: nothing to swap
     swapped = copy.copy(dataset)
     transform = getattr(source, "eval_transform", None)
-    swapped.transform = transform if transform is not None else _identity  # type: ignore[attr-defined]
+    swapped.transform = transform if transform is not None else _identity
     return swapped
 
 
@@ -545,7 +545,8 @@ class SiBlurryStream(pl.LightningDataModule):
             raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.source = source
+        # duck typed: any data module whose setup() fills train_set / test_set (not LightningDataModule attributes)
+        self.source: Any = source
         self.num_tasks = int(num_tasks)
         self.disjoint_class_ratio = float(disjoint_class_ratio)
         self.blurry_sample_ratio = float(blurry_sample_ratio)

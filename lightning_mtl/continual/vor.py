@@ -19,7 +19,8 @@ classes is what reduces inter-task confusion in rehearsal-free class-incremental
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import lightning.pytorch as pl
 import torch
@@ -395,7 +396,7 @@ class VirtualOutlierRegularization(pl.Callback):
                 f"VirtualOutlierRegularization needs a module with features(x) and head (a ContinualModule), "
                 f"got {type(pl_module).__name__}"
             )
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector
         has_stream = hasattr(datamodule, "schedule") and callable(getattr(datamodule, "task_dataset", None))
         if datamodule is None or not has_stream:
             raise ValueError(
@@ -410,10 +411,10 @@ class VirtualOutlierRegularization(pl.Callback):
         """Warns when the Trainer's run does not end on the stream's last head phase: it stops before a
         task end (``max_steps`` or ``limit_train_batches`` shorter than the stream) or runs more than the
         stream's one epoch. Call once the training loader is set up (``on_train_start``)."""
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's connector
             return
         ends: dict[int, int] = {}  # task -> the batch at which its head phase runs
-        for index, step in enumerate(trainer.datamodule.schedule):
+        for index, step in enumerate(trainer.datamodule.schedule):  # type: ignore[attr-defined]  # set by Lightning's data connector
             if step.task_end:
                 ends.setdefault(int(step.task), index)
         batches, key, value = trainer.num_training_batches, "trainer.limit_train_batches", trainer.limit_train_batches
@@ -424,7 +425,7 @@ class VirtualOutlierRegularization(pl.Callback):
         if missed and math.isfinite(batches):
             rank_zero_warn(
                 f"VirtualOutlierRegularization: the Trainer runs {int(batches)} of the stream's "
-                f"{len(trainer.datamodule.schedule)} training batches ({key}={value}) and stops before the end of "
+                f"{len(trainer.datamodule.schedule)} training batches ({key}={value}) and stops before the end of "  # type: ignore[attr-defined]  # Lightning's data connector
                 f"tasks {missed}: they get no head phase, so the head evaluated last is not regularized for the "
                 f"classes trained since the last one. Set {key} to {-1 if key == 'trainer.max_steps' else 1.0} to run "
                 "the whole stream (or shorten the stream itself)."
@@ -441,7 +442,7 @@ class VirtualOutlierRegularization(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        schedule = trainer.datamodule.schedule
+        schedule = trainer.datamodule.schedule  # type: ignore[attr-defined]  # set by Lightning's data connector
         if batch_idx >= len(schedule):
             return
         step = schedule[batch_idx]
@@ -467,7 +468,8 @@ class VirtualOutlierRegularization(pl.Callback):
     ) -> dict[str, float]:
         """Run the head phase of ``task`` (classes ``0 .. num_seen - 1`` seen); returns the mean losses
         of its last epoch (``ce``, ``reg``, ``energy_id``, ``energy_ood``)."""
-        head = pl_module.head
+        # setup checked that the module has a head (nn.Module attributes are typed Tensor | Module)
+        head = cast(torch.nn.Module, pl_module.head)
         params = list(head.parameters())
         flags = [p.requires_grad for p in params]
         grads = [p.grad for p in params]
@@ -502,7 +504,7 @@ class VirtualOutlierRegularization(pl.Callback):
     def task_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> tuple[Tensor, Tensor]:
         """Float32 features ``[N, D]`` and exposure labels ``[N]`` of the task's stream samples, in the
         data set's order, gathered over the ranks (each computes its ``rank::world`` share)."""
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector
         dataset = datamodule.task_dataset(task)
         n, world, rank = len(dataset), trainer.world_size, trainer.global_rank
         workers = self.num_workers if self.num_workers is not None else int(getattr(datamodule, "num_workers", 0) or 0)
@@ -517,7 +519,8 @@ class VirtualOutlierRegularization(pl.Callback):
         for batch in loader:
             x, y = batch[0], batch[1]
             with trainer.precision_plugin.forward_context():
-                parts.append(pl_module.features(x.to(device)).float())
+                # setup checked that the module has features(x) (nn.Module attributes are typed Tensor | Module)
+                parts.append(cast(Callable[[Tensor], Tensor], pl_module.features)(x.to(device)).float())
             label_parts.append(torch.as_tensor(y).to(device=device, dtype=torch.long))
         width = parts[0].shape[1] if parts else 0
         features = torch.cat(parts) if parts else torch.zeros(0, width, device=device)

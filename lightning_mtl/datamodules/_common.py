@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import numpy as np
@@ -145,9 +146,7 @@ def read_npy(path: str) -> np.ndarray:
     return array
 
 
-def split_indices(
-    n: int, fractions: tuple[float, float, float] | list[float], rng: np.random.Generator
-) -> dict[str, np.ndarray]:
+def split_indices(n: int, fractions: Sequence[float], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Seeded split of ``range(n)`` into disjoint, sorted ``train`` / ``val`` / ``test`` index arrays.
 
     ``fractions`` are the train / val / test shares; they must be non-negative and sum to 1 (up to
@@ -211,6 +210,14 @@ class _DataLoaders:
     """
 
     drop_last: bool = False
+    # filled by the subclass (None until its setup has run)
+    train_set: Dataset | None
+    val_set: Dataset | None
+    test_set: Dataset | None
+
+    if TYPE_CHECKING:
+        # declared for the checker only: the subclass provides setup, a method here would shadow it in the MRO
+        def setup(self, stage: str | None = None) -> None: ...
 
     def _init_loaders(self, batch_size: int, num_workers: int, seed: int, pin_memory: bool) -> None:
         if batch_size <= 0:
@@ -285,7 +292,7 @@ class _TensorDataModule(_DataLoaders, pl.LightningDataModule):
         raise NotImplementedError
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         """``(C, H, W)`` of one input."""
         raise NotImplementedError
 

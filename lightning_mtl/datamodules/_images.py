@@ -51,7 +51,7 @@ class ImageArrays:
         """Image ``index`` as a uint8 ``[C, H, W]`` tensor."""
         if self.loader is not None:
             return self.loader(self.images[index])
-        return torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)  # type: ignore[index]
+        return torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
 
 
 class ImageDataset(Dataset):

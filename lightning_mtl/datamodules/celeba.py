@@ -59,7 +59,7 @@ class _CelebAImages(Dataset):
         from PIL import Image
 
         with Image.open(os.path.join(self.folder, self.files[index])) as image:
-            image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+            image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)  # type: ignore[attr-defined]  # Pillow sets the flat constants at import, its stubs omit them
             array = np.asarray(image, dtype=np.float32) / 255.0
         x = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         row = self.labels[index]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -46,7 +46,7 @@ def _seed_streams(seed: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4)]
 
 
-def digit_pools(seed: int, split_fractions: tuple[float, float, float]) -> dict[str, np.ndarray]:
+def digit_pools(seed: int, split_fractions: Sequence[float]) -> dict[str, np.ndarray]:
     """Seeded disjoint train / val / test split of the indices of the 1,797 sklearn digits.
 
     :class:`Digits` and :class:`~lightning_mtl.datamodules.MultiDigits` use the same split for the same

@@ -201,7 +201,7 @@ class MultiMNIST(_LeftRightDigits):
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             tmp = path + f".{os.getpid()}.tmp.npz"
-            np.savez(tmp, digest=np.array(_digest(arrays)), **arrays)
+            np.savez(tmp, digest=np.array(_digest(arrays)), **arrays)  # type: ignore[arg-type]  # numpy's stub reads **arrays as its allow_pickle flag; the keys are array names
             os.replace(tmp, path)  # atomic: concurrent DDP ranks never read a half-written cache
         except OSError:
             pass

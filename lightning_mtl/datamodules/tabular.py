@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +179,7 @@ class TabularMultiTask(_TensorDataModule):
         return dict(self._load()[3])
 
     @property
-    def input_shape(self) -> tuple[int]:  # type: ignore[override]
+    def input_shape(self) -> tuple[int]:
         return (len(self._load()[0]),)
 
     def _build(self) -> None:
@@ -219,7 +220,7 @@ def _is_numeric(values: list) -> bool:
     return True
 
 
-def _sort_key(value: object) -> tuple:
+def _sort_key(value: Any) -> tuple:
     try:
         return (0, float(value), "")  # numbers in numeric order
     except (TypeError, ValueError):

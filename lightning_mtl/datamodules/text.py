@@ -8,7 +8,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -173,6 +173,7 @@ class TextMultiTask(_TensorDataModule):
         return self._records
 
     def _infer_labels(self) -> None:
+        assert self._records is not None  # called by _rows right after it loads the records
         train = self._records["train"]
         for task in self.tasks:
             values = [r[task] for r in train if r[task] not in (None, "")]
@@ -189,7 +190,7 @@ class TextMultiTask(_TensorDataModule):
         return {t: len(self.classes[t]) if t in self.classes else 1 for t in self.tasks}
 
     @property
-    def input_shape(self) -> tuple[int]:  # type: ignore[override]
+    def input_shape(self) -> tuple[int]:
         return (self.max_length,)
 
     @property
@@ -198,9 +199,10 @@ class TextMultiTask(_TensorDataModule):
         if self.tokenizer_path is not None:
             return len(self._tokenizer())
         self._build_vocabulary()
+        assert self.vocabulary is not None  # _build_vocabulary has just set it
         return len(self.vocabulary)
 
-    def _tokenizer(self):
+    def _tokenizer(self) -> Any:
         try:
             from transformers import AutoTokenizer
         except ImportError as error:
@@ -215,6 +217,7 @@ class TextMultiTask(_TensorDataModule):
     def _encode(self, texts: list[str]) -> Tensor:
         if self.tokenizer_path is None:
             self._build_vocabulary()
+            assert self.vocabulary is not None  # _build_vocabulary has just set it
             return self.vocabulary.encode(texts, self.max_length)
         out = self._tokenizer()(texts, padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt")  # fmt: skip

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import lightning.pytorch as pl
 import torch
@@ -101,7 +101,7 @@ class MultiTaskModule(pl.LightningModule):
         self,
         encoder: nn.Module,
         tasks: dict[str, Task],
-        aggregator: Aggregator | AggregatorName = "ls",
+        aggregator: Aggregator | AggregatorName = "ls",  # type: ignore[assignment]  # jsonargparse checks a given name as AggregatorName; the default is a known one
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         baselines: dict[str, dict[str, float]] | None = None,
@@ -134,8 +134,10 @@ class MultiTaskModule(pl.LightningModule):
                     f"gradient_mode='representation' needs one shared representation; {type(encoder).__name__} "
                     "has task-specific representations: use gradient_mode='parameter'"
                 )
-            tasks = encoder.attach(dict(tasks))
-            feature_dim = feature_dim or encoder.out_features
+            # duck typed (attach checked above); nn.Module types its attributes as Tensor | Module
+            architecture = cast(Any, encoder)
+            tasks = architecture.attach(dict(tasks))
+            feature_dim = feature_dim or architecture.out_features
 
         self.encoder = encoder
         self.tasks = dict(tasks)
@@ -202,7 +204,7 @@ class MultiTaskModule(pl.LightningModule):
         for task, values in self.baselines.items():
             if task not in self.tasks:
                 raise ValueError(f"baselines name unknown task {task!r}; tasks are: {', '.join(self.task_names)}")
-            known = self.metrics["val"][task]
+            known = self.metrics["val"][task]  # type: ignore[index]  # nested ModuleDict items are typed Module
             for metric in values:
                 if metric not in known:
                     raise ValueError(
@@ -342,7 +344,7 @@ class MultiTaskModule(pl.LightningModule):
             labels = "1 label" if count == 1 else f"{count} labels"
             raise TaskError(
                 f"task {name!r}: {labels} in {lowest}..{highest} {'is' if count == 1 else 'are'} out of range for "
-                f"num_classes={self.tasks[name].num_classes}{at}; fix the labels (missing ones must be negative) or "
+                f"num_classes={self.tasks[name].num_classes}{at}; fix the labels (missing ones must be negative) or "  # type: ignore[attr-defined]  # only class-index tasks report ranges
                 f"set model.init_args.tasks.{name}.init_args.num_classes"
             )
 
@@ -365,6 +367,8 @@ class MultiTaskModule(pl.LightningModule):
             name = self.task_names[i]
             return self.tasks[name].loss(pred, checked[name])
 
+        # without per-task gradients the aggregator is a loss weighting, so its objective is set
+        assert closure_loss is not None
         engine.stage(TaskStep(terms, losses, closure_loss, features, objective, inputs, task_loss))
         engine.record_losses(losses)
         loss = closure_loss if objective is None else objective
@@ -430,7 +434,9 @@ class MultiTaskModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._world_size() > 1 and self.uses_gradients and self.gradient_mode == "parameter":
             # the engine averages the Jacobian itself; DDP's own gradient hooks must stay quiet
-            self.trainer.strategy.model.require_backward_grad_sync = False
+            model = self.trainer.strategy.model
+            assert model is not None  # the strategy holds the wrapped module while it trains
+            model.require_backward_grad_sync = False  # type: ignore[assignment]  # torch types attributes as Tensor | Module
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._check_pending_labels(batch_idx)
@@ -503,7 +509,7 @@ class MultiTaskModule(pl.LightningModule):
         preds = self(inputs)
         losses, checked = self.task_losses(preds, targets, stage)
         for name, task in self.tasks.items():
-            task.update_metrics(dict(self.metrics[stage][name].items()), preds[name], checked[name])
+            task.update_metrics(dict(self.metrics[stage][name].items()), preds[name], checked[name])  # type: ignore[index]  # nested ModuleDict items are typed Module
         logged = {f"{stage}/{name}/loss": value for name, value in zip(self.task_names, losses)}
         logged[f"{stage}/loss"] = losses.sum()
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=inputs.shape[0], sync_dist=True)
@@ -537,7 +543,7 @@ class MultiTaskModule(pl.LightningModule):
         logged: dict[str, Tensor] = {}
         for name in self.task_names:
             values[name], higher[name] = {}, {}
-            for metric_name, metric in self.metrics[stage][name].items():
+            for metric_name, metric in self.metrics[stage][name].items():  # type: ignore[index]  # nested ModuleDict items are typed Module
                 if not metric.update_called:
                     continue
                 value = metric.compute()  # torchmetrics syncs across DDP ranks here
