@@ -5,7 +5,7 @@
    alternate for ``--repeats`` rounds; the median per-step time of each is compared. A Mixed Barlow Twins step
    runs the backbone on three inputs instead of two, so the floor of the ratio is about 1.5 x the share of the
    step spent in forward / backward passes. Target: ratio <= 1.5.
-2. kNN monitor: the :class:`~lightning_mtl.callbacks.knn.KNNMonitor` callback itself, fed the features that a
+2. kNN monitor: the :class:`~lightning_mtl.ssl.knn.KNNMonitor` callback itself, fed the features that a
    training epoch of ``--bank`` samples hands it (CIFAR-10 with 5,000 images held out: 45,000) and a validation
    epoch of ``--val`` samples; the time of collecting the bank during the epoch, building (gathering and
    normalizing) it, and voting for every validation sample, against the measured time of a training epoch.
@@ -29,7 +29,7 @@ import torch
 from _timing import emit, median, now
 
 from lightning_mtl.architectures.resnet_cifar import ResNet18
-from lightning_mtl.callbacks.knn import KNNMonitor
+from lightning_mtl.ssl.knn import KNNMonitor
 from lightning_mtl.ssl import BarlowTwins, MixedBarlowTwins
 
 
