@@ -29,8 +29,8 @@ import torch
 from _timing import emit, median, now
 
 from lightning_mtl.architectures.resnet_cifar import ResNet18
-from lightning_mtl.ssl.knn import KNNMonitor
 from lightning_mtl.ssl import BarlowTwins, MixedBarlowTwins
+from lightning_mtl.ssl.knn import KNNMonitor
 
 
 def step_times(module, batches, device, warmup: int, dtype: torch.dtype | None) -> float:

@@ -6,31 +6,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "ALL_START_POINTS",
-    "LOG_LOWER",
-    "NASH_MTL_SCALE",
-    "PAPER_LR",
-    "PAPER_STEPS",
-    "QUICK_PROTOCOL",
-    "START_POINTS",
-    "distance_to_pareto_set",
-    "log_losses",
-    "loss_lower_bounds",
-    "losses",
-    "optimize",
-    "pareto_front",
-    "pareto_set",
-    "pareto_x2",
-    "uses_log_losses",
-]
+_HOME = "lightning_mtl.multitask.toy"
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("lightning_mtl.multitask.toy"), name)
+    # public names and ``__all__`` (for ``import *``) come from the new home, loaded on first use
+    if name == "__all__" or not name.startswith("_"):
+        return getattr(importlib.import_module(_HOME), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted([*globals(), *importlib.import_module(_HOME).__all__])
