@@ -211,17 +211,10 @@ def _uses_torch_distributed(path: Path) -> list[int]:
     return lines
 
 
-# a collective that still talks to torch.distributed itself, with the change that routes it
-PENDING = {
-    "lightning_mtl/multitask/module.py": "the representation-mode Gramian all-reduce; the GradientEngine takes it",
-}
-
-
 def test_every_collective_goes_through_the_distributed_module():
     users = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = str(path.relative_to(ROOT).as_posix())
         if rel != "lightning_mtl/_distributed.py" and (lines := _uses_torch_distributed(path)):
             users[rel] = lines
-    unexpected = {rel: lines for rel, lines in users.items() if rel not in PENDING}
-    assert not unexpected, f"torch.distributed outside lightning_mtl/_distributed.py: {unexpected}"
+    assert not users, f"torch.distributed outside lightning_mtl/_distributed.py: {users}"
