@@ -5,7 +5,7 @@ of a step (:class:`TaskStep`), the shared and the other trainable parameters, th
 back-propagates (which carries GradScaler's scale under 16-mixed) and the world size; the engine writes
 the gradients, or gives back the one loss to back-propagate ordinarily. It keeps the last task weights,
 Gramian and, on request, Jacobian for logging. It knows nothing of Lightning (plain torch; collectives
-through ``torch.distributed``) and nothing of any aggregation method: it dispatches on the
+through the floor-0 ``_distributed`` module) and nothing of any aggregation method: it dispatches on the
 aggregator's ``kind`` and its declared capability flags (:class:`~lightning_mtl.aggregators.Aggregator`).
 
 Two levels (``MultiTaskModule(gradient_mode=...)``):
