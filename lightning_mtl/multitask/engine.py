@@ -15,7 +15,11 @@ Two levels (``MultiTaskModule(gradient_mode=...)``):
   batching pays on a GPU, the loop is as fast and lighter on a CPU;
 * representation level (MGDA-UB style): the m gradients w.r.t. the shared representation only (the
   heads are cheap), whose m x m Gramian drives the weights; one ordinary backward of the weighted
-  loss then goes through the encoder.
+  loss then goes through the encoder;
+* Gramian level (Gramian weightings only): the m x m Gramian of the parameter level, accumulated
+  layer by layer from the recorded inputs and per-task output gradients of the encoder's linear and
+  convolutional layers (:mod:`lightning_mtl.multitask.gramian`), never the m x n Jacobian; the
+  update equals the parameter level's.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from torch import Tensor, nn
 from lightning_mtl._distributed import mean_over_ranks_, sum_over_ranks
 from lightning_mtl.aggregators.base import Aggregator, GramianWeighting, JacobianAggregator, LossWeighting
 from lightning_mtl.aggregators.linear import LinearScalarization
+from lightning_mtl.multitask.gramian import LayerCalls, gramian_and_gradients, weighted_gradients
 
 if TYPE_CHECKING:
     from lightning_mtl.multitask.fmtl import FMTL
 
 JacobianLevel = Literal["parameter", "representation"]
+GradientMode = Literal["parameter", "representation", "gramian"]
 
 
 @dataclass
@@ -52,6 +58,7 @@ class TaskStep:
         objective: a loss weighting's objective when the engine works on gradients (F-MTL).
         inputs: the batch's inputs (F-MTL's perturbed passes run the encoder on them again).
         task_loss: ``(i, prediction of head i) -> l_i`` on this batch's labels (F-MTL).
+        layers: the encoder's recorded linear and convolutional layer calls (Gramian level).
     """
 
     terms: list[Tensor]
@@ -61,6 +68,7 @@ class TaskStep:
     objective: Tensor | None = None
     inputs: Any = None
     task_loss: Callable[[int, Tensor], Tensor] | None = None
+    layers: list[LayerCalls] | None = None
 
 
 class GradientEngine:
@@ -68,7 +76,8 @@ class GradientEngine:
 
     Args:
         aggregator: the method (a loss weighting, a Gramian weighting or a Jacobian aggregator).
-        mode: ``"parameter"`` or ``"representation"`` (Gramian weightings only), see the module docs.
+        mode: ``"parameter"``, ``"representation"`` or ``"gramian"`` (the last two for Gramian
+            weightings only), see the module docs.
         batched: one batched backward for a Jacobian (``True``) or a loop of m backward passes
             (``False``); ``None`` batches on GPUs and loops on CPUs.
         chunk_size: at most this many Jacobian rows per batched backward.
@@ -91,7 +100,7 @@ class GradientEngine:
         self,
         aggregator: Aggregator,
         *,
-        mode: JacobianLevel = "parameter",
+        mode: GradientMode = "parameter",
         batched: bool | None = None,
         chunk_size: int | None = None,
         fmtl: FMTL | None = None,
@@ -204,6 +213,9 @@ class GradientEngine:
             return loss
         if self.mode == "representation":
             return self._representation_step(step, terms, shared, scale, world_size, request)
+        if self.mode == "gramian":
+            self._gramian_step(step, terms, shared, others, scale, world_size, request)
+            return None
         if request == "representation":
             self._keep_jacobian(self._jacobian(request, terms, shared, step), scale, distributed)
         divisors = None
@@ -296,6 +308,42 @@ class GradientEngine:
         self.last_weights, self.last_gramian = weights.detach(), gramian
         return (weights.detach() * torch.stack(terms)).sum()
 
+    def _gramian_step(
+        self,
+        step: TaskStep,
+        terms: list[Tensor],
+        shared: Sequence[Tensor],
+        others: Sequence[Tensor],
+        scale: Tensor | None,
+        world_size: int,
+        request: JacobianLevel | None,
+    ) -> None:
+        """The parameter level's update from the Gramian alone (see :mod:`~lightning_mtl.multitask.gramian`)."""
+        if world_size > 1:  # the module refuses it at setup; a direct caller gets the same sentence
+            raise ValueError(GRAMIAN_DDP_MESSAGE)
+        assert isinstance(self.aggregator, GramianWeighting) and step.layers is not None
+        # a requested Jacobian costs its own passes (rows of the plain losses), before the graph is freed
+        self._keep_jacobian(self._jacobian(request, terms, shared, step), scale, False)
+        if self.aggregator.uses_log_losses:  # grad log L = grad L / L, as at the parameter level
+            divisors = step.losses.detach()
+            terms = [term / divisors[i] for i, term in enumerate(terms)]
+        contracted = {id(p) for calls in step.layers if calls.outputs for p in calls.module.parameters(recurse=False)}
+        direct = [p for p in shared if id(p) not in contracted]
+        gramian, pieces, direct_jac, other_grads = gramian_and_gradients(
+            step.layers, terms, direct, others, self.is_batched(terms[0]), self.chunk_size
+        )
+        layers, step.layers = step.layers, None  # the recorded activations go with the step
+        if scale is not None:  # the pieces carry the scale once, the Gramian twice
+            gramian = gramian / (scale.float() ** 2)
+        weights = self.aggregator(gramian)
+        self.last_weights, self.last_gramian = weights.detach(), gramian
+        # the shared gradient of sum_i w_i l_i from the same pieces (they carry the loss scale)
+        written = weighted_gradients(layers, pieces, weights.detach().float())
+        direct_grads = torch.split(weights.detach().float() @ direct_jac, [p.numel() for p in direct])
+        written.update({id(p): g.view_as(p) for p, g in zip(direct, direct_grads)})
+        set_grads(others, other_grads)  # already carry the loss scale
+        set_grads(shared, [written[id(p)] for p in shared])
+
     def _jacobian(
         self, level: JacobianLevel | None, terms: list[Tensor], shared: Sequence[Tensor], step: TaskStep
     ) -> Tensor | None:
@@ -377,6 +425,13 @@ class GradientEngine:
         # the flat gradients get an aggregator of their own, so a stateful method (GradVac's targets,
         # Nash-MTL's warm start) keeps one state per stream
         return direction + self.direction(jac_sam.sub_(jac), self.flat_aggregator, log=False)
+
+
+GRAMIAN_DDP_MESSAGE = (
+    "gradient_mode='gramian' runs on one process: under DDP the Gramian of the whole batch needs the "
+    "cross-rank terms <g_i^r, g_j^s>, i.e. every rank's per-layer pieces; use gradient_mode='parameter' "
+    "(or 'representation') with strategy='ddp'"
+)
 
 
 def loss_scale(loss: Tensor, closure_loss: Tensor) -> Tensor | None:

@@ -25,8 +25,9 @@ from lightning_mtl.aggregators import (
     create_aggregator,
 )
 from lightning_mtl.multitask.delta_m import delta_m
-from lightning_mtl.multitask.engine import GradientEngine, TaskStep
+from lightning_mtl.multitask.engine import GRAMIAN_DDP_MESSAGE, GradientEngine, TaskStep
 from lightning_mtl.multitask.fmtl import FMTL
+from lightning_mtl.multitask.gramian import record_layers
 from lightning_mtl.multitask.tasks import Task, TaskError
 
 _STAGES = ("val", "test")
@@ -78,7 +79,13 @@ class MultiTaskModule(pl.LightningModule):
         gradient_mode: for gradient aggregators: ``"parameter"`` aggregates the Jacobian of the task
             losses w.r.t. the encoder's parameters; ``"representation"`` (MGDA-UB style, Gramian
             weightings only) computes the weights from the gradients w.r.t. the shared
-            representation and back-propagates the weighted loss once.
+            representation and back-propagates the weighted loss once; ``"gramian"`` (Gramian
+            weightings only) gives the parameter level's update from the m x m Gramian alone,
+            accumulated layer by layer from the encoder's ``nn.Linear`` / ``nn.Conv2d`` inputs and
+            per-task output gradients (other parameters take their per-task gradients directly),
+            never the m x n Jacobian: less memory, and less work where the layers' rows are few
+            (see ``docs/multitask.md``). One process only (refused under DDP), no F-MTL, no
+            in-place operation on a recorded layer's output.
         jacobian_batched: one batched backward for the Jacobian (``True``) or a loop of m backward
             passes (``False``); ``None`` batches on GPUs and loops on CPUs, where batching buys nothing.
         jacobian_chunk_size: at most this many Jacobian rows per batched backward (memory bound).
@@ -107,7 +114,7 @@ class MultiTaskModule(pl.LightningModule):
         baselines: dict[str, dict[str, float]] | None = None,
         feature_dim: int | None = None,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
-        gradient_mode: Literal["parameter", "representation"] = "parameter",
+        gradient_mode: Literal["parameter", "representation", "gramian"] = "parameter",
         jacobian_batched: bool | None = None,
         jacobian_chunk_size: int | None = None,
         fmtl: FMTL | None = None,
@@ -122,8 +129,8 @@ class MultiTaskModule(pl.LightningModule):
                 raise ValueError(f"task name {name!r} must be a Python identifier (letters, digits, underscores)")
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
-        if gradient_mode not in ("parameter", "representation"):
-            raise ValueError(f"gradient_mode must be 'parameter' or 'representation', got {gradient_mode!r}")
+        if gradient_mode not in ("parameter", "representation", "gramian"):
+            raise ValueError(f"gradient_mode must be 'parameter', 'representation' or 'gramian', got {gradient_mode!r}")
         injected = ["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler", "fmtl"]
         save_init_hyperparameters(self, injected, logger=False)
         if callable(getattr(encoder, "attach", None)):
@@ -162,14 +169,17 @@ class MultiTaskModule(pl.LightningModule):
         self.gradient_mode = gradient_mode
         self.jacobian_batched = jacobian_batched
         self.jacobian_chunk_size = jacobian_chunk_size
-        if self.aggregator.kind != "loss" and gradient_mode == "representation":
+        if self.aggregator.kind != "loss" and gradient_mode in ("representation", "gramian"):
             if not isinstance(self.aggregator, GramianWeighting):
                 raise ValueError(
-                    f"gradient_mode='representation' needs a Gramian weighting; {type(self.aggregator).__name__} "
+                    f"gradient_mode={gradient_mode!r} needs a Gramian weighting; {type(self.aggregator).__name__} "
                     "works on the full Jacobian: use gradient_mode='parameter'"
                 )
         if fmtl is not None and gradient_mode != "parameter":
-            raise ValueError("fmtl perturbs the shared parameters task by task, so it needs gradient_mode='parameter'")
+            raise ValueError(
+                f"fmtl perturbs the shared parameters task by task, so it needs gradient_mode='parameter' "
+                f"(got gradient_mode={gradient_mode!r})"
+            )
         self.fmtl = fmtl
         if fmtl is not None and fmtl.variant == "flat" and not isinstance(self.aggregator, LossWeighting):
             self.flat_aggregator = copy.deepcopy(self.aggregator)  # its own state, saved in checkpoints
@@ -262,6 +272,8 @@ class MultiTaskModule(pl.LightningModule):
             )
         if not self.automatic_optimization:
             raise ValueError(f"{name} writes the gradients in backward(); keep automatic_optimization=True")
+        if self.gradient_mode == "gramian" and self.trainer.world_size > 1:
+            raise ValueError(GRAMIAN_DDP_MESSAGE)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, inputs: Tensor) -> dict[str, Tensor]:
@@ -353,7 +365,13 @@ class MultiTaskModule(pl.LightningModule):
         engine = self.engine
         engine.start_step()
         inputs, targets = self.unpack_batch(batch)
-        features = self.encoder(inputs)
+        layers = None
+        if self.gradient_mode == "gramian" and engine.uses_gradients:
+            # the Gramian level contracts the encoder's layer inputs with their per-task output gradients
+            with record_layers(self.encoder) as layers:
+                features = self.encoder(inputs)
+        else:
+            features = self.encoder(inputs)
         preds = {name: head(features) for name, head in self.heads.items()}
         terms, checked = self.task_loss_terms(preds, targets, "train")
         losses = torch.stack(terms)
@@ -369,7 +387,7 @@ class MultiTaskModule(pl.LightningModule):
 
         # without per-task gradients the aggregator is a loss weighting, so its objective is set
         assert closure_loss is not None
-        engine.stage(TaskStep(terms, losses, closure_loss, features, objective, inputs, task_loss))
+        engine.stage(TaskStep(terms, losses, closure_loss, features, objective, inputs, task_loss, layers))
         engine.record_losses(losses)
         loss = closure_loss if objective is None else objective
         batch_size = inputs.shape[0]

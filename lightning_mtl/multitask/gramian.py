@@ -1,0 +1,174 @@
+"""The Gramian level: ``G = J J^T`` of the task losses w.r.t. the shared parameters, accumulated layer
+by layer, without ever materialising the m x n Jacobian ``J``.
+
+For a linear map ``y = x W^T + b`` applied to the rows ``X [R, d_in]`` with the per-task output
+gradients ``D_i [R, d_out]``, ``grad_W l_i = D_i^T X``, so
+
+    <grad_W l_i, grad_W l_j> = sum((D_i D_j^T) * (X X^T)),   <grad_b l_i, grad_b l_j> = <1^T D_i, 1^T D_j>.
+
+A convolution is such a map on its unfolded patches (``R = batch x positions``). Where ``R^2`` is
+larger than ``d_in x d_out`` the layer's per-task weight gradients ``[m, d_out, d_in]`` are cheaper:
+they are formed for that layer only and dropped once its Gram block is summed. A layer called several
+times in one forward stacks the rows of its calls (its gradient is the sum over the calls). The
+output gradients come from m backward passes w.r.t. the recorded layer outputs (not the parameters);
+the shared parameters of other modules (norm layers, embeddings, ...) take their per-task gradients
+directly, as they are small. Once the weights ``w`` are known, the shared gradient of
+``sum_i w_i l_i`` is formed from the same pieces (``X^T (sum_i w_i D_i)``), with no further backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LayerCalls:
+    """The recorded calls of one linear or convolutional layer: its inputs and outputs, in call order."""
+
+    module: nn.Module
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+def contracted(module: nn.Module) -> bool:
+    """Whether the Gramian of ``module``'s weight is contracted from its inputs and output gradients
+    (``nn.Linear``, and ``nn.Conv2d`` with one group, zero padding given as numbers)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or not weight.requires_grad:
+        return False
+    if type(module) is nn.Linear:
+        return True
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+@contextlib.contextmanager
+def record_layers(encoder: nn.Module) -> Iterator[list[LayerCalls]]:
+    """Record the inputs and outputs of ``encoder``'s contracted layers while the block runs."""
+    layers = [LayerCalls(m) for m in encoder.modules() if contracted(m)]
+
+    def hook(calls: LayerCalls) -> Callable[[nn.Module, tuple, Tensor], None]:
+        def record(module: nn.Module, args: tuple, output: Tensor) -> None:
+            calls.inputs.append(args[0])
+            calls.outputs.append(output)
+            calls.versions.append(output._version)
+
+        return record
+
+    handles = [calls.module.register_forward_hook(hook(calls)) for calls in layers]
+    try:
+        yield layers
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _rows(calls: LayerCalls, output_grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The layer's input rows ``X [R, d_in]`` and the per-task output-gradient rows ``D [m, R, d_out]``
+    of all its calls (float32)."""
+    module, xs, ds = calls.module, [], []
+    for x, d in zip(calls.inputs, output_grads):
+        m = d.shape[0]
+        if isinstance(module, nn.Conv2d):
+            assert not isinstance(module.padding, str)  # contracted() sends string paddings the direct way
+            patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+            xs.append(patches.transpose(1, 2).reshape(-1, patches.shape[1]))  # [B * L, C * kh * kw]
+            ds.append(d.flatten(3).transpose(2, 3).reshape(m, -1, d.shape[2]))  # [m, B * L, out]
+        else:
+            xs.append(x.reshape(-1, x.shape[-1]))
+            ds.append(d.reshape(m, -1, d.shape[-1]))
+    return torch.cat(xs).float(), torch.cat(ds, dim=1).float()
+
+
+def layer_gramian(x: Tensor, d: Tensor, bias: bool) -> Tensor:
+    """The ``[m, m]`` Gramian of one layer's weight (and bias) gradients from ``X [R, d_in]`` and
+    ``D [m, R, d_out]``, by whichever contraction is cheaper."""
+    rows, d_in, d_out = x.shape[0], x.shape[1], d.shape[2]
+    if rows * rows <= d_in * d_out:
+        kernel = x @ x.T  # [R, R]
+        gramian = torch.einsum("iro,jro->ij", d, torch.einsum("rs,jso->jro", kernel, d))
+    else:
+        # the per-task weight gradients of this layer alone, dropped once their Gram is taken
+        grads = torch.einsum("mro,rd->mod", d, x).flatten(1)
+        gramian = grads @ grads.T
+    if bias:
+        sums = d.sum(dim=1)
+        gramian = gramian + sums @ sums.T
+    return gramian
+
+
+def gramian_and_gradients(
+    layers: Sequence[LayerCalls],
+    terms: Sequence[Tensor],
+    direct: Sequence[Tensor],
+    others: Sequence[Tensor],
+    batched: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor, list[Tensor | None]]:
+    """The Gramian ``[m, m]`` (float32) of the task losses ``terms`` w.r.t. the shared parameters.
+
+    Returns the Gramian, each layer's pieces ``(X, D)`` (for :func:`weighted_gradients`), the per-task
+    gradients ``[m, k]`` of the ``direct`` parameters (flattened) and the summed gradients of ``others``
+    (the heads: their ordinary gradient). The graph is freed.
+    """
+    from lightning_mtl.multitask.engine import task_gradients  # the engine imports this module
+
+    used = [calls for calls in layers if calls.outputs]
+    outputs = [y for calls in used for y in calls.outputs]
+    for calls in used:
+        if any(y._version != v for y, v in zip(calls.outputs, calls.versions)):
+            raise RuntimeError(
+                f"gradient_mode='gramian': the output of {type(calls.module).__name__} was modified in place "
+                "after the layer ran (e.g. an inplace=True activation); use out-of-place operations in the "
+                "encoder, or gradient_mode='parameter'"
+            )
+    jac, other_grads = task_gradients(
+        terms, [*outputs, *direct], batched, chunk_size, summed=others, retain_graph=False
+    )
+    m = len(terms)
+    views = torch.split(jac, [t.numel() for t in [*outputs, *direct]], dim=1)
+    gramian = jac.new_zeros(m, m)
+    pieces, k = [], 0
+    for calls in used:
+        count = len(calls.outputs)
+        grads = [v.view(m, *y.shape) for v, y in zip(views[k : k + count], calls.outputs)]
+        k += count
+        x, d = _rows(calls, grads)
+        bias = getattr(calls.module, "bias", None)
+        gramian += layer_gramian(x, d, isinstance(bias, Tensor) and bias.requires_grad)
+        pieces.append((x, d))
+    direct_jac = torch.cat(views[k:], dim=1) if direct else jac.new_zeros(m, 0)
+    gramian += direct_jac @ direct_jac.T
+    return gramian, pieces, direct_jac, other_grads
+
+
+def weighted_gradients(
+    layers: Sequence[LayerCalls], pieces: Sequence[tuple[Tensor, Tensor]], weights: Tensor
+) -> dict[int, Tensor]:
+    """The gradients of ``sum_i w_i l_i`` w.r.t. the contracted layers' weights and biases, keyed by the
+    parameter's ``id`` (float32)."""
+    grads: dict[int, Tensor] = {}
+    used = [calls for calls in layers if calls.outputs]
+    for calls, (x, d) in zip(used, pieces):
+        combined = torch.einsum("m,mro->ro", weights, d)  # [R, d_out]
+        weight = calls.module.weight
+        assert isinstance(weight, Tensor)
+        grads[id(weight)] = (combined.T @ x).view_as(weight)
+        bias = getattr(calls.module, "bias", None)
+        if isinstance(bias, Tensor) and bias.requires_grad:
+            grads[id(bias)] = combined.sum(dim=0)
+    return grads
+
+
+__all__ = ["LayerCalls", "contracted", "gramian_and_gradients", "layer_gramian", "record_layers", "weighted_gradients"]

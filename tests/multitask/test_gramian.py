@@ -1,0 +1,178 @@
+"""The Gramian level: the m x m Gramian accumulated layer by layer equals J J^T of the parameter level,
+and the step it writes equals the parameter level's step, for every Gramian weighting."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
+from lightning_mtl.aggregators import GramianWeighting, create_aggregator, list_aggregators
+from lightning_mtl.multitask.engine import flat_jacobian
+from lightning_mtl.multitask.gramian import layer_gramian
+from tests.fixtures.trainers import tiny_trainer
+
+GRAMIAN_METHODS = [n for n in list_aggregators() if isinstance(create_aggregator(n), GramianWeighting)]
+
+
+class _Encoder(nn.Module):
+    """Conv2d (R^2 > d_in * d_out: per-task weight gradients), BatchNorm (direct gradients), a Linear with
+    R^2 < d_in * d_out (the R x R kernel) and a Linear called twice in one forward."""
+
+    out_features = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1, stride=2)
+        self.norm = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 5 * 5, 6)
+        self.twice = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.norm(self.conv(x))).flatten(1)
+        h = torch.tanh(self.fc(h))
+        return torch.tanh(self.twice(torch.tanh(self.twice(h))))
+
+
+def _seeded(name):
+    cls = type(create_aggregator(name))
+    return cls(seed=0) if "seed" in inspect.signature(cls).parameters else cls()
+
+
+def _module(aggregator, mode, scale_sum=1.0):
+    torch.manual_seed(0)
+    return MultiTaskModule(
+        encoder=_Encoder(),
+        tasks={
+            "left": ClassificationTask(10),
+            "right": ClassificationTask(10),
+            "sum": RegressionTask(weight=1.0),
+        },
+        aggregator=aggregator,
+        gradient_mode=mode,
+    )
+
+
+def _batch(seed=1, big=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 1, 10, 10, generator=g)
+    left, right = torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g)
+    return x, {"left": left, "right": right, "sum": big * (left + right).float()}
+
+
+def _step(name, mode, batch, scale=1.0):
+    module = _module(_seeded(name), mode)
+    module.train()
+    torch.manual_seed(2)
+    loss = module.training_step(batch, 0)
+    module.backward(loss * scale if scale != 1.0 else loss)
+    return module
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def _assert_same(ours, reference, name):
+    # round-off of the whole step's size: the conv bias before the BatchNorm has a gradient of zero in
+    # exact arithmetic, so its own scale is round-off itself
+    atol = 1e-6 * max(float(q.grad.abs().max()) for q in reference.parameters())
+    for (n, p), q in zip(ours.named_parameters(), reference.parameters()):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=atol, msg=f"{name}: {n}")
+
+
+@pytest.mark.parametrize("name", GRAMIAN_METHODS)
+def test_gramian_step_equals_parameter_step(name):
+    batch = _batch()
+    ours, reference = _step(name, "gramian", batch), _step(name, "parameter", batch)
+    _assert_same(ours, reference, name)
+    torch.testing.assert_close(ours.engine.last_gramian, reference.engine.last_gramian, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", GRAMIAN_METHODS)
+def test_gramian_step_equals_parameter_step_with_a_badly_scaled_task(name):
+    """One task loss about 1e4 times the others (regression on labels times 100)."""
+    batch = _batch(big=100.0)
+    ours, reference = _step(name, "gramian", batch), _step(name, "parameter", batch)
+    _assert_same(ours, reference, name)
+
+
+def test_gramian_equals_the_parameter_level_jacobian_product():
+    module = _module("upgrad", "gramian")
+    x, y = _batch()
+    reference = _module("upgrad", "parameter")
+    losses, _ = reference.task_loss_terms(reference(x), y, "train")
+    jac = flat_jacobian(losses, list(reference.encoder.parameters()), batched=False)
+    module.backward(module.training_step((x, y), 0))
+    torch.testing.assert_close(module.engine.last_gramian, jac @ jac.T, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_scale_is_undone():
+    batch = _batch()
+    plain, scaled = _step("nashmtl", "gramian", batch), _step("nashmtl", "gramian", batch, scale=1024.0)
+    torch.testing.assert_close(scaled.engine.last_gramian, plain.engine.last_gramian, rtol=1e-5, atol=1e-7)
+    for p, q in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, 1024.0 * q.grad, rtol=1e-5, atol=1e-6 * float(q.grad.abs().max()) * 1024)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_both_contractions_equal_the_gram_of_the_weight_gradients(rows):
+    """R^2 < d_in * d_out (the R x R kernel) and R^2 > d_in * d_out (per-task weight gradients)."""
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(rows, 5, generator=g), torch.randn(4, rows, 7, generator=g)
+    grads = torch.cat([torch.einsum("mro,rd->mod", d, x).flatten(1), d.sum(1)], dim=1)
+    torch.testing.assert_close(layer_gramian(x, d, bias=True), grads @ grads.T, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_change_of_a_recorded_output_is_refused():
+    module = MultiTaskModule(
+        encoder=nn.Sequential(nn.Flatten(), nn.Linear(100, 6), nn.ReLU(inplace=True)),
+        feature_dim=6,
+        tasks={"left": ClassificationTask(10), "right": ClassificationTask(10)},
+        aggregator="mgda",
+        gradient_mode="gramian",
+    )
+    x, y = _batch()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        module.backward(module.training_step((x, {k: y[k] for k in ("left", "right")}), 0))
+
+
+def test_non_gramian_aggregators_and_fmtl_are_refused():
+    with pytest.raises(ValueError, match="gradient_mode='gramian' needs a Gramian weighting"):
+        _module("graddrop", "gramian")
+    from lightning_mtl.multitask.fmtl import FMTL
+
+    with pytest.raises(ValueError, match="fmtl .* needs gradient_mode='parameter'"):
+        MultiTaskModule(
+            encoder=_Encoder(), tasks={"a": RegressionTask()}, aggregator="mgda", gradient_mode="gramian", fmtl=FMTL()
+        )
+
+
+def test_trains_under_the_trainer():
+    from tests.multitask.test_engine import _SumData
+
+    module = MultiTaskModule(
+        encoder=nn.Sequential(nn.Flatten(), nn.Linear(100, 8), nn.Tanh()),
+        feature_dim=8,
+        tasks={"left": ClassificationTask(10), "right": ClassificationTask(10), "sum": RegressionTask()},
+        aggregator="upgrad",
+        gradient_mode="gramian",
+    )
+    tiny_trainer(fast_dev_run=2, gradient_clip_val=1.0).fit(module, datamodule=_SumData())
+    assert module.engine.last_weights is not None
+
+
+def test_ddp_is_refused_at_setup_with_the_alternative():
+    from types import SimpleNamespace
+
+    class DDPStrategy:  # only its name is read
+        pass
+
+    module = _module("mgda", "gramian")
+    module._trainer = SimpleNamespace(accumulate_grad_batches=1, strategy=DDPStrategy(), world_size=2)
+    with pytest.raises(ValueError, match="gradient_mode='gramian' runs on one process.*gradient_mode='parameter'"):
+        module._check_trainer_for_gradient_methods()
