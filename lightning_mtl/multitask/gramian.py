@@ -55,14 +55,18 @@ def contracted(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def record_layers(encoder: nn.Module) -> Iterator[list[LayerCalls]]:
-    """Record the inputs and outputs of ``encoder``'s contracted layers while the block runs."""
+    """Record the inputs and outputs of ``encoder``'s contracted layers while the block runs (the
+    forward continues on a copy of each output, one activation's memory per layer call)."""
     layers = [LayerCalls(m) for m in encoder.modules() if contracted(m)]
 
-    def hook(calls: LayerCalls) -> Callable[[nn.Module, tuple, Tensor], None]:
-        def record(module: nn.Module, args: tuple, output: Tensor) -> None:
+    def hook(calls: LayerCalls) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
+        def record(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             calls.inputs.append(args[0])
             calls.outputs.append(output)
             calls.versions.append(output._version)
+            # the rest of the forward gets a copy: an in-place operation after the layer (ReLU(inplace=True))
+            # then leaves the recorded output, whose gradient is the layer's output gradient, as it was
+            return output.clone()
 
         return record
 
@@ -129,9 +133,8 @@ def gramian_and_gradients(
     for calls in used:
         if any(y._version != v for y, v in zip(calls.outputs, calls.versions)):
             raise RuntimeError(
-                f"gradient_mode='gramian': the output of {type(calls.module).__name__} was modified in place "
-                "after the layer ran (e.g. an inplace=True activation); use out-of-place operations in the "
-                "encoder, or gradient_mode='parameter'"
+                f"gradient_mode='gramian': the recorded output of {type(calls.module).__name__} was modified in "
+                "place (by another forward hook?); use gradient_mode='parameter'"
             )
     jac, other_grads = task_gradients(
         terms, [*outputs, *direct], batched, chunk_size, summed=others, retain_graph=False
