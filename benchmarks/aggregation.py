@@ -82,6 +82,13 @@ def build_encoder(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
     """The shared encoder and the shape of one input."""
     if name == "digits":
         return DigitsCNN(), (1, 10, 10)
+    if name == "mlp":  # linear layers only: where the Gramian level's R x R contraction pays
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width_in in (100, 512, 512):
+            layers += [nn.Linear(width_in, 512), nn.ReLU()]
+        encoder = nn.Sequential(*layers)
+        encoder.out_features = 512  # type: ignore[assignment]  # read by MultiTaskModule
+        return encoder, (1, 10, 10)
     if name == "resnet18":
         import timm
 
@@ -414,7 +421,7 @@ def main() -> None:
         help="bf16: autocast around the forward of every side (meant for GPUs)",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU, 32 on the CPU")
-    parser.add_argument("--encoders", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
+    parser.add_argument("--encoders", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18", "mlp"])
     parser.add_argument("--tasks", nargs="+", type=int, default=[2, 10, 40], help="numbers of tasks m")
     parser.add_argument("--methods", nargs="+", default=None, help=f"default: all, i.e. {' '.join(list_aggregators())}")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the sides")
