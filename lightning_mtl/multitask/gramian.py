@@ -61,6 +61,8 @@ def record_layers(encoder: nn.Module) -> Iterator[list[LayerCalls]]:
 
     def hook(calls: LayerCalls) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
         def record(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if not output.requires_grad:  # a call under no_grad reaches no loss: it adds nothing
+                return output
             calls.inputs.append(args[0])
             calls.outputs.append(output)
             calls.versions.append(output._version)

@@ -147,6 +147,39 @@ def test_inplace_activation_after_a_layer_keeps_the_step_exact():
     _assert_same(ours, reference, "mgda")
 
 
+class _PartlyFrozen(nn.Module):
+    """A linear layer called once under no_grad (it adds nothing) and once with gradients."""
+
+    out_features = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(100, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            frozen = self.fc(x.flatten(1))
+        return torch.tanh(self.fc(x.flatten(1)) + frozen)
+
+
+def test_a_call_under_no_grad_is_skipped():
+    def module(mode):
+        torch.manual_seed(0)
+        return MultiTaskModule(
+            encoder=_PartlyFrozen(),
+            tasks={"left": ClassificationTask(10), "right": ClassificationTask(10)},
+            aggregator="upgrad",
+            gradient_mode=mode,
+        )
+
+    x, y = _batch()
+    batch = (x, {k: y[k] for k in ("left", "right")})
+    ours, reference = module("gramian"), module("parameter")
+    for side in (ours, reference):
+        side.backward(side.training_step(batch, 0))
+    _assert_same(ours, reference, "upgrad")
+
+
 def test_non_gramian_aggregators_and_fmtl_are_refused():
     with pytest.raises(ValueError, match="gradient_mode='gramian' needs a Gramian weighting"):
         _module("graddrop", "gramian")
