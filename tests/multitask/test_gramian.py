@@ -42,7 +42,7 @@ def _seeded(name):
     return cls(seed=0) if "seed" in inspect.signature(cls).parameters else cls()
 
 
-def _module(aggregator, mode, scale_sum=1.0):
+def _module(aggregator, mode, **kwargs):
     torch.manual_seed(0)
     return MultiTaskModule(
         encoder=_Encoder(),
@@ -53,6 +53,7 @@ def _module(aggregator, mode, scale_sum=1.0):
         },
         aggregator=aggregator,
         gradient_mode=mode,
+        **kwargs,
     )
 
 
@@ -99,6 +100,17 @@ def test_gramian_step_equals_parameter_step_with_a_badly_scaled_task(name):
     batch = _batch(big=100.0)
     ours, reference = _step(name, "gramian", batch), _step(name, "parameter", batch)
     _assert_same(ours, reference, name)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_batched_output_gradients_give_the_same_step(chunk_size):
+    """One batched backward (``jacobian_batched=True``, as on a GPU) instead of the loop."""
+    batch = _batch()
+    ours = _module(_seeded("upgrad"), "gramian", jacobian_batched=True, jacobian_chunk_size=chunk_size)
+    reference = _module(_seeded("upgrad"), "parameter")
+    for side in (ours, reference):
+        side.backward(side.training_step(batch, 0))
+    _assert_same(ours, reference, "upgrad")
 
 
 def test_gramian_equals_the_parameter_level_jacobian_product():
