@@ -114,6 +114,36 @@ def layer_gramian(x: Tensor, d: Tensor, bias: bool) -> Tensor:
     return gramian
 
 
+def _conv_weight_grad(conv: nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
+    """The weight gradient of one call of ``conv`` for the output gradient ``d`` (the native kernel)."""
+    assert not isinstance(conv.padding, str)  # contracted() sends string paddings the direct way
+    return torch.nn.grad.conv2d_weight(
+        x.to(d.dtype), conv.weight.shape, d, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+
+
+def _calls_gramian(calls: LayerCalls, grads: Sequence[Tensor], bias: bool) -> Tensor:
+    """The Gramian block of one layer from its recorded calls and their per-task output gradients."""
+    module = calls.module
+    if isinstance(module, nn.Conv2d):
+        rows = sum(d.shape[1] * d.shape[3] * d.shape[4] for d in grads)
+        if rows * rows > module.weight.numel():
+            # many positions: the per-task weight gradients from the native kernel (no unfolded
+            # patches), this layer's only, dropped once their Gram is taken
+            m = grads[0].shape[0]
+            weight_grads = torch.stack(
+                [sum(_conv_weight_grad(module, x, d[i]) for x, d in zip(calls.inputs, grads)) for i in range(m)]
+            ).flatten(1)
+            gramian = weight_grads @ weight_grads.T
+            if bias:
+                sums = sum(d.sum(dim=(1, 3, 4)) for d in grads)
+                assert isinstance(sums, Tensor)
+                gramian = gramian + sums @ sums.T
+            return gramian.float()
+    x, d = _rows(calls, grads)
+    return layer_gramian(x, d, bias)
+
+
 def gramian_and_gradients(
     layers: Sequence[LayerCalls],
     terms: Sequence[Tensor],
@@ -121,12 +151,13 @@ def gramian_and_gradients(
     others: Sequence[Tensor],
     batched: bool,
     chunk_size: int | None,
-) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor, list[Tensor | None]]:
+) -> tuple[Tensor, list[list[Tensor]], Tensor, list[Tensor | None]]:
     """The Gramian ``[m, m]`` (float32) of the task losses ``terms`` w.r.t. the shared parameters.
 
-    Returns the Gramian, each layer's pieces ``(X, D)`` (for :func:`weighted_gradients`), the per-task
-    gradients ``[m, k]`` of the ``direct`` parameters (flattened) and the summed gradients of ``others``
-    (the heads: their ordinary gradient). The graph is freed.
+    Returns the Gramian, the per-task output gradients ``[m, *output]`` of each recorded call of each
+    layer that ran (for :func:`weighted_gradients`), the per-task gradients ``[m, k]`` of the
+    ``direct`` parameters (flattened) and the summed gradients of ``others`` (the heads: their
+    ordinary gradient). The graph is freed.
     """
     from lightning_mtl.multitask.engine import task_gradients  # the engine imports this module
 
@@ -149,30 +180,40 @@ def gramian_and_gradients(
         count = len(calls.outputs)
         grads = [v.view(m, *y.shape) for v, y in zip(views[k : k + count], calls.outputs)]
         k += count
-        x, d = _rows(calls, grads)
         bias = getattr(calls.module, "bias", None)
-        gramian += layer_gramian(x, d, isinstance(bias, Tensor) and bias.requires_grad)
-        pieces.append((x, d))
+        gramian += _calls_gramian(calls, grads, isinstance(bias, Tensor) and bias.requires_grad)
+        pieces.append(grads)
     direct_jac = torch.cat(views[k:], dim=1) if direct else jac.new_zeros(m, 0)
     gramian += direct_jac @ direct_jac.T
     return gramian, pieces, direct_jac, other_grads
 
 
 def weighted_gradients(
-    layers: Sequence[LayerCalls], pieces: Sequence[tuple[Tensor, Tensor]], weights: Tensor
+    layers: Sequence[LayerCalls], pieces: Sequence[list[Tensor]], weights: Tensor
 ) -> dict[int, Tensor]:
-    """The gradients of ``sum_i w_i l_i`` w.r.t. the contracted layers' weights and biases, keyed by the
+    """The gradients of ``sum_i w_i l_i`` w.r.t. the recorded layers' weights and biases, keyed by the
     parameter's ``id`` (float32)."""
     grads: dict[int, Tensor] = {}
     used = [calls for calls in layers if calls.outputs]
-    for calls, (x, d) in zip(used, pieces):
-        combined = torch.einsum("m,mro->ro", weights, d)  # [R, d_out]
-        weight = calls.module.weight
+    for calls, output_grads in zip(used, pieces):
+        module = calls.module
+        combined = [torch.einsum("m,m...->...", weights, d) for d in output_grads]
+        weight = module.weight
         assert isinstance(weight, Tensor)
-        grads[id(weight)] = (combined.T @ x).view_as(weight)
-        bias = getattr(calls.module, "bias", None)
+        if isinstance(module, nn.Conv2d):
+            grad = sum(_conv_weight_grad(module, x, c) for x, c in zip(calls.inputs, combined))
+            assert isinstance(grad, Tensor)
+            grads[id(weight)] = grad
+            bias_grad = sum(c.sum(dim=(0, 2, 3)) for c in combined)
+        else:
+            rows = torch.cat([c.reshape(-1, c.shape[-1]) for c in combined])
+            inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in calls.inputs]).float()
+            grads[id(weight)] = rows.T @ inputs
+            bias_grad = rows.sum(dim=0)
+        bias = getattr(module, "bias", None)
         if isinstance(bias, Tensor) and bias.requires_grad:
-            grads[id(bias)] = combined.sum(dim=0)
+            assert isinstance(bias_grad, Tensor)
+            grads[id(bias)] = bias_grad
     return grads
 
 

@@ -19,8 +19,9 @@ GRAMIAN_METHODS = [n for n in list_aggregators() if isinstance(create_aggregator
 
 
 class _Encoder(nn.Module):
-    """Conv2d (R^2 > d_in * d_out: per-task weight gradients), BatchNorm (direct gradients), a Linear with
-    R^2 < d_in * d_out (the R x R kernel) and a Linear called twice in one forward."""
+    """Conv2d with R^2 > d_in * d_out (per-task weight gradients), BatchNorm (direct gradients), a Conv2d
+    and a Linear with R^2 < d_in * d_out (the R x R kernel) and a Linear called twice in one forward
+    (16 rows: R^2 > d_in * d_out again)."""
 
     out_features = 6
 
@@ -28,12 +29,13 @@ class _Encoder(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(1, 3, 3, padding=1, stride=2)
         self.norm = nn.BatchNorm2d(3)
+        self.squeeze = nn.Conv2d(3, 6, 5)  # one position per sample: 8 rows
         self.fc = nn.Linear(3 * 5 * 5, 6)
         self.twice = nn.Linear(6, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.norm(self.conv(x))).flatten(1)
-        h = torch.tanh(self.fc(h))
+        h = torch.tanh(self.norm(self.conv(x)))
+        h = torch.tanh(self.fc(h.flatten(1)) + self.squeeze(h).flatten(1))
         return torch.tanh(self.twice(torch.tanh(self.twice(h))))
 
 
