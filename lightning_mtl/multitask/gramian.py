@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 
 @dataclass
@@ -117,9 +118,15 @@ def layer_gramian(x: Tensor, d: Tensor, bias: bool) -> Tensor:
 def _conv_weight_grad(conv: nn.Conv2d, x: Tensor, d: Tensor) -> Tensor:
     """The weight gradient of one call of ``conv`` for the output gradient ``d`` (the native kernel)."""
     assert not isinstance(conv.padding, str)  # contracted() sends string paddings the direct way
-    return torch.nn.grad.conv2d_weight(
-        x.to(d.dtype), conv.weight.shape, d, conv.stride, conv.padding, conv.dilation, conv.groups
-    )
+    return conv2d_weight(x.to(d.dtype), conv.weight.shape, d, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _summed(tensors: Iterator[Tensor]) -> Tensor:
+    """The sum of one or more tensors (one per recorded call)."""
+    first, *rest = tensors
+    for t in rest:
+        first = first + t
+    return first
 
 
 def _calls_gramian(calls: LayerCalls, grads: Sequence[Tensor], bias: bool) -> Tensor:
@@ -132,12 +139,11 @@ def _calls_gramian(calls: LayerCalls, grads: Sequence[Tensor], bias: bool) -> Te
             # patches), this layer's only, dropped once their Gram is taken
             m = grads[0].shape[0]
             weight_grads = torch.stack(
-                [sum(_conv_weight_grad(module, x, d[i]) for x, d in zip(calls.inputs, grads)) for i in range(m)]
+                [_summed(_conv_weight_grad(module, x, d[i]) for x, d in zip(calls.inputs, grads)) for i in range(m)]
             ).flatten(1)
             gramian = weight_grads @ weight_grads.T
             if bias:
-                sums = sum(d.sum(dim=(1, 3, 4)) for d in grads)
-                assert isinstance(sums, Tensor)
+                sums = _summed(d.sum(dim=(1, 3, 4)) for d in grads)
                 gramian = gramian + sums @ sums.T
             return gramian.float()
     x, d = _rows(calls, grads)
@@ -201,10 +207,8 @@ def weighted_gradients(
         weight = module.weight
         assert isinstance(weight, Tensor)
         if isinstance(module, nn.Conv2d):
-            grad = sum(_conv_weight_grad(module, x, c) for x, c in zip(calls.inputs, combined))
-            assert isinstance(grad, Tensor)
-            grads[id(weight)] = grad
-            bias_grad = sum(c.sum(dim=(0, 2, 3)) for c in combined)
+            grads[id(weight)] = _summed(_conv_weight_grad(module, x, c) for x, c in zip(calls.inputs, combined))
+            bias_grad = _summed(c.sum(dim=(0, 2, 3)) for c in combined)
         else:
             rows = torch.cat([c.reshape(-1, c.shape[-1]) for c in combined])
             inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in calls.inputs]).float()
@@ -212,7 +216,6 @@ def weighted_gradients(
             bias_grad = rows.sum(dim=0)
         bias = getattr(module, "bias", None)
         if isinstance(bias, Tensor) and bias.requires_grad:
-            assert isinstance(bias_grad, Tensor)
             grads[id(bias)] = bias_grad
     return grads
 
