@@ -97,7 +97,8 @@ class MultiTaskModule(pl.LightningModule):
     GradScaler's unscale and its skip of non-finite steps apply as usual); ``gradient_clip_val``
     clips the aggregated gradient; ``strategy="ddp"`` averages the Jacobian (parameter level) or
     sums the m x m Gramian (representation level) over ranks, which equals the single-process
-    update on the concatenated batch. ``accumulate_grad_batches > 1`` is refused at setup.
+    update on the concatenated batch (``gradient_mode="gramian"`` is refused under DDP at setup).
+    ``accumulate_grad_batches > 1`` is refused at setup.
 
     Checkpoints of CLI runs rebuild the model alone (``MultiTaskModule.load_from_checkpoint(path)``,
     ``test --ckpt_path path``): they hold the class paths and init args of the encoder and tasks. Built
