@@ -229,3 +229,16 @@ def test_ddp_is_refused_at_setup_with_the_alternative():
     module._trainer = SimpleNamespace(accumulate_grad_batches=1, strategy=DDPStrategy(), world_size=2)
     with pytest.raises(ValueError, match="gradient_mode='gramian' runs on one process.*gradient_mode='parameter'"):
         module._check_trainer_for_gradient_methods()
+
+
+def test_a_requested_jacobian_is_the_parameter_levels():
+    batch = _batch()
+    sides = []
+    for mode in ("gramian", "parameter"):
+        module = _module(_seeded("mgda"), mode)
+        module.engine.request_jacobian("parameter")
+        module.backward(module.training_step(batch, 0))
+        sides.append(module)
+    ours, reference = sides
+    torch.testing.assert_close(ours.engine.last_jacobian, reference.engine.last_jacobian, rtol=1e-5, atol=1e-7)
+    _assert_same(ours, reference, "mgda")
