@@ -78,7 +78,8 @@ class Task:
     def mask_out_of_range(self, target: Tensor) -> tuple[Tensor, Tensor | None]:
         """For class-index labels: the checked ``target`` with labels ``>= num_classes`` marked missing (so the
         loss neither raises nor trips a device-side assert), and ``[count, lowest, highest]`` of those labels
-        on the target's device, computed without a device sync. ``(target, None)`` for other tasks."""
+        on the target's device, computed without a device sync. ``(target, None)`` for other tasks, and
+        for labels on the host that are all in range (checked there at no sync cost)."""
         return target, None
 
     def _check_same_shape(self, name: str, pred: Tensor, target: Tensor, size_arg: str) -> Tensor:
@@ -183,6 +184,9 @@ class ClassificationTask(Task):
     def mask_out_of_range(self, target: Tensor) -> tuple[Tensor, Tensor | None]:
         if target.is_floating_point():
             return target, None  # probability rows: their shape was checked by `check`
+        if target.device.type == "cpu" and (target.numel() == 0 or int(target.max()) < self.num_classes):
+            # on the host this test costs no device sync: a batch in range needs no mask and no deferred check
+            return target.long(), None
         return out_of_range(target, self.num_classes, MISSING_LABEL)
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
