@@ -53,8 +53,7 @@ class MultiTaskModule(pl.LightningModule):
     scale, the DDP means) belongs to its :class:`~lightning_mtl.multitask.engine.GradientEngine`,
     ``self.engine``, which also keeps the last task weights, Gramian and Jacobian for logging.
 
-    Logged keys: ``train/loss`` every step, ``train/<task>/loss`` on the steps the loggers write
-    (every ``log_every_n_steps``; see :meth:`_step_detail_read`); ``val/<task>/loss``,
+    Logged keys: ``train/<task>/loss`` and ``train/loss`` every step; ``val/<task>/loss``,
     ``val/<task>/<metric>``, ``val/mean/<metric>`` (mean over the tasks that have that metric),
     ``val/loss`` (sum of the task losses) and, with ``baselines``, ``val/delta_m`` (Delta m %, lower
     is better); the same under ``test/``.
@@ -193,7 +192,6 @@ class MultiTaskModule(pl.LightningModule):
         )  # fmt: skip
         self._finite_host: Tensor | None = None
         self._pending_check: _PendingCheck | None = None
-        self._log_detail = True  # whether this training step logs its per-task values (_step_detail_read)
         # label range checks of this batch, read at its end: (event, [k, 3] stats, tasks, (step, epoch), stage)
         self._pending_labels: list[tuple[Any, Tensor, tuple[str, ...], tuple[int, int], str]] = []
 
@@ -366,7 +364,6 @@ class MultiTaskModule(pl.LightningModule):
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         engine = self.engine
-        self._log_detail = self._step_detail_read(batch_idx)
         engine.start_step()
         inputs, targets = self.unpack_batch(batch)
         layers = None
@@ -395,34 +392,11 @@ class MultiTaskModule(pl.LightningModule):
         engine.record_losses(losses)
         loss = closure_loss if objective is None else objective
         batch_size = inputs.shape[0]
-        if self._log_detail:
-            detached = losses.detach()
-            logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
-            self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        detached = losses.detach()
+        logged = {f"train/{name}/loss": detached[i] for i, name in enumerate(self.task_names)}
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size, prog_bar=True)
         return closure_loss
-
-    def _step_detail_read(self, batch_idx: int) -> bool:
-        """Whether anyone reads this step's per-task values (``train/<task>/loss``, ``train/weight/<task>``).
-
-        Each ``self.log`` call costs Lightning a fair share of a small step, and on-step values reach the
-        loggers only every ``log_every_n_steps``. So the per-task values are logged on those steps, on an
-        epoch's last batch and the run's last step (epoch-end callbacks and ``callback_metrics`` after fit
-        see the same values), and on every step while a callback monitors one of them. ``train/loss``
-        (the progress bar's, and the usual monitor) is logged every step.
-        """
-        if self._trainer is None:
-            return True
-        trainer = self.trainer
-        if trainer.fast_dev_run or trainer._logger_connector.should_update_logs:  # type: ignore[attr-defined]  # set by a connector
-            return True
-        batches = trainer.num_training_batches
-        if math.isinf(batches) or batch_idx + 1 >= batches:
-            return True
-        if 0 <= trainer.max_steps <= self.global_step + 1:
-            return True
-        watched = (getattr(callback, "monitor", None) for callback in trainer.callbacks)  # type: ignore[attr-defined]  # the Trainer sets its callbacks in a connector
-        return any(isinstance(key, str) and key.startswith("train/") and key != "train/loss" for key in watched)
 
     def _weighted_objective(self, terms: list[Tensor], losses: Tensor) -> Tensor:
         """A loss weighting's objective (GradNorm also gets the task gradient norms it needs)."""
@@ -487,7 +461,7 @@ class MultiTaskModule(pl.LightningModule):
         self._check_pending_labels(batch_idx)
         if outputs is not None:  # a step was taken (not skipped for a non-finite loss)
             self.engine.after_step(lambda: self._losses_after(batch), self._reduce_mean)
-        if self.engine.last_weights is not None and self._log_detail:
+        if self.engine.last_weights is not None:
             weights = self.engine.last_weights.float()
             self.log_dict({f"train/weight/{name}": weights[i] for i, name in enumerate(self.task_names)},
                           on_step=True, on_epoch=False)  # fmt: skip
