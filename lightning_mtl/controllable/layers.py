@@ -1,0 +1,163 @@
+"""Slimmable layers: convolution, linear and switchable batch norm whose active width is set before forward.
+
+Yu, Yang, Xu, Yang and Huang, "Slimmable Neural Networks", ICLR 2019. A slimmable layer keeps the weights of
+its widest configuration and, at a width multiplier ``w``, uses the first ``channels(c, w)`` output
+channels (and as many input channels as the incoming tensor has), so every narrower network is a
+sub-network of the widest one. Batch norm keeps separate statistics and affine parameters per width
+(*switchable* batch norm): the statistics of a sub-network differ from those of the widest network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Slimmable",
+    "SlimmableConv2d",
+    "SlimmableLinear",
+    "SwitchableBatchNorm2d",
+    "check_width_mults",
+    "scaled_channels",
+    "set_width",
+    "slimmable_modules",
+]
+
+
+def scaled_channels(channels: int, width_mult: float) -> int:
+    """Active channels of a layer with ``channels`` at width ``width_mult``: ``ceil(channels * w)``, at least 1.
+
+    Monotone in ``width_mult``, and equal to ``channels`` at 1.0.
+    """
+    return max(1, math.ceil(channels * width_mult - 1e-9))  # the epsilon keeps 0.5 * 64 at 32, not 33
+
+
+def check_width_mults(width_mults: Iterable[float], what: str = "width_mults") -> tuple[float, ...]:
+    """The width multipliers sorted ascending, each in ``(0, 1]``, the last one 1.0 (the full network)."""
+    values = tuple(sorted({float(w) for w in width_mults}))
+    if not values or values[0] <= 0 or values[-1] != 1.0:
+        raise ValueError(f"{what} must be multipliers in (0, 1] that include 1.0 (the widest network), got {values}")
+    return values
+
+
+class Slimmable:
+    """Mixin of the layers whose active width :func:`set_width` sets (``width_mult``, 1.0 by default)."""
+
+    width_mult: float = 1.0
+
+
+class SlimmableConv2d(nn.Conv2d, Slimmable):
+    """A ``Conv2d`` that uses its first output channels at the active width and the input's channels.
+
+    Args:
+        in_channels: input channels of the widest network.
+        out_channels: output channels of the widest network.
+        kernel_size: as in ``nn.Conv2d``; stride, padding, dilation and bias too (``groups`` must be 1).
+        slim_output: whether the output channels follow the width (``False`` for a layer whose output size is
+            fixed, such as a task's prediction layer).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, slim_output: bool = True,
+                 **kwargs: object) -> None:  # fmt: skip
+        if kwargs.get("groups", 1) != 1:
+            raise ValueError("SlimmableConv2d supports groups=1 only")
+        super().__init__(in_channels, out_channels, kernel_size, **kwargs)  # type: ignore[arg-type]  # the Conv2d keywords
+        self.slim_output = slim_output
+
+    def active_out(self) -> int:
+        return scaled_channels(self.out_channels, self.width_mult) if self.slim_output else self.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        cin = _check_input(self, x.shape[1], self.in_channels)
+        cout = self.active_out()
+        bias = None if self.bias is None else self.bias[:cout]
+        return self._conv_forward(x, self.weight[:cout, :cin], bias)
+
+
+class SlimmableLinear(nn.Linear, Slimmable):
+    """A ``Linear`` that uses its first output features at the active width and the input's features.
+
+    Args:
+        in_features: input features of the widest network.
+        out_features: output features of the widest network.
+        bias: as in ``nn.Linear``.
+        slim_output: whether the output features follow the width (``False`` for a prediction layer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, slim_output: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.slim_output = slim_output
+
+    def active_out(self) -> int:
+        return scaled_channels(self.out_features, self.width_mult) if self.slim_output else self.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        cin = _check_input(self, x.shape[-1], self.in_features)
+        cout = self.active_out()
+        bias = None if self.bias is None else self.bias[:cout]
+        return F.linear(x, self.weight[:cout, :cin], bias)
+
+
+class SwitchableBatchNorm2d(nn.Module, Slimmable):
+    """Batch norm with its own statistics and affine parameters for each width (switchable batch norm).
+
+    Args:
+        num_features: channels of the widest network.
+        width_mults: the widths the network is trained at; :func:`set_width` accepts only these.
+        kwargs: further ``nn.BatchNorm2d`` arguments (eps, momentum, ...).
+    """
+
+    def __init__(self, num_features: int, width_mults: Sequence[float], **kwargs: object) -> None:
+        super().__init__()
+        self.width_mults = check_width_mults(width_mults)
+        self.num_features = num_features
+        self.bn = nn.ModuleList(
+            nn.BatchNorm2d(scaled_channels(num_features, w), **kwargs)  # type: ignore[arg-type]  # the BatchNorm2d keywords
+            for w in self.width_mults
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.width_mult not in self.width_mults:
+            raise ValueError(
+                f"width {self.width_mult} is not one of the widths this batch norm was built for {self.width_mults}"
+            )
+        norm = self.bn[self.width_mults.index(self.width_mult)]
+        if x.shape[1] != norm.num_features:  # type: ignore[union-attr]  # a BatchNorm2d
+            raise ValueError(
+                f"SwitchableBatchNorm2d at width {self.width_mult} expects {norm.num_features} channels, got "  # type: ignore[union-attr]
+                f"{x.shape[1]}: set the same width on the layer before it"
+            )
+        return norm(x)
+
+
+def _check_input(layer: nn.Module, given: int, widest: int) -> int:
+    if given > widest:
+        raise ValueError(f"{type(layer).__name__} was built for at most {widest} input channels, got {given}")
+    return given
+
+
+def slimmable_modules(module: nn.Module) -> list[nn.Module]:
+    """The slimmable layers inside ``module`` (``module`` itself included)."""
+    return [m for m in module.modules() if isinstance(m, Slimmable)]
+
+
+def set_width(module: nn.Module, width_mult: float) -> None:
+    """Set the active width of every slimmable layer inside ``module``.
+
+    Raises:
+        ValueError: ``width_mult`` is not in ``(0, 1]``, or a switchable batch norm inside has no statistics
+            for it.
+    """
+    width_mult = float(width_mult)
+    if not 0 < width_mult <= 1:
+        raise ValueError(f"a width multiplier must be in (0, 1], got {width_mult}")
+    for layer in slimmable_modules(module):
+        if isinstance(layer, SwitchableBatchNorm2d) and width_mult not in layer.width_mults:
+            raise ValueError(
+                f"width {width_mult} is not one of the trained widths {layer.width_mults} (switchable batch norm "
+                "keeps statistics per width)"
+            )
+        layer.width_mult = width_mult
