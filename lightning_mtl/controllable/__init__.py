@@ -1,8 +1,12 @@
 """Controllable multi-task architectures: slimmable encoders and task decoders trained with the sandwich rule and
 configuration-invariant distillation, FLOP counting per width configuration and the budget / preference search."""
 
+from lightning_mtl.controllable.callback import ControllabilityEvaluation
+from lightning_mtl.controllable.controllability import controllability, kendall_tau
 from lightning_mtl.controllable.decoder import SlimmableDecoder
 from lightning_mtl.controllable.digits_cnn import SlimmableDigitsCNN
+from lightning_mtl.controllable.evaluation import controllability_grid, evaluate_configuration, plot_controllability
+from lightning_mtl.controllable.flops import configuration_flops, count_flops
 from lightning_mtl.controllable.layers import (
     SlimmableConv2d,
     SlimmableLinear,
@@ -12,9 +16,12 @@ from lightning_mtl.controllable.layers import (
 )
 from lightning_mtl.controllable.module import ControllableMultiTaskModule
 from lightning_mtl.controllable.sampler import ConfigurationSampler, WidthConfig
+from lightning_mtl.controllable.search import BudgetSearch, normalize_preference
 
 __all__ = [
+    "BudgetSearch",
     "ConfigurationSampler",
+    "ControllabilityEvaluation",
     "ControllableMultiTaskModule",
     "SlimmableConv2d",
     "SlimmableDecoder",
@@ -22,6 +29,14 @@ __all__ = [
     "SlimmableLinear",
     "SwitchableBatchNorm2d",
     "WidthConfig",
+    "configuration_flops",
+    "controllability",
+    "controllability_grid",
+    "count_flops",
+    "evaluate_configuration",
+    "kendall_tau",
+    "normalize_preference",
+    "plot_controllability",
     "scaled_channels",
     "set_width",
 ]

@@ -1,0 +1,60 @@
+"""A callback that evaluates a trained controllable network over budgets and preferences at the end of fit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_mtl.controllable.evaluation import controllability_grid, plot_controllability
+
+__all__ = ["ControllabilityEvaluation"]
+
+
+class ControllabilityEvaluation(pl.Callback):
+    """After ``fit``: the budget search over a grid of budgets and preferences on the validation data, the
+    controllability metric per budget, a JSON table and a PNG (budget vs. task metric, one line per preference).
+
+    Runs on global rank zero, over that rank's validation batches (its shard under DDP). Writes
+    ``controllability.json`` and ``controllability.png`` into ``dirpath`` (default: the trainer's log
+    directory, else its root directory); :attr:`results` keeps the grid.
+
+    Args:
+        preferences: preference vectors, one entry per task (normalized to sum to 1).
+        budgets: fractions of the widest configuration's FLOPs.
+        metric: the task metric to read (``"acc"`` for classification tasks).
+        dirpath: where to write the table and the picture.
+    """
+
+    def __init__(
+        self,
+        preferences: Sequence[Sequence[float]] = ((0.9, 0.1), (0.7, 0.3), (0.5, 0.5), (0.3, 0.7), (0.1, 0.9)),
+        budgets: Sequence[float] = (0.1, 0.25, 0.5, 1.0),
+        metric: str = "acc",
+        dirpath: str | None = None,
+    ) -> None:
+        self.preferences = [list(p) for p in preferences]
+        self.budgets = [float(b) for b in budgets]
+        self.metric = metric
+        self.dirpath = dirpath
+        self.results: dict[str, Any] | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            raise ValueError("ControllabilityEvaluation needs validation data: the data module has no val_dataloader")
+        batches = list(loader)
+        self.results = controllability_grid(pl_module, batches, self.preferences, self.budgets, self.metric)
+        folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        table = {**self.results, "controllability": {str(k): v for k, v in self.results["controllability"].items()}}
+        (folder / "controllability.json").write_text(json.dumps(table, indent=1))
+        plot_controllability(self.results, folder / "controllability.png", pl_module.task_names)  # type: ignore[arg-type]  # a ControllableMultiTaskModule
+        per_budget = ", ".join(f"{b:g}: {v:+.2f}" for b, v in self.results["controllability"].items())
+        print(f"controllability per budget {per_budget}; mean {self.results['mean_controllability']:+.3f}")

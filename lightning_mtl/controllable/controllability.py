@@ -1,0 +1,57 @@
+"""The controllability metric: does moving the preference towards a task raise that task's performance?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["controllability", "kendall_tau"]
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b rank correlation of two equally long sequences (ties corrected); ``nan`` when either is
+    constant."""
+    if len(x) != len(y):
+        raise ValueError(f"kendall_tau needs sequences of one length, got {len(x)} and {len(y)}")
+    concordant = discordant = ties_x = ties_y = 0
+    n = len(x)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx = (x[i] > x[j]) - (x[i] < x[j])
+            dy = (y[i] > y[j]) - (y[i] < y[j])
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif dx == dy:
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / denominator if denominator > 0 else math.nan
+
+
+def controllability(preferences: Sequence[Sequence[float]], performance: Sequence[Sequence[float]]) -> float:
+    """Rank agreement between task preferences and achieved task performance, in ``[-1, 1]``.
+
+    For each task, Kendall's tau between its preference share and its performance (higher is better) across
+    the preference vectors evaluated at one budget; the mean over the tasks whose preference varies. 1 means
+    that raising a task's preference never lowered its performance and always raised it when the preference
+    rose; 0 that performance ignores the preference.
+
+    Args:
+        preferences: ``[P][T]`` preference vectors.
+        performance: ``[P][T]`` the task metrics achieved with the configuration each preference selected.
+    """
+    if len(preferences) != len(performance) or any(len(p) != len(q) for p, q in zip(preferences, performance)):
+        raise ValueError("preferences and performance must both be [P][T] with the same P and T")
+    taus = []
+    for t in range(len(preferences[0]) if preferences else 0):
+        tau = kendall_tau([p[t] for p in preferences], [q[t] for q in performance])
+        if not math.isnan(tau):
+            taus.append(tau)
+    if not taus:
+        raise ValueError("controllability needs at least one task whose preference varies")
+    return sum(taus) / len(taus)

@@ -1,0 +1,108 @@
+"""Evaluate a trained controllable network over a grid of budgets and preferences, and draw it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_mtl._modes import eval_mode
+from lightning_mtl._plotting import figure_class
+from lightning_mtl.controllable.controllability import controllability
+from lightning_mtl.controllable.search import BudgetSearch, normalize_preference
+from lightning_mtl.controllable.sampler import WidthConfig
+
+__all__ = ["controllability_grid", "evaluate_configuration", "plot_controllability"]
+
+
+def evaluate_configuration(module: Any, batches: Iterable[Any], config: WidthConfig, metric: str) -> dict[str, float]:
+    """Each task's ``metric`` (one of its task's torchmetrics, e.g. ``"acc"``) over ``batches`` at ``config``."""
+    kept = module.configuration
+    module.set_configuration(config)
+    metrics = {name: module.tasks[name].build_metrics() for name in module.task_names}
+    for name, found in metrics.items():
+        if metric not in found:
+            raise ValueError(f"task {name!r} has no metric {metric!r}; its metrics are: {', '.join(found)}")
+    device = next(module.parameters()).device
+    try:
+        with torch.no_grad(), eval_mode(module):
+            for batch in batches:
+                inputs, targets = module.unpack_batch(batch)
+                inputs = inputs.to(device)
+                targets = {k: v.to(device) for k, v in targets.items()}
+                preds = module(inputs)
+                _, checked = module.task_losses(preds, targets, "val")
+                for name in module.task_names:
+                    chosen = {metric: metrics[name][metric].to(device)}
+                    module.tasks[name].update_metrics(chosen, preds[name], checked[name])
+    finally:
+        module.set_configuration(kept)
+    return {name: float(metrics[name][metric].compute()) for name in module.task_names}
+
+
+def controllability_grid(
+    module: Any,
+    batches: Sequence[Any],
+    preferences: Sequence[Sequence[float]],
+    budgets: Sequence[float],
+    metric: str = "acc",
+    search: BudgetSearch | None = None,
+) -> dict[str, Any]:
+    """The configuration the search picks for every (budget, preference), its FLOPs and task metrics, the
+    controllability at each budget and their mean.
+
+    Returns:
+        ``{"rows": [{"budget", "preference", "config", "flops", "metrics"}], "controllability": {budget: value},
+        "mean_controllability": value, "metric": metric}``.
+    """
+    if search is None:
+        first = module.unpack_batch(batches[0])[0][:1]
+        search = BudgetSearch(module, first.to(next(module.parameters()).device))
+    cache: dict[tuple[float, ...], dict[str, float]] = {}
+    rows, per_budget = [], {}
+    for budget in budgets:
+        shares_at, achieved = [], []
+        for preference in preferences:
+            shares = normalize_preference(preference, module.task_names)
+            config = search.search(budget, shares)
+            key = tuple(config.values())
+            if key not in cache:
+                cache[key] = evaluate_configuration(module, batches, config, metric)
+            values = cache[key]
+            rows.append({"budget": budget, "preference": [shares[n] for n in module.task_names], "config": config,
+                         "flops": search.flops(config), "metrics": values})  # fmt: skip
+            shares_at.append([shares[n] for n in module.task_names])
+            achieved.append([values[n] for n in module.task_names])
+        per_budget[budget] = controllability(shares_at, achieved)
+    mean = sum(per_budget.values()) / len(per_budget)
+    return {"rows": rows, "controllability": per_budget, "mean_controllability": mean, "metric": metric,
+            "max_flops": search.max_flops}  # fmt: skip
+
+
+def plot_controllability(grid: dict[str, Any], path: str | Path, task_names: Sequence[str]) -> Path | None:
+    """Budget (FLOPs of the chosen configuration / widest) against each task's metric, one line per preference,
+    one panel per task, saved as a PNG. Returns None when matplotlib is missing (the plots extra)."""
+    figure_type = figure_class()
+    if figure_type is None:
+        return None
+    figure = figure_type(figsize=(4.2 * len(task_names), 3.4))
+    axes = figure.subplots(1, len(task_names), squeeze=False)[0]
+    preferences = sorted({tuple(row["preference"]) for row in grid["rows"]}, reverse=True)
+    for ax, name in zip(axes, task_names):
+        for preference in preferences:
+            rows = sorted((r for r in grid["rows"] if tuple(r["preference"]) == preference), key=lambda r: r["budget"])
+            label = "/".join(f"{p:.1f}" for p in preference)
+            ax.plot([r["flops"] / grid["max_flops"] for r in rows], [r["metrics"][name] for r in rows],
+                    marker="o", label=f"pref {label}")  # fmt: skip
+        ax.set_title(f"task {name}")
+        ax.set_xlabel("FLOPs / widest")
+        ax.set_ylabel(grid["metric"])
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, title="/".join(task_names), title_fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
