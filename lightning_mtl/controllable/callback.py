@@ -18,7 +18,7 @@ class ControllabilityEvaluation(pl.Callback):
     """After ``fit``: the budget search over a grid of budgets and preferences on the validation data, the
     controllability metric per budget, a JSON table and a PNG (budget vs. task metric, one line per preference).
 
-    Runs on global rank zero, over that rank's validation batches (its shard under DDP). Writes
+    Runs on global rank zero (not under ``fast_dev_run``), over that rank's validation batches (its shard under DDP). Writes
     ``controllability.json`` and ``controllability.png`` into ``dirpath`` (default: the trainer's log
     directory, else its root directory); :attr:`results` keeps the grid.
 
@@ -43,7 +43,7 @@ class ControllabilityEvaluation(pl.Callback):
         self.results: dict[str, Any] | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.fast_dev_run:  # a smoke run writes nothing, like checkpointing
             return
         loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
