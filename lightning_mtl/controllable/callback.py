@@ -43,7 +43,8 @@ class ControllabilityEvaluation(pl.Callback):
         self.results: dict[str, Any] | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.fast_dev_run:  # a smoke run writes nothing, like checkpointing
+        # a smoke run (fast_dev_run) writes nothing, like checkpointing
+        if not trainer.is_global_zero or getattr(trainer, "fast_dev_run", False):
             return
         loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders

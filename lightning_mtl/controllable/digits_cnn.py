@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +59,9 @@ class SlimmableDigitsCNN(nn.Module):
             nn.AdaptiveAvgPool2d(grid),
         )  # fmt: skip
         # flattening is channel-major, so the first channels' cells are the first inputs of the projection
-        self.project = nn.Sequential(nn.Flatten(), SlimmableLinear(c2 * grid * grid, out_features), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(
+            nn.Flatten(), SlimmableLinear(c2 * grid * grid, out_features), nn.ReLU(inplace=True)
+        )
         self.out_features = out_features
 
     def features_at(self, width_mult: float) -> int:
@@ -69,7 +72,9 @@ class SlimmableDigitsCNN(nn.Module):
         return self.project(self.features(x))
 
     @classmethod
-    def from_digits_cnn(cls, cnn: DigitsCNN, width_mults: Sequence[float] = (0.25, 0.5, 0.75, 1.0)) -> SlimmableDigitsCNN:
+    def from_digits_cnn(
+        cls, cnn: DigitsCNN, width_mults: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
+    ) -> SlimmableDigitsCNN:
         """A slimmable network holding the weights of a plain (for instance pre-trained) :class:`DigitsCNN`.
 
         The narrower batch norms start from the first channels of the plain network's statistics and affine
@@ -80,16 +85,18 @@ class SlimmableDigitsCNN(nn.Module):
         convs = [m for m in cnn.features if isinstance(m, nn.Conv2d)]
         pool = cnn.features[-1]
         assert isinstance(pool, nn.AdaptiveAvgPool2d)
-        grid = pool.output_size
+        size = pool.output_size  # an int, or a pair of sides
+        grid = size if isinstance(size, int) else int(cast(Sequence[int], size)[0])
         slim = cls(
             in_channels=first.in_channels, channels=(convs[0].out_channels, convs[-1].out_channels),
-            grid=int(grid if isinstance(grid, int) else grid[0]),  # type: ignore[arg-type]  # an int or a pair
+            grid=grid,
             out_features=last.out_features, width_mults=width_mults,
         )  # fmt: skip
         with torch.no_grad():
             for plain, ours in zip(cnn.features, slim.features):
                 if isinstance(plain, nn.Conv2d):
-                    ours.weight.copy_(plain.weight)  # type: ignore[union-attr]  # a SlimmableConv2d at the same index
+                    assert isinstance(ours, SlimmableConv2d)  # the same index holds the slimmable twin
+                    ours.weight.copy_(plain.weight)
                 elif isinstance(plain, nn.BatchNorm2d):
                     assert isinstance(ours, SwitchableBatchNorm2d)
                     for norm in ours.bn:

@@ -11,8 +11,8 @@ import torch
 from lightning_mtl._modes import eval_mode
 from lightning_mtl._plotting import figure_class
 from lightning_mtl.controllable.controllability import controllability
-from lightning_mtl.controllable.search import BudgetSearch, normalize_preference
 from lightning_mtl.controllable.sampler import WidthConfig
+from lightning_mtl.controllable.search import BudgetSearch, normalize_preference
 
 __all__ = ["controllability_grid", "evaluate_configuration", "plot_controllability"]
 

@@ -74,7 +74,9 @@ class SlimmableConv2d(nn.Conv2d, Slimmable):
         cin = _check_input(self, x.shape[1], self.in_channels)
         cout = self.active_out()
         bias = None if self.bias is None else self.bias[:cout]
-        return self._conv_forward(x, self.weight[:cout, :cin], bias)
+        # a strided slice of the weight sends oneDNN to slow layouts (the pooling after it too); a contiguous
+        # copy of a narrow slice is cheap, and the full weight is contiguous already (no copy at width 1.0)
+        return self._conv_forward(x, self.weight[:cout, :cin].contiguous(), bias)
 
 
 class SlimmableLinear(nn.Linear, Slimmable):
@@ -125,9 +127,9 @@ class SwitchableBatchNorm2d(nn.Module, Slimmable):
                 f"width {self.width_mult} is not one of the widths this batch norm was built for {self.width_mults}"
             )
         norm = self.bn[self.width_mults.index(self.width_mult)]
-        if x.shape[1] != norm.num_features:  # type: ignore[union-attr]  # a BatchNorm2d
+        if x.shape[1] != norm.num_features:
             raise ValueError(
-                f"SwitchableBatchNorm2d at width {self.width_mult} expects {norm.num_features} channels, got "  # type: ignore[union-attr]
+                f"SwitchableBatchNorm2d at width {self.width_mult} expects {norm.num_features} channels, got "
                 f"{x.shape[1]}: set the same width on the layer before it"
             )
         return norm(x)
@@ -154,10 +156,11 @@ def set_width(module: nn.Module, width_mult: float) -> None:
     width_mult = float(width_mult)
     if not 0 < width_mult <= 1:
         raise ValueError(f"a width multiplier must be in (0, 1], got {width_mult}")
-    for layer in slimmable_modules(module):
+    for layer in module.modules():
         if isinstance(layer, SwitchableBatchNorm2d) and width_mult not in layer.width_mults:
             raise ValueError(
                 f"width {width_mult} is not one of the trained widths {layer.width_mults} (switchable batch norm "
                 "keeps statistics per width)"
             )
-        layer.width_mult = width_mult
+        if isinstance(layer, Slimmable):
+            layer.width_mult = width_mult

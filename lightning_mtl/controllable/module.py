@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtl._hparams import save_init_hyperparameters
-from lightning_mtl.aggregators import Aggregator, AggregatorName
+from lightning_mtl.aggregators import Aggregator, AggregatorName, LossWeighting
 from lightning_mtl.controllable.decoder import SlimmableDecoder
 from lightning_mtl.controllable.layers import SwitchableBatchNorm2d, set_width, slimmable_modules
 from lightning_mtl.controllable.sampler import ENCODER, ConfigurationSampler, WidthConfig
@@ -135,7 +135,7 @@ class ControllableMultiTaskModule(MultiTaskModule):
             if teacher is None:  # the widest configuration: the weighting's call and the teacher
                 teacher = features.detach()
                 objective = self._weighted_objective(terms, losses)
-                weights = self.aggregator.last_weights
+                weights = cast(LossWeighting, self.aggregator).last_weights
                 widest = losses
             else:
                 assert weights is not None  # every loss weighting records its weights

@@ -84,9 +84,7 @@ class ConfigurationSampler(nn.Module):
         """``config`` with every key known and every width one of the trained widths (else a ``ValueError``)."""
         expected = {ENCODER, *self.task_names}
         if set(config) != expected:
-            raise ValueError(
-                f"a width configuration needs exactly the keys {sorted(expected)}, got {sorted(config)}"
-            )
+            raise ValueError(f"a width configuration needs exactly the keys {sorted(expected)}, got {sorted(config)}")
         for key, width in config.items():
             allowed = self.encoder_widths if key == ENCODER else self.decoder_widths
             if float(width) not in allowed:

@@ -14,7 +14,9 @@ from lightning_mtl.controllable.sampler import ENCODER, WidthConfig
 __all__ = ["BudgetSearch", "normalize_preference"]
 
 
-def normalize_preference(preference: Sequence[float] | Mapping[str, float], task_names: Sequence[str]) -> dict[str, float]:
+def normalize_preference(
+    preference: Sequence[float] | Mapping[str, float], task_names: Sequence[str]
+) -> dict[str, float]:
     """A preference over the tasks as ``{task: share}`` with shares that sum to 1 (a sequence follows
     ``task_names``' order)."""
     if isinstance(preference, Mapping):

@@ -9,8 +9,8 @@ import pytest
 
 from lightning_mtl.cli import main
 from lightning_mtl.controllable import ControllabilityEvaluation
-from tests.fixtures.trainers import one_thread, tiny_multidigits, tiny_trainer  # noqa: F401  # one_thread: autouse
 from tests.controllable.test_search import _module
+from tests.fixtures.trainers import one_thread, tiny_multidigits, tiny_trainer  # noqa: F401  # one_thread: autouse
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "controllable"
 METHODS = sorted(p.stem for p in (CONFIGS / "methods").glob("*.yaml"))
@@ -28,7 +28,9 @@ def test_every_controllable_recipe_runs_through_the_cli(method):
 
 
 def test_evaluation_callback_writes_the_table_and_the_picture(tmp_path):
-    callback = ControllabilityEvaluation(preferences=[[0.8, 0.2], [0.2, 0.8]], budgets=[0.5, 1.0], dirpath=str(tmp_path))
+    callback = ControllabilityEvaluation(
+        preferences=[[0.8, 0.2], [0.2, 0.8]], budgets=[0.5, 1.0], dirpath=str(tmp_path)
+    )
     trainer = tiny_trainer(max_steps=1, limit_val_batches=1, callbacks=[callback])
     trainer.fit(_module(), datamodule=tiny_multidigits(num_val=32))
     table = json.loads((tmp_path / "controllability.json").read_text())

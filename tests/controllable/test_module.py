@@ -23,7 +23,7 @@ from lightning_mtl.controllable import (
 )
 from tests.fixtures.trainers import one_thread, tiny_multidigits, tiny_trainer  # noqa: F401  # one_thread: autouse
 
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
 LOSS_WEIGHTINGS = [n for n in list_aggregators() if create_aggregator(n).kind == "loss"]
 
 
