@@ -76,6 +76,7 @@ _LAZY = {
     "ControllabilityEvaluation": "lightning_mtl.controllable",
     "ControllableMultiTaskModule": "lightning_mtl.controllable",
     "SlimmableDigitsCNN": "lightning_mtl.controllable",
+    "SlimmableResNet18": "lightning_mtl.controllable",
     # lightning_mtl.datamodules
     "CelebA": "lightning_mtl.datamodules",
     "CIFAR10": "lightning_mtl.datamodules",
@@ -143,6 +144,7 @@ __all__ = [
     "ControllabilityEvaluation",
     "ControllableMultiTaskModule",
     "SlimmableDigitsCNN",
+    "SlimmableResNet18",
     "CrossStitch",
     "CutMix",
     "DeepLabHead",

@@ -11,10 +11,12 @@ from lightning_mtl.controllable.layers import (
     SlimmableConv2d,
     SlimmableLinear,
     SwitchableBatchNorm2d,
+    copy_plain_weights,
     scaled_channels,
     set_width,
 )
 from lightning_mtl.controllable.module import ControllableMultiTaskModule
+from lightning_mtl.controllable.resnet import SlimmableResNet18
 from lightning_mtl.controllable.sampler import ConfigurationSampler, WidthConfig
 from lightning_mtl.controllable.search import BudgetSearch, normalize_preference
 
@@ -27,8 +29,10 @@ __all__ = [
     "SlimmableDecoder",
     "SlimmableDigitsCNN",
     "SlimmableLinear",
+    "SlimmableResNet18",
     "SwitchableBatchNorm2d",
     "WidthConfig",
+    "copy_plain_weights",
     "configuration_flops",
     "controllability",
     "controllability_grid",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-import torch
 from torch import Tensor, nn
 
 from lightning_mtl.architectures import DigitsCNN
@@ -14,6 +13,7 @@ from lightning_mtl.controllable.layers import (
     SlimmableLinear,
     SwitchableBatchNorm2d,
     check_width_mults,
+    copy_plain_weights,
     scaled_channels,
 )
 
@@ -92,21 +92,5 @@ class SlimmableDigitsCNN(nn.Module):
             grid=grid,
             out_features=last.out_features, width_mults=width_mults,
         )  # fmt: skip
-        with torch.no_grad():
-            for plain, ours in zip(cnn.features, slim.features):
-                if isinstance(plain, nn.Conv2d):
-                    assert isinstance(ours, SlimmableConv2d)  # the same index holds the slimmable twin
-                    ours.weight.copy_(plain.weight)
-                elif isinstance(plain, nn.BatchNorm2d):
-                    assert isinstance(ours, SwitchableBatchNorm2d)
-                    for norm in ours.bn:
-                        _copy_first_channels(plain, norm)  # type: ignore[arg-type]  # a BatchNorm2d
-            slim.project[1].load_state_dict(last.state_dict())
+        copy_plain_weights(cnn, slim)
         return slim
-
-
-def _copy_first_channels(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
-    n = target.num_features
-    for name, value in source.state_dict().items():
-        own = target.state_dict()[name]
-        own.copy_(value if value.ndim == 0 else value[:n])

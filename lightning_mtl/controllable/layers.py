@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,6 +22,7 @@ __all__ = [
     "SlimmableLinear",
     "SwitchableBatchNorm2d",
     "check_width_mults",
+    "copy_plain_weights",
     "scaled_channels",
     "set_width",
     "slimmable_modules",
@@ -164,3 +166,27 @@ def set_width(module: nn.Module, width_mult: float) -> None:
             )
         if isinstance(layer, Slimmable):
             layer.width_mult = width_mult
+
+
+def copy_plain_weights(plain: nn.Module, slim: nn.Module) -> None:
+    """Copy a plain network's weights into its slimmable twin (the same module names): convolutions and linear
+    layers whole, each batch norm into every width of the switchable one, as its first channels.
+
+    Raises:
+        ValueError: a layer of ``plain`` has no counterpart of the right kind in ``slim``.
+    """
+    twins = dict(slim.named_modules())
+    with torch.no_grad():
+        for name, layer in plain.named_modules():
+            twin = twins.get(name)
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                if not isinstance(twin, (SlimmableConv2d, SlimmableLinear)) or twin.weight.shape != layer.weight.shape:
+                    raise ValueError(f"layer {name!r} has no slimmable twin of the same shape")
+                twin.load_state_dict(layer.state_dict())
+            elif isinstance(layer, nn.BatchNorm2d):
+                if not isinstance(twin, SwitchableBatchNorm2d) or twin.num_features != layer.num_features:
+                    raise ValueError(f"batch norm {name!r} has no switchable twin of the same size")
+                for norm in twin.bn:
+                    assert isinstance(norm, nn.BatchNorm2d)
+                    for key, value in layer.state_dict().items():
+                        norm.state_dict()[key].copy_(value if value.ndim == 0 else value[: norm.num_features])

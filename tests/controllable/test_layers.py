@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mtl.architectures import DigitsCNN
+from lightning_mtl.architectures import DigitsCNN, ResNet18
 from lightning_mtl.controllable import (
     SlimmableConv2d,
     SlimmableDecoder,
     SlimmableDigitsCNN,
     SlimmableLinear,
+    SlimmableResNet18,
     SwitchableBatchNorm2d,
+    copy_plain_weights,
     scaled_channels,
     set_width,
 )
@@ -104,3 +106,35 @@ def test_narrower_width_has_fewer_features_and_parameters_in_use():
         sizes.append(net(torch.randn(2, 1, 8, 8)).shape[1])
     assert sizes == [net.features_at(w) for w in net.width_mults] == [8, 16, 24, 32]
     assert isinstance(net.features[0], nn.Conv2d)
+
+
+def _widest_grads(slim):
+    # each switchable norm's widest statistics are the last of its ModuleList: the parameters the plain net has
+    return [p.grad for n, p in slim.named_parameters() if ".bn." not in n or ".bn.3." in n]
+
+
+def test_widest_slimmable_resnet18_equals_plain_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = ResNet18(width=4)
+    plain(torch.randn(8, 3, 16, 16))  # running statistics that are not the initial ones
+    slim = SlimmableResNet18.from_resnet18(plain)
+    x = torch.randn(4, 3, 16, 16)
+    for train in (False, True):
+        plain.train(train)
+        slim.train(train)
+        assert torch.equal(plain(x), slim(x))
+    target = torch.randn(4, 32)
+    F.mse_loss(plain(x), target).backward()
+    F.mse_loss(slim(x), target).backward()
+    plain_grads, slim_grads = [p.grad for p in plain.parameters()], _widest_grads(slim)
+    assert len(plain_grads) == len(slim_grads)
+    for a, b in zip(plain_grads, slim_grads):
+        assert torch.equal(a, b)
+    for w, size in zip(slim.width_mults, (8, 16, 24, 32)):
+        set_width(slim, w)
+        assert slim(x).shape == (4, size) == (4, slim.features_at(w))
+
+
+def test_copying_weights_into_a_network_of_another_shape_is_refused():
+    with pytest.raises(ValueError, match="no slimmable twin of the same shape"):
+        copy_plain_weights(DigitsCNN(channels=(8, 16)), SlimmableDigitsCNN(channels=(8, 32)))
