@@ -77,6 +77,8 @@ _LAZY = {
     "ControllableMultiTaskModule": "lightning_mtl.controllable",
     "SlimmableDigitsCNN": "lightning_mtl.controllable",
     "SlimmableResNet18": "lightning_mtl.controllable",
+    "SlimmableResNetDilated": "lightning_mtl.controllable",
+    "SlimmableDeepLabHead": "lightning_mtl.controllable",
     # lightning_mtl.datamodules
     "CelebA": "lightning_mtl.datamodules",
     "CIFAR10": "lightning_mtl.datamodules",
@@ -145,6 +147,8 @@ __all__ = [
     "ControllableMultiTaskModule",
     "SlimmableDigitsCNN",
     "SlimmableResNet18",
+    "SlimmableResNetDilated",
+    "SlimmableDeepLabHead",
     "CrossStitch",
     "CutMix",
     "DeepLabHead",

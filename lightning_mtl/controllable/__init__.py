@@ -14,9 +14,11 @@ from lightning_mtl.controllable.layers import (
     copy_plain_weights,
     scaled_channels,
     set_width,
+    slimmable_twin,
 )
 from lightning_mtl.controllable.module import ControllableMultiTaskModule
 from lightning_mtl.controllable.resnet import SlimmableResNet18
+from lightning_mtl.controllable.resnet_dilated import SlimmableDeepLabHead, SlimmableResNetDilated
 from lightning_mtl.controllable.sampler import ConfigurationSampler, WidthConfig
 from lightning_mtl.controllable.search import BudgetSearch, normalize_preference
 
@@ -26,10 +28,12 @@ __all__ = [
     "ControllabilityEvaluation",
     "ControllableMultiTaskModule",
     "SlimmableConv2d",
+    "SlimmableDeepLabHead",
     "SlimmableDecoder",
     "SlimmableDigitsCNN",
     "SlimmableLinear",
     "SlimmableResNet18",
+    "SlimmableResNetDilated",
     "SwitchableBatchNorm2d",
     "WidthConfig",
     "copy_plain_weights",
@@ -43,4 +47,5 @@ __all__ = [
     "plot_controllability",
     "scaled_channels",
     "set_width",
+    "slimmable_twin",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "scaled_channels",
     "set_width",
     "slimmable_modules",
+    "slimmable_twin",
 ]
 
 
@@ -60,14 +61,19 @@ class SlimmableConv2d(nn.Conv2d, Slimmable):
         kernel_size: as in ``nn.Conv2d``; stride, padding, dilation and bias too (``groups`` must be 1).
         slim_output: whether the output channels follow the width (``False`` for a layer whose output size is
             fixed, such as a task's prediction layer).
+        in_groups: the input is the concatenation of this many equal slimmable parts (e.g. the branches of an
+            ASPP head): at a narrower width the layer reads the first channels of each part's block of weights.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, slim_output: bool = True,
-                 **kwargs: object) -> None:  # fmt: skip
+                 in_groups: int = 1, **kwargs: object) -> None:  # fmt: skip
         if kwargs.get("groups", 1) != 1:
             raise ValueError("SlimmableConv2d supports groups=1 only")
+        if in_groups < 1 or in_channels % in_groups:
+            raise ValueError(f"in_groups={in_groups} must be >= 1 and divide in_channels={in_channels}")
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)  # type: ignore[arg-type]  # the Conv2d keywords
         self.slim_output = slim_output
+        self.in_groups = in_groups
 
     def active_out(self) -> int:
         return scaled_channels(self.out_channels, self.width_mult) if self.slim_output else self.out_channels
@@ -76,6 +82,11 @@ class SlimmableConv2d(nn.Conv2d, Slimmable):
         cin = _check_input(self, x.shape[1], self.in_channels)
         cout = self.active_out()
         bias = None if self.bias is None else self.bias[:cout]
+        if self.in_groups > 1 and cin < self.in_channels:
+            weight = self.weight[:cout].unflatten(1, (self.in_groups, -1))
+            if cin % self.in_groups:
+                raise ValueError(f"{cin} input channels do not split into {self.in_groups} equal parts")
+            return self._conv_forward(x, weight[:, :, : cin // self.in_groups].flatten(1, 2), bias)
         # a strided slice of the weight sends oneDNN to slow layouts (the pooling after it too); a contiguous
         # copy of a narrow slice is cheap, and the full weight is contiguous already (no copy at width 1.0)
         return self._conv_forward(x, self.weight[:cout, :cin].contiguous(), bias)
@@ -186,7 +197,50 @@ def copy_plain_weights(plain: nn.Module, slim: nn.Module) -> None:
             elif isinstance(layer, nn.BatchNorm2d):
                 if not isinstance(twin, SwitchableBatchNorm2d) or twin.num_features != layer.num_features:
                     raise ValueError(f"batch norm {name!r} has no switchable twin of the same size")
-                for norm in twin.bn:
-                    assert isinstance(norm, nn.BatchNorm2d)
-                    for key, value in layer.state_dict().items():
-                        norm.state_dict()[key].copy_(value if value.ndim == 0 else value[: norm.num_features])
+                _copy_norm(layer, twin)
+
+
+def slimmable_twin(module: nn.Module, width_mults: Sequence[float]) -> None:
+    """Replace, in place, every ``Conv2d``, ``Linear`` and ``BatchNorm2d`` inside ``module`` by its slimmable twin
+    holding the same weights (the batch norm's in every width, as first channels), so that at width 1.0 the
+    module computes what it computed before. The replaced layers keep their names; the caller marks the layers
+    whose output must not slim (``slim_output = False``).
+
+    Raises:
+        ValueError: a convolution has ``groups != 1``, or a layer is a subclass this function cannot copy.
+    """
+    widths = check_width_mults(width_mults)
+    for name, child in list(module.named_children()):
+        twin: nn.Module | None = None
+        if isinstance(child, Slimmable):
+            continue
+        if type(child) is nn.Conv2d:
+            twin = SlimmableConv2d(
+                child.in_channels, child.out_channels, child.kernel_size,  # type: ignore[arg-type]  # Conv2d takes the tuple
+                stride=child.stride, padding=child.padding, dilation=child.dilation, groups=child.groups,
+                bias=child.bias is not None, padding_mode=child.padding_mode,
+            )  # fmt: skip
+            twin.load_state_dict(child.state_dict())
+        elif type(child) is nn.Linear:
+            twin = SlimmableLinear(child.in_features, child.out_features, bias=child.bias is not None)
+            twin.load_state_dict(child.state_dict())
+        elif type(child) is nn.BatchNorm2d:
+            twin = SwitchableBatchNorm2d(child.num_features, widths, eps=child.eps, momentum=child.momentum,
+                                         affine=child.affine, track_running_stats=child.track_running_stats)  # fmt: skip
+            _copy_norm(child, twin)
+        elif isinstance(child, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            raise ValueError(f"layer {name!r} is a {type(child).__name__}, which slimmable_twin cannot copy")
+        if twin is None:
+            slimmable_twin(child, widths)
+            continue
+        twin.train(child.training)
+        setattr(module, name, twin)
+
+
+def _copy_norm(plain: nn.BatchNorm2d, twin: SwitchableBatchNorm2d) -> None:
+    """Each width's batch norm of ``twin`` starts from the first channels of ``plain``'s state."""
+    with torch.no_grad():
+        for norm in twin.bn:
+            assert isinstance(norm, nn.BatchNorm2d)
+            for key, value in plain.state_dict().items():
+                norm.state_dict()[key].copy_(value if value.ndim == 0 else value[: norm.num_features])
