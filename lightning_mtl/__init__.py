@@ -29,6 +29,7 @@ _SUBPACKAGES = (
     "lightning_mtl.multitask",
     "lightning_mtl.sharpness",
     "lightning_mtl.ssl",
+    "lightning_mtl.selection",
 )
 
 # public name -> the package that exports it, imported on first access
@@ -127,6 +128,11 @@ _LAZY = {
     "OnlineLinearProbe": "lightning_mtl.ssl",
     "SSLAugmentation": "lightning_mtl.ssl",
     "TwoViews": "lightning_mtl.ssl",
+    # lightning_mtl.selection
+    "ByteLM": "lightning_mtl.selection",
+    "CompressionSelected": "lightning_mtl.selection",
+    "CompressionSelector": "lightning_mtl.selection",
+    "StdlibCorpus": "lightning_mtl.selection",
 }
 
 __all__ = [
@@ -216,6 +222,11 @@ __all__ = [
     "import_families",
     "list_aggregators",
     "timm_encoder",
+    # lightning_mtl.selection
+    "ByteLM",
+    "CompressionSelected",
+    "CompressionSelector",
+    "StdlibCorpus",
 ]
 
 
