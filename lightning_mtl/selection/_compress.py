@@ -54,10 +54,10 @@ def check_backend(backend: str, level: int) -> None:
 def size_function(backend: str, level: int) -> Callable[[bytes], int]:
     """The compressed length of one byte string, as the reference call measures it."""
     if backend in _DEFLATE_FRAME:
-        frame = _DEFLATE_FRAME[backend]
-        return lambda data: frame + len(zlib.compress(data, level, -15))
+        extra = _DEFLATE_FRAME[backend] - _DEFLATE_FRAME["zlib"]
+        return lambda data: extra + len(zlib.compress(data, level))
     if backend == "lz4":
-        import lz4.frame
+        import lz4.frame  # type: ignore[import-untyped]  # ships no stubs
 
         return lambda data: len(lz4.frame.compress(data, compression_level=level))
     import zstandard
@@ -73,8 +73,11 @@ def pair_sizes(source: bytes, targets: Sequence[bytes], backend: str, level: int
         return size(source), [size(source + target) for target in targets]
     frame = _DEFLATE_FRAME[backend]
     if len(source) < COPY_THRESHOLD:
-        alone = frame + len(zlib.compress(source, level, -15))
-        return alone, [frame + len(zlib.compress(source + target, level, -15)) for target in targets]
+        # zlib.compress wraps the same deflate stream in 6 bytes (its wbits argument is Python 3.11+)
+        extra = frame - _DEFLATE_FRAME["zlib"]
+        return extra + len(zlib.compress(source, level)), [
+            extra + len(zlib.compress(source + target, level)) for target in targets
+        ]
     prefix = zlib.compressobj(level, zlib.DEFLATED, -15)
     head = frame + len(prefix.compress(source))
     sizes = []

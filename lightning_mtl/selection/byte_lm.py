@@ -28,6 +28,7 @@ class ByteLM(pl.LightningModule):
     def __init__(self, embed_dim: int = 32, hidden_dim: int = 128, lr: float = 3e-3) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.lr = lr
         self.embed = nn.Embedding(PAD + 1, embed_dim)
         self.rnn = nn.GRU(embed_dim, hidden_dim, batch_first=True)
         self.out = nn.Linear(hidden_dim, PAD)
@@ -52,4 +53,4 @@ class ByteLM(pl.LightningModule):
         self.log("val/loss", self.loss(batch["tokens"]), batch_size=len(batch["tokens"]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

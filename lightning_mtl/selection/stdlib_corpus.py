@@ -51,7 +51,7 @@ def _functions_and_docstrings(modules: tuple[str, ...]) -> tuple[list[str], list
 
 
 def _random_text(rng: random.Random, length: int) -> str:
-    words = []
+    words: list[str] = []
     while sum(len(w) + 1 for w in words) < length:
         words.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))))
     return " ".join(words)

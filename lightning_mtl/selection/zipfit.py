@@ -142,7 +142,9 @@ def _content_key(sources: Sequence[str], targets: Sequence[str], backend: str, l
 
 def _read_texts(path: str, field: str) -> list[str]:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"target file {path!r} does not exist; give a .jsonl (one object per line) or .txt file")
+        raise FileNotFoundError(
+            f"target file {path!r} does not exist; give a .jsonl (one object per line) or .txt file"
+        )
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             return [json.loads(line)[field] for line in f if line.strip()]
@@ -214,7 +216,7 @@ class CompressionSelected(pl.LightningDataModule):
         texts = getattr(self.datamodule, "train_texts", None)
         if texts is None:
             dataset = self.datamodule.train_dataloader().dataset
-            items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]  # map-style data set
+            items = [dataset[i] for i in range(len(dataset))]
             if not all(isinstance(item, Mapping) and isinstance(item.get(self.text_field), str) for item in items):
                 raise ValueError(
                     f"{type(self.datamodule).__name__} has no `train_texts` and its training items have no "
@@ -255,7 +257,7 @@ class CompressionSelected(pl.LightningDataModule):
         if self.selected is None:
             raise RuntimeError("CompressionSelected.train_dataloader() before setup('fit')")
         loader = self.datamodule.train_dataloader()
-        subset = Subset(loader.dataset, self.selected.tolist())  # type: ignore[arg-type]  # map-style data set
+        subset = Subset(loader.dataset, self.selected.tolist())
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(subset, batch_size=loader.batch_size, shuffle=isinstance(loader.sampler, RandomSampler),
                           collate_fn=loader.collate_fn, num_workers=loader.num_workers, drop_last=loader.drop_last,

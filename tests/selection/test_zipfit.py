@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mtl.selection import ByteLM, CompressionSelected, CompressionSelector, StdlibCorpus, ncd
-from lightning_mtl.selection import _compress
+from lightning_mtl.selection import ByteLM, CompressionSelected, CompressionSelector, StdlibCorpus, _compress, ncd
 from lightning_mtl.selection._compress import COPY_THRESHOLD, pair_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +64,13 @@ def test_copied_compressor_state_gives_the_one_shot_length(backend, level):
     # below and above the copy threshold, past the 32 KiB window, empty texts and multi-byte characters
     sources = [b"", CODE.encode(), LONG_CODE.encode(), LONG_CODE.encode() * 20, "é✓".encode() * 900,
                bytes(rng.getrandbits(8) for _ in range(3000))]  # fmt: skip
-    targets = [b"", CODE.encode(), PROSE.encode(), LONG_CODE.encode()[:700], bytes(rng.getrandbits(8) for _ in range(500))]
+    targets = [
+        b"",
+        CODE.encode(),
+        PROSE.encode(),
+        LONG_CODE.encode()[:700],
+        bytes(rng.getrandbits(8) for _ in range(500)),
+    ]
     assert max(len(s) for s in sources) > 32768 and any(len(s) >= COPY_THRESHOLD for s in sources)
     for source in sources:
         alone, together = pair_sizes(source, targets, backend, level)
@@ -213,7 +218,9 @@ def test_byte_lm_loss_ignores_padding_and_matches_a_hand_computation():
     model = ByteLM(embed_dim=8, hidden_dim=16)
     tokens = torch.tensor([[104, 105, 33, 256, 256], [1, 2, 3, 4, 5]])
     logits = model(tokens[:, :-1])
-    terms = [F.cross_entropy(logits[b, t], tokens[b, t + 1]) for b in range(2) for t in range(4) if tokens[b, t + 1] != 256]
+    terms = [
+        F.cross_entropy(logits[b, t], tokens[b, t + 1]) for b in range(2) for t in range(4) if tokens[b, t + 1] != 256
+    ]
     assert len(terms) == 6
     assert torch.allclose(model.loss(tokens), torch.stack(terms).mean(), atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed: the loss is taken in float32
