@@ -6,7 +6,8 @@ Every backend returns the length of exactly the bytes the reference implementati
 ``zstandard.ZstdCompressor(level=level).compress(data)``. For the two deflate backends the size of
 ``source + target`` is computed from a compressor that has already consumed ``source``: deflate with no
 flush emits the same stream however its input is split, so ``copy()`` of that state, fed the target and
-finished, yields the one-shot length while compressing the source only once per source.
+finished, yields the one-shot length while compressing the source only once per source (zlib processes a
+position only once it has the same lookahead a one-shot call has; the tests compare against one-shot calls).
 """
 
 from __future__ import annotations
