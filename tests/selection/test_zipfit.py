@@ -242,3 +242,56 @@ def test_recipe_configs_run_through_the_cli(tmp_path, monkeypatch):
         assert len(cli.datamodule.selected) == 30
     assert cli.datamodule.strategy == "random"
     assert list((tmp_path / "runs/zipfit_cache").glob("zipfit-*.npy"))
+
+
+class _Pool(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_texts = [
+            f"def f{i}(x):\n    return x + {i}\n" if i % 2 else f"word{i} " * (3 + i) for i in range(12)
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([{"text": t} for t in self.train_texts], batch_size=1, shuffle=True)  # type: ignore[arg-type]
+
+
+class _Constant(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return (self.w**2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SeenTexts(pl.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.seen: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.seen += batch["text"]
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        selected = trainer.datamodule.selected.tolist()
+        torch.save({"seen": self.seen, "selected": selected}, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_select_the_same_subset_and_split_it(tmp_path):
+    target = ["def g(y):\n    return y * 2\n"]
+    reference = CompressionSelected(_Pool(), k=6, target=target, num_workers=0)
+    reference.setup("fit")
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[_SeenTexts(tmp_path)])  # fmt: skip
+    trainer.fit(_Constant(), datamodule=CompressionSelected(_Pool(), k=6, target=target, num_workers=0))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["selected"] == ranks[1]["selected"] == reference.selected.tolist()
+    assert {i % 2 for i in reference.selected.tolist()} == {1}  # the code texts
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 3
+    kept = {_Pool().train_texts[i] for i in reference.selected}
+    assert set(ranks[0]["seen"]).isdisjoint(ranks[1]["seen"]) and set(ranks[0]["seen"]) | set(ranks[1]["seen"]) == kept
