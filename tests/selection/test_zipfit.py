@@ -236,11 +236,15 @@ def test_recipe_configs_run_through_the_cli(tmp_path, monkeypatch):
     recipe = [str(ROOT / "configs/selection/zipfit.yaml")]
     small = ["--data.init_args.datamodule.init_args.per_kind=40", "--data.init_args.k=30", "--trainer.fast_dev_run=true",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
-    for extra in ([], [str(ROOT / "configs/selection/zipfit_random.yaml")]):
-        cli = main(["fit", *(arg for c in recipe + extra for arg in ("--config", c)), *small])
+    # the random baseline also under bf16-mixed, which Lightning allows on the CPU
+    for extra, flags in (
+        ([], []),
+        ([str(ROOT / "configs/selection/zipfit_random.yaml")], ["--trainer.precision=bf16-mixed"]),
+    ):
+        cli = main(["fit", *(arg for c in recipe + extra for arg in ("--config", c)), *small, *flags])
         assert cli.trainer.state.finished and cli.trainer.global_step == 1
         assert len(cli.datamodule.selected) == 30
-    assert cli.datamodule.strategy == "random"
+    assert cli.datamodule.strategy == "random" and cli.trainer.precision == "bf16-mixed"
     assert list((tmp_path / "runs/zipfit_cache").glob("zipfit-*.npy"))
 
 
