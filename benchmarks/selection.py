@@ -123,11 +123,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
-    corpus = StdlibCorpus(per_kind=100 if args.quick else 200)
+    corpus = StdlibCorpus(per_kind=80 if args.quick else 200)
     corpus.setup("fit")
     targets = corpus.target_texts
     print(f"{os.cpu_count()} CPU(s); gzip level 9; median of {repeats} round(s)")
-    docs = 60 if args.quick else 200
+    docs = 40 if args.quick else 200
     rows = {
         "documents_16k": compare("docs 16K", documents(16384, docs), targets, repeats),
         "documents_4k": compare("docs 4K", documents(4096, 2 * docs), targets, repeats),
