@@ -76,7 +76,7 @@ class CompressionSelector:
         backend: ``"gzip"`` (the paper's), ``"zlib"``, ``"lz4"`` or ``"zstd"`` (the last two need the
             ``selection`` extra).
         level: compression level; gzip/zlib need 1..9 (level 0 stores, compressing nothing).
-        num_workers: processes over sources (``None``: every CPU; ``0``: in this process).
+        num_workers: processes over sources (``None``: every CPU; ``0`` or ``1``: in this process).
         chunks_per_worker: source chunks per process (load balance against per-task overhead).
 
     Example:
