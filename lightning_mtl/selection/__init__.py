@@ -6,3 +6,39 @@ from lightning_mtl.selection.stdlib_corpus import StdlibCorpus
 from lightning_mtl.selection.zipfit import CompressionSelected, CompressionSelector, ncd
 
 __all__ = ["ByteLM", "CompressionSelected", "CompressionSelector", "StdlibCorpus", "ncd"]
+"""Choosing what to train on: multi-task samplers and active source sampling via Lasso."""
+
+from lightning_mtl.selection.digits_sources import CORRUPTIONS, DigitsSources
+from lightning_mtl.selection.lasso import (
+    ActiveSourceSelection,
+    SourceBudgetSampler,
+    allocate_budgets,
+    estimate_relevance,
+    fit_linear_heads,
+)
+from lightning_mtl.selection.samplers import (
+    MultiTaskBatchSampler,
+    MultiTaskSampling,
+    TaskBatch,
+    create_task_schedule,
+    largest_remainder,
+    list_task_schedules,
+    register_task_schedule,
+)
+
+__all__ = [
+    "CORRUPTIONS",
+    "ActiveSourceSelection",
+    "DigitsSources",
+    "SourceBudgetSampler",
+    "allocate_budgets",
+    "estimate_relevance",
+    "fit_linear_heads",
+    "MultiTaskBatchSampler",
+    "MultiTaskSampling",
+    "TaskBatch",
+    "create_task_schedule",
+    "largest_remainder",
+    "list_task_schedules",
+    "register_task_schedule",
+]
