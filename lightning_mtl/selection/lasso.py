@@ -56,21 +56,22 @@ def fit_linear_heads(features: np.ndarray, labels: np.ndarray, reg: float = 1.0)
 
 
 def estimate_relevance(
-    source_heads: np.ndarray, target_head: np.ndarray, strategy: Strategy = "nu1", reg: float = 0.005
+    source_heads: np.ndarray, target_head: np.ndarray, strategy: Strategy = "nu1", reg: float = 0.5
 ) -> np.ndarray:
     """The relevance ``nu`` with ``W nu ≈ w_0`` (columns of ``W`` = source heads).
 
-    ``nu1`` solves the Lasso ``min (1 / (2k)) ||W nu - w_0||² + reg ||nu||_1`` (scikit-learn's scaling,
-    ``k`` = rows of ``W``); ``nu2`` the ridge problem ``min ||W nu - w_0||² + reg ||nu||²`` (least
-    squares for ``reg=0``); ``uniform`` returns ones. ``W`` and ``w_0`` are first divided by the mean
-    column norm of ``W`` (which leaves the unpenalised ``nu`` unchanged), so ``reg`` does not depend on
-    the scale of the features.
+    ``nu1`` solves the Lasso ``min (1 / (2k)) ||W nu - w_0||² + lam ||nu||_1`` (scikit-learn's scaling,
+    ``k`` = rows of ``W``) with ``lam = reg * lam_max``, where ``lam_max = max |W^T w_0| / k`` is the
+    smallest penalty that zeroes every entry: ``reg`` in ``(0, 1)`` keeps the largest entries whatever
+    the scale of the heads. ``nu2`` solves the ridge problem ``min ||W nu - w_0||² + reg ||nu||²``
+    with ``W`` and ``w_0`` divided by the mean column norm of ``W`` (least squares for ``reg=0``).
+    ``uniform`` returns ones.
 
     Args:
         source_heads: ``[k, M]``, one source head per column.
         target_head: ``[k]``.
         strategy: ``"nu1"``, ``"nu2"`` or ``"uniform"``.
-        reg: the L1 (``nu1``) or L2 (``nu2``) penalty.
+        reg: the L1 penalty as a fraction of ``lam_max`` (``nu1``) or the L2 penalty (``nu2``).
     """
     from sklearn.linear_model import Lasso, Ridge
 
@@ -83,7 +84,10 @@ def estimate_relevance(
     if scale > 0:
         W, w0 = W / scale, w0 / scale
     if strategy == "nu1":
-        return Lasso(alpha=float(reg), fit_intercept=False, max_iter=100_000, tol=1e-8).fit(W, w0).coef_
+        lam_max = float(np.abs(W.T @ w0).max()) / len(w0)
+        if lam_max == 0:
+            return np.zeros(W.shape[1])
+        return Lasso(alpha=float(reg) * lam_max, fit_intercept=False, max_iter=100_000, tol=1e-10).fit(W, w0).coef_
     if strategy == "nu2":
         if reg == 0:
             return np.linalg.lstsq(W, w0, rcond=None)[0]
@@ -222,7 +226,7 @@ class ActiveSourceSelection(Callback):
     def __init__(
         self,
         strategy: Strategy = "nu1",
-        reg: float = 0.005,
+        reg: float = 0.5,
         head_reg: float = 1.0,
         explore: float = 0.0,
         features: Callable[[Tensor], Tensor] | None = None,
