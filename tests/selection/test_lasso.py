@@ -83,7 +83,8 @@ def test_budget_sampler_draws_exactly_the_budgets():
     sampler.set_budgets([0, 30, 0])
     with pytest.raises(ValueError, match="sum to the total 30"):
         sampler.set_budgets([1, 1, 1])
-    ranks = [SourceBudgetSampler(sizes, budgets, batch_size=3, rank=r, world_size=2) for r in range(2)]
+    # budgets within the sizes: no sample drawn twice in an epoch
+    ranks = [SourceBudgetSampler(sizes, [10, 20, 0], batch_size=3, rank=r, world_size=2) for r in range(2)]
     for a, b in zip(*ranks):  # 30 samples in global batches of 6: no padding, equal disjoint shares
         assert len(a) == len(b) == 3 and not set(a) & set(b)
     union = sorted(i for s in ranks for batch in s for i in batch)
