@@ -27,6 +27,7 @@ _SUBPACKAGES = (
     "lightning_mtl.datamodules",
     "lightning_mtl.mixup",
     "lightning_mtl.multitask",
+    "lightning_mtl.selection",
     "lightning_mtl.sharpness",
     "lightning_mtl.ssl",
     "lightning_mtl.selection",
@@ -115,6 +116,12 @@ _LAZY = {
     "SegmentationTask": "lightning_mtl.multitask",
     "SurfaceNormalTask": "lightning_mtl.multitask",
     "Task": "lightning_mtl.multitask",
+    # lightning_mtl.selection (samplers and Lasso source sampling)
+    "ActiveSourceSelection": "lightning_mtl.selection",
+    "DigitsSources": "lightning_mtl.selection",
+    "MultiTaskBatchSampler": "lightning_mtl.selection",
+    "MultiTaskSampling": "lightning_mtl.selection",
+    "SourceBudgetSampler": "lightning_mtl.selection",
     # lightning_mtl.sharpness
     "FMTL": "lightning_mtl.sharpness",
     "RhoSchedule": "lightning_mtl.sharpness",
@@ -136,6 +143,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ActiveSourceSelection",
     "AdAutoMix",
     "AnytimeEvaluation",
     "AutoMix",
@@ -161,6 +169,7 @@ __all__ = [
     "DepthTask",
     "Digits",
     "DigitsCNN",
+    "DigitsSources",
     "DualPrompt",
     "EMATeacher",
     "ER",
@@ -183,7 +192,9 @@ __all__ = [
     "MultiLabelTask",
     "MultiLeNet",
     "MultiMNIST",
+    "MultiTaskBatchSampler",
     "MultiTaskModule",
+    "MultiTaskSampling",
     "NYUv2",
     "NpzMultiTaskDataModule",
     "OnePrompt",
@@ -203,6 +214,7 @@ __all__ = [
     "SegmentationTask",
     "SharpnessAwareMinimization",
     "SiBlurryStream",
+    "SourceBudgetSampler",
     "SurfaceNormalTask",
     "TabularMultiTask",
     "Task",
