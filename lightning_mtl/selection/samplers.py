@@ -10,6 +10,7 @@ annealed schedule of Stickland & Murray (ICML 2019, "BERT and PALs"), whose expo
 
 from __future__ import annotations
 
+import bisect
 import difflib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -207,6 +208,7 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
             )
         self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else int(self.task_batches.sum())
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
         self.epoch = 0
         self.sampler = EpochForward(self)  # where Lightning looks for set_epoch
         self.resume: tuple[int, int] | None = None  # (epoch, batches of it to skip): a resumed run
@@ -238,11 +240,18 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
             return self.task_batches * epoch
         return sum((self.counts(e) for e in range(epoch)), np.zeros(len(self.sizes), dtype=np.int64))
 
+    def _permutation(self, task: int, passes: int) -> np.ndarray:
+        """Pass ``passes`` of task ``task``'s stream (cached for the epoch being planned)."""
+        key = (task, passes)
+        if key not in self._perms:
+            self._perms[key] = np.random.default_rng([self.seed, 2, task, passes]).permutation(int(self.sizes[task]))
+        return self._perms[key]
+
     def _global_batch(self, task: int, position: int) -> np.ndarray:
         """Local indices of batch ``position`` of task ``task``'s stream (all ranks)."""
         passes, within = divmod(int(position), int(self.task_batches[task]))
-        n, size = int(self.sizes[task]), self.batch_size * self.world_size
-        perm = np.random.default_rng([self.seed, 2, task, passes]).permutation(n)
+        size = self.batch_size * self.world_size
+        perm = self._permutation(task, passes)
         chosen = perm[within * size : (within + 1) * size]
         if len(chosen) % self.world_size:  # the last partial batch under DDP: equal shares for all ranks
             pad = self.world_size - len(chosen) % self.world_size
@@ -252,10 +261,12 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
     def plan(self, epoch: int) -> Iterator[tuple[int, list[int]]]:
         """``(task, indices of this rank)`` for each step of ``epoch`` (indices into the concatenation)."""
         position = self._stream_start(epoch)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
         for task in self.task_order(epoch):
             chosen = self._global_batch(int(task), int(position[task]))[self.rank :: self.world_size]
             position[task] += 1
             yield int(task), (chosen + self.offsets[task]).tolist()
+        self._perms = {}
 
     # --- Sampler ----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -291,10 +302,14 @@ class _TaskItems(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]  # map-style data sets have a length
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        item = self.dataset[index]
+        return self.unpack(self.dataset[index])
+
+    def unpack(self, item: Any) -> tuple[Any, Tensor]:
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise TypeError(f"task {self.name!r}: items must be (inputs, labels), got {type(item).__name__}")
         inputs, label = item[0], item[1]
+        if isinstance(label, Tensor):
+            return inputs, label
         if isinstance(label, Mapping):
             if self.name in label:
                 label = label[self.name]
@@ -311,14 +326,24 @@ class _Concat(Dataset):
     def __init__(self, parts: Sequence[_TaskItems]) -> None:
         self.parts = list(parts)
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self._starts = self.offsets[:-1].tolist()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        task = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        inputs, label = self.parts[task][index - int(self.offsets[task])]
+        task = bisect.bisect_right(self._starts, index) - 1
+        inputs, label = self.parts[task][index - self._starts[task]]
         return inputs, label, task
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any, int]]:
+        # the DataLoader fetches a whole batch at once: one task look-up for a single-task batch
+        task = bisect.bisect_right(self._starts, indices[0]) - 1
+        start, part = self._starts[task], self.parts[task]
+        if indices[-1] - start >= len(part) or min(indices) < start:
+            return [self[i] for i in indices]  # several tasks: the collate explains
+        data = part.dataset
+        return [(*part.unpack(data[i - start]), task) for i in indices]
 
 
 class _Collate:
