@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import emit
 
 from lightning_mtl import ClassificationTask, MultiTaskModule
-from lightning_mtl.selection import ActiveSourceSelection, DigitsSources, MultiTaskSampling, SourceBudgetSampler
+from lightning_mtl.selection import ActiveSourceSelection, DigitsMLP, DigitsSources, MultiTaskSampling, SourceBudgetSampler
 
 
 class _Upscaled(Dataset):
@@ -97,7 +97,7 @@ def lasso_run(strategy: str, total: int, seed: int, epochs: int) -> tuple[float,
 
     pl.seed_everything(seed, verbose=False)
     dm = DigitsSources(total_budget=total, seed=seed)
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+    encoder = DigitsMLP()
     model = MultiTaskModule(encoder, {name: ClassificationTask(2) for name in dm.source_names}, feature_dim=32,
                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))  # fmt: skip
     callbacks = [] if strategy == "uniform" else [ActiveSourceSelection(strategy=strategy)]  # type: ignore[arg-type]

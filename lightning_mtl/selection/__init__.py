@@ -8,7 +8,7 @@ from lightning_mtl.selection.zipfit import CompressionSelected, CompressionSelec
 __all__ = ["ByteLM", "CompressionSelected", "CompressionSelector", "StdlibCorpus", "ncd"]
 """Choosing what to train on: multi-task samplers and active source sampling via Lasso."""
 
-from lightning_mtl.selection.digits_sources import CORRUPTIONS, DigitsSources
+from lightning_mtl.selection.digits_sources import CORRUPTIONS, DigitsMLP, DigitsSources
 from lightning_mtl.selection.lasso import (
     ActiveSourceSelection,
     SourceBudgetSampler,
@@ -29,6 +29,7 @@ from lightning_mtl.selection.samplers import (
 __all__ = [
     "CORRUPTIONS",
     "ActiveSourceSelection",
+    "DigitsMLP",
     "DigitsSources",
     "SourceBudgetSampler",
     "allocate_budgets",

@@ -8,14 +8,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl._constants import MISSING_LABEL
 from lightning_mtl.selection.lasso import SourceBudgetSampler
 from lightning_mtl.selection.samplers import largest_remainder
 
-__all__ = ["CORRUPTIONS", "DigitsSources"]
+__all__ = ["CORRUPTIONS", "DigitsMLP", "DigitsSources"]
 
 
 def _blur(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -32,6 +32,26 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] 
     "blur": _blur,
     "flip": lambda x, rng: x[:, :, ::-1],
 }
+
+
+class DigitsMLP(nn.Module):
+    """The representation of the Lasso benchmark: flatten, ``Linear -> ReLU`` twice (``out_features`` wide).
+
+    Args:
+        in_features: pixels of an input (64 for the 8 x 8 digits).
+        hidden: width of the first layer.
+        out_features: size of the representation.
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 64, out_features: int = 32) -> None:
+        super().__init__()
+        self.out_features = int(out_features)
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features), nn.ReLU()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 class _SourceItems(Dataset):

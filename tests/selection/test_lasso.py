@@ -4,6 +4,7 @@ the callback on synthetic features, and the digits benchmark's planted source (s
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 from lightning_mtl import ClassificationTask, MultiTaskModule
 from lightning_mtl.selection import (
     ActiveSourceSelection,
+    DigitsMLP,
     DigitsSources,
     SourceBudgetSampler,
     allocate_budgets,
@@ -121,7 +123,7 @@ def test_callback_recovers_the_planted_source_on_synthetic_heads():
 def _digits_run(strategy: str, epochs: int = 5, seed: int = 0):
     pl.seed_everything(seed)
     dm = DigitsSources(total_budget=1000, seed=seed)
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+    encoder = DigitsMLP()
     model = MultiTaskModule(encoder, {name: ClassificationTask(2) for name in dm.source_names}, feature_dim=32,
                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))  # fmt: skip
     callback = ActiveSourceSelection(strategy=strategy)  # type: ignore[arg-type]
@@ -156,3 +158,13 @@ def test_bad_inputs_are_one_sentence():
         DigitsSources().set_budgets([1] * 20)
     with pytest.raises(AttributeError, match="needs a data module with `relevance_data`"):
         ActiveSourceSelection().on_train_epoch_end(tiny_trainer(), _Features())
+
+
+def test_the_recipe_runs_through_the_cli():
+    from lightning_mtl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs/selection/lasso.yaml"
+    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", "--trainer.logger=false"])  # fmt: skip
+    assert cli.trainer.global_step == 1
+    assert sum(cli.datamodule.budgets) == 1000

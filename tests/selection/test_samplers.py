@@ -4,6 +4,7 @@ mid-epoch resume (sampler and through Lightning checkpoints), and a MultiTaskMod
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -230,3 +231,72 @@ def test_fit_resumed_mid_epoch_sees_the_remaining_batches(tmp_path):
         resumed, trainer = run(tmp_path / f"step={step}.ckpt", seed=123)
         assert resumed == full[step:], step
         assert trainer.global_step == 34
+
+
+def test_the_recipe_runs_through_the_cli():
+    from lightning_mtl.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs/selection/multitask_sampling.yaml"
+    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", "--trainer.logger=false"])  # fmt: skip
+    assert cli.trainer.global_step == 1
+
+
+# --- DDP: two gloo processes ----------------------------------------------------------------------------
+WORLD = 2
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Inputs that name their sample: ``x = offset + index`` everywhere."""
+
+    def __init__(self, n: int, offset: int) -> None:
+        self.n, self.offset = n, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((1, 8, 8), float(self.offset + i)), torch.tensor(i % 2)
+
+
+def _indexed_sampling() -> MultiTaskSampling:
+    tasks = {"a": _Indexed(48, 0), "b": _Indexed(20, 1000)}
+    return MultiTaskSampling(tasks, batch_size=4, schedule="temperature", alpha=0.5, seed=4)
+
+
+class _Samples(Callback):
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append((batch.task, batch.inputs[:, 0, 0, 0].long().tolist()))
+
+
+def _ddp_worker(rank, folder, port):
+    from tests.fixtures.ddp import join_processes
+
+    join_processes(rank, WORLD, port)
+    record = _Samples()
+    trainer = tiny_trainer(strategy="ddp", devices=WORLD, max_epochs=2, callbacks=[record], limit_val_batches=0,
+                           num_sanity_val_steps=0, use_distributed_sampler=False)  # fmt: skip
+    trainer.fit(_module(), datamodule=_indexed_sampling())
+    torch.save(record.steps, f"{folder}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_take_the_same_task_and_disjoint_shares_of_the_single_process_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.fixtures.ddp import free_port
+
+    mp.start_processes(_ddp_worker, args=(str(tmp_path), free_port()), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    single = MultiTaskBatchSampler([48, 20], 8, schedule="temperature", alpha=0.5, seed=4)
+    expected = []
+    for epoch in range(2):
+        single.set_epoch(epoch)
+        expected += [[i if i < 48 else 1000 + i - 48 for i in batch] for batch in single]
+    assert len(ranks[0]) == len(ranks[1]) == len(expected)
+    for (task0, x0), (task1, x1), whole in zip(*ranks, expected):
+        assert task0 == task1 and not set(x0) & set(x1)
+        assert sorted(x0 + x1) == sorted(whole)
