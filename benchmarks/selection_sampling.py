@@ -31,14 +31,19 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import emit
 
 from lightning_mtl import ClassificationTask, MultiTaskModule
-from lightning_mtl.selection import ActiveSourceSelection, DigitsMLP, DigitsSources, MultiTaskSampling, SourceBudgetSampler
+from lightning_mtl.selection import (
+    ActiveSourceSelection,
+    DigitsMLP,
+    DigitsSources,
+    MultiTaskSampling,
+    SourceBudgetSampler,
+)
 
 
 class _Upscaled(Dataset):
@@ -80,9 +85,13 @@ def overhead(args) -> dict:
         times["budget"].append(_epoch_seconds(budgets))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: med[k] / med["plain"] for k in ("multitask", "budget")}
-    print(f"{sum(sizes)} items, batch {args.batch_size}, {args.repeats} rounds, torch threads {torch.get_num_threads()}")
+    print(
+        f"{sum(sizes)} items, batch {args.batch_size}, {args.repeats} rounds, torch threads {torch.get_num_threads()}"
+    )
     for k, v in med.items():
-        print(f"{k:10s} {1000 * v:9.1f} ms/epoch" + ("" if k == "plain" else f"   ratio {ratios[k]:.3f} (target <= 1.02)"))
+        print(
+            f"{k:10s} {1000 * v:9.1f} ms/epoch" + ("" if k == "plain" else f"   ratio {ratios[k]:.3f} (target <= 1.02)")
+        )
     targets = {f"{k}_le_1.02": "met" if r <= 1.02 else "missed" for k, r in ratios.items()}
     print(f"targets: {targets}")
     return {"items": sum(sizes), "batch_size": args.batch_size, "plain_ms": round(1000 * med["plain"], 2),

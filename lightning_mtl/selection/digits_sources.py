@@ -20,7 +20,11 @@ __all__ = ["CORRUPTIONS", "DigitsMLP", "DigitsSources"]
 
 def _blur(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    return sum(padded[:, i : i + 8, j : j + 8] for i in range(3) for j in range(3)) / 9.0
+    total = np.zeros_like(images)
+    for i in range(3):
+        for j in range(3):
+            total = total + padded[:, i : i + 8, j : j + 8]
+    return total / 9.0
 
 
 # each maps [n, 8, 8] images in [0, 1] to corrupted images; the generator seeds the noise
@@ -149,19 +153,25 @@ class DigitsSources(pl.LightningDataModule):
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(labels))
         pool, rest = order[: int(0.6 * len(order))], order[int(0.6 * len(order)) :]
-        corrupted = {c: CORRUPTIONS[c](images, np.random.default_rng([self.seed, i])) for i, c in enumerate(CORRUPTIONS)}
+        corrupted = {
+            c: CORRUPTIONS[c](images, np.random.default_rng([self.seed, i])) for i, c in enumerate(CORRUPTIONS)
+        }
 
         xs, ys, src, estimation = [], [], [], {}
         for m, (c, d) in enumerate((c, d) for c in self.corruptions for d in self.digits):
-            chosen = _balanced(labels[pool] == d, 2 * int((labels[pool] == d).sum()), np.random.default_rng([self.seed, 10, m]))
+            chosen = _balanced(
+                labels[pool] == d, 2 * int((labels[pool] == d).sum()), np.random.default_rng([self.seed, 10, m])
+            )
             idx = pool[chosen]
             xs.append(corrupted[c][idx])
             ys.append((labels[idx] == d).astype(np.int64))
             src.append(np.full(len(idx), m))
-            few = _balanced(labels[idx] == d, min(self.estimation_size, len(idx)), np.random.default_rng([self.seed, 11, m]))
+            few = _balanced(
+                labels[idx] == d, min(self.estimation_size, len(idx)), np.random.default_rng([self.seed, 11, m])
+            )
             estimation[self.source_names[m]] = (_tensor(corrupted[c][idx[few]]), torch.as_tensor(ys[-1][few]))
-        c, _, d = self.target.rpartition("_")
-        positive = labels[rest] == int(d)
+        target_corruption, _, target_digit = self.target.rpartition("_")
+        positive = labels[rest] == int(target_digit)
         labelled = _balanced(positive, self.target_labels, np.random.default_rng([self.seed, 12]))
         test = np.setdiff1d(np.arange(len(rest)), labelled)
         self._data = {
@@ -169,8 +179,14 @@ class DigitsSources(pl.LightningDataModule):
             "labels": torch.as_tensor(np.concatenate(ys)),
             "source": torch.as_tensor(np.concatenate(src)),
             "estimation": estimation,
-            "target_train": (_tensor(corrupted[c][rest[labelled]]), torch.as_tensor(positive[labelled].astype(np.int64))),
-            "target_test": (_tensor(corrupted[c][rest[test]]), torch.as_tensor(positive[test].astype(np.int64))),
+            "target_train": (
+                _tensor(corrupted[target_corruption][rest[labelled]]),
+                torch.as_tensor(positive[labelled].astype(np.int64)),
+            ),
+            "target_test": (
+                _tensor(corrupted[target_corruption][rest[test]]),
+                torch.as_tensor(positive[test].astype(np.int64)),
+            ),
         }
 
     def _built(self) -> dict[str, Any]:
@@ -228,7 +244,11 @@ def _balanced(positive: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     """Indices of ``size`` rows, half of them positive where there are enough (all positives at most)."""
     pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
     half = min(len(pos), size // 2)
-    return np.sort(np.concatenate([rng.choice(pos, half, replace=False), rng.choice(neg, min(size - half, len(neg)), replace=False)]))
+    return np.sort(
+        np.concatenate(
+            [rng.choice(pos, half, replace=False), rng.choice(neg, min(size - half, len(neg)), replace=False)]
+        )
+    )
 
 
 def _tensor(images: np.ndarray) -> Tensor:

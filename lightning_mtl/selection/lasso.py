@@ -140,7 +140,7 @@ class SourceBudgetSampler(Sampler[list[int]]):
     def __init__(
         self,
         sizes: Sequence[int],
-        budgets: Sequence[int],
+        budgets: Sequence[int] | np.ndarray,
         batch_size: int,
         seed: int = 0,
         rank: int = 0,
@@ -265,9 +265,7 @@ class ActiveSourceSelection(Callback):
         self, pl_module: pl.LightningModule, sources: Mapping[str, tuple[Tensor, Tensor]], target: tuple[Tensor, Tensor]
     ) -> np.ndarray:
         """The relevance ``nu`` of the sources (in their order) for the current encoder."""
-        heads = [
-            fit_linear_heads(self._embed(pl_module, x), y.numpy(), self.head_reg) for x, y in sources.values()
-        ]
+        heads = [fit_linear_heads(self._embed(pl_module, x), y.numpy(), self.head_reg) for x, y in sources.values()]
         target_head = fit_linear_heads(self._embed(pl_module, target[0]), target[1].numpy(), self.head_reg)
         strategy: Strategy = "nu1" if self.strategy == "uniform" else self.strategy  # uniform still reports nu
         return estimate_relevance(np.stack(heads, axis=1), target_head, strategy, self.reg)
@@ -286,7 +284,9 @@ class ActiveSourceSelection(Callback):
             nu = self.select(pl_module, sources, target)
             budgets = allocate_budgets(nu, datamodule.total_budget, self.strategy, self.explore)
             payload = (nu.tolist(), budgets.tolist())
-        nu_list, budget_list = trainer.strategy.broadcast(payload, src=0)
+        shared = trainer.strategy.broadcast(payload, src=0)
+        assert shared is not None  # rank 0 always fills it
+        nu_list, budget_list = shared
         self.relevance, self.budgets = np.asarray(nu_list), np.asarray(budget_list, dtype=np.int64)
         datamodule.set_budgets(self.budgets.tolist())
         logged = {f"selection/nu/{name}": float(v) for name, v in zip(sources, self.relevance)}

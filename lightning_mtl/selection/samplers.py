@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -261,7 +261,7 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
     def plan(self, epoch: int) -> Iterator[tuple[int, list[int]]]:
         """``(task, indices of this rank)`` for each step of ``epoch`` (indices into the concatenation)."""
         position = self._stream_start(epoch)
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._perms = {}
         for task in self.task_order(epoch):
             chosen = self._global_batch(int(task), int(position[task]))[self.rank :: self.world_size]
             position[task] += 1
@@ -457,7 +457,9 @@ class MultiTaskSampling(pl.LightningDataModule):
             elif isinstance(source, Dataset):
                 splits = [source, None, None]
             else:
-                raise TypeError(f"task {name!r} must be a LightningDataModule or a Dataset, got {type(source).__name__}")
+                raise TypeError(
+                    f"task {name!r} must be a LightningDataModule or a Dataset, got {type(source).__name__}"
+                )
             self._splits[name] = [None if s is None else _TaskItems(s, name) for s in splits]
 
     def _collate(self) -> _Collate:
@@ -538,4 +540,3 @@ def _loader_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset |
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
     return getattr(loader, "dataset", None)
-

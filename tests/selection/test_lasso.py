@@ -80,7 +80,9 @@ def test_budget_sampler_draws_exactly_the_budgets():
         per_source = Counter(int(np.searchsorted(np.cumsum(sizes), i, side="right")) for i in drawn)
         assert [per_source[m] for m in range(3)] == budgets
         first = [i for i in drawn if i < 10]
-        assert len(Counter(first)) == 10 and max(Counter(first).values()) == 3  # 25 = 2.5 passes and min(Counter(first).values()) == 2
+        assert (
+            len(Counter(first)) == 10 and max(Counter(first).values()) == 3
+        )  # 25 = 2.5 passes and min(Counter(first).values()) == 2
     assert len(sampler) == 8
     sampler.set_budgets([0, 30, 0])
     with pytest.raises(ValueError, match="sum to the total 30"):
@@ -160,9 +162,10 @@ def test_bad_inputs_are_one_sentence():
         ActiveSourceSelection().on_train_epoch_end(tiny_trainer(), _Features())
 
 
-def test_the_recipe_runs_through_the_cli():
+def test_the_recipe_runs_through_the_cli(tmp_path, monkeypatch):
     from lightning_mtl.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the run summary goes to the working directory
     config = Path(__file__).resolve().parents[2] / "configs/selection/lasso.yaml"
     cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false", "--trainer.logger=false"])  # fmt: skip

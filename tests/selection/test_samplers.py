@@ -233,9 +233,10 @@ def test_fit_resumed_mid_epoch_sees_the_remaining_batches(tmp_path):
         assert trainer.global_step == 34
 
 
-def test_the_recipe_runs_through_the_cli():
+def test_the_recipe_runs_through_the_cli(tmp_path, monkeypatch):
     from lightning_mtl.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the run summary goes to the working directory
     config = Path(__file__).resolve().parents[2] / "configs/selection/multitask_sampling.yaml"
     cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false", "--trainer.logger=false"])  # fmt: skip
