@@ -233,11 +233,12 @@ def test_fit_resumed_mid_epoch_sees_the_remaining_batches(tmp_path):
         assert trainer.global_step == 34
 
 
-def test_the_recipe_runs_through_the_cli(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["multitask_sampling", "lasso"])
+def test_the_recipes_run_through_the_cli(recipe, tmp_path, monkeypatch):
     from lightning_mtl.cli import main
 
     monkeypatch.chdir(tmp_path)  # the run summary goes to the working directory
-    config = Path(__file__).resolve().parents[2] / "configs/selection/multitask_sampling.yaml"
+    config = Path(__file__).resolve().parents[2] / f"configs/selection/{recipe}.yaml"
     cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false", "--trainer.logger=false"])  # fmt: skip
     assert cli.trainer.global_step == 1
@@ -281,17 +282,29 @@ def _ddp_worker(rank, folder, port):
     trainer = tiny_trainer(strategy="ddp", devices=WORLD, max_epochs=2, callbacks=[record], limit_val_batches=0,
                            num_sanity_val_steps=0, use_distributed_sampler=False)  # fmt: skip
     trainer.fit(_module(), datamodule=_indexed_sampling())
-    torch.save(record.steps, f"{folder}/rank{rank}.pt")
+    # the Lasso budgets: rank 0 computes them, every rank samples by them
+    from lightning_mtl.selection import ActiveSourceSelection, DigitsMLP, DigitsSources
+
+    sources = DigitsSources(total_budget=200, batch_size=20)
+    selection = ActiveSourceSelection()
+    model = MultiTaskModule(DigitsMLP(), {name: ClassificationTask(2) for name in sources.source_names})
+    trainer = tiny_trainer(strategy="ddp", devices=WORLD, max_epochs=1, callbacks=[selection], limit_val_batches=0,
+                           num_sanity_val_steps=0, use_distributed_sampler=False)  # fmt: skip
+    trainer.fit(model, datamodule=sources)
+    torch.save((record.steps, sources.budgets.tolist()), f"{folder}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_ddp_ranks_take_the_same_task_and_disjoint_shares_of_the_single_process_batches(tmp_path):
+    """Also: the Lasso callback's budgets are the same on both ranks."""
     import torch.multiprocessing as mp
 
     from tests.fixtures.ddp import free_port
 
     mp.start_processes(_ddp_worker, args=(str(tmp_path), free_port()), nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [steps for steps, _ in saved]
+    assert saved[0][1] == saved[1][1] and sum(saved[0][1]) == 200  # the same budgets on both ranks
     single = MultiTaskBatchSampler([48, 20], 8, schedule="temperature", alpha=0.5, seed=4)
     expected = []
     for epoch in range(2):
