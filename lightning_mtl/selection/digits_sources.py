@@ -88,7 +88,8 @@ class DigitsSources(pl.LightningDataModule):
     (:class:`~lightning_mtl.selection.SourceBudgetSampler`, equal budgets at first), in batches
     ``(x, {source: label})`` with the other sources' labels missing; an
     :class:`~lightning_mtl.selection.ActiveSourceSelection` callback resets the budgets at each epoch's
-    end through :meth:`set_budgets` and :meth:`relevance_data`. The budgets are saved in checkpoints.
+    end through :meth:`set_budgets` and :meth:`relevance_data`. The budgets and the training batches
+    consumed in the current epoch are saved in checkpoints: a fit resumed mid-epoch continues the epoch.
 
     Args:
         corruptions: names of :data:`CORRUPTIONS` (the sources are every corruption x digit).
@@ -133,6 +134,8 @@ class DigitsSources(pl.LightningDataModule):
         self.budgets = largest_remainder(np.ones(len(self.source_names)), self.total_budget)
         self.sampler: SourceBudgetSampler | None = None
         self._data: dict[str, Any] | None = None
+        self._epoch, self._consumed = 0, 0  # training batches handed to the model in this epoch
+        self._resume: tuple[int, int] | None = None
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -226,6 +229,10 @@ class DigitsSources(pl.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.sampler = SourceBudgetSampler(self.source_sizes, self.budgets, self.batch_size, self.seed, rank, world)
+        if self._resume is not None:  # a restored checkpoint: continue inside its epoch
+            self.sampler.skip(*self._resume)
+            self._epoch, self._consumed = self._resume
+            self._resume = None
         return DataLoader(
             _SourceItems(data["images"], data["labels"], data["source"], self.source_names),
             batch_sampler=self.sampler,
@@ -233,11 +240,21 @@ class DigitsSources(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if trainer.current_epoch != self._epoch:
+                self._epoch, self._consumed = trainer.current_epoch, 0
+            self._consumed += 1
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
-        return {"budgets": self.budgets.tolist()}
+        return {"budgets": self.budgets.tolist(), "epoch": self._epoch, "consumed_batches": self._consumed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.set_budgets(state_dict["budgets"])
+        if "epoch" in state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["consumed_batches"]))
 
 
 def _balanced(positive: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -157,6 +157,7 @@ class SourceBudgetSampler(Sampler[list[int]]):
         self.set_budgets(budgets)
         self.total = int(self.budgets.sum())
         self.epoch = 0
+        self.resume: tuple[int, int] | None = None  # (epoch, batches of it to skip): a resumed run
         self.sampler = EpochForward(self)  # where Lightning looks for set_epoch
 
     def set_budgets(self, budgets: Sequence[int] | np.ndarray) -> None:
@@ -186,10 +187,17 @@ class SourceBudgetSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return -(-self.total // (self.batch_size * self.world_size))
 
+    def skip(self, epoch: int, batches: int) -> None:
+        """Start the next iteration of ``epoch`` after its first ``batches`` batches (a resumed run); an
+        iteration of another epoch starts at its beginning."""
+        self.epoch, self.resume = int(epoch), (int(epoch), int(batches))
+
     def __iter__(self) -> Iterator[list[int]]:
         order = self.epoch_indices(self.epoch)
         size = self.batch_size * self.world_size
-        for start in range(0, len(order), size):
+        first = self.resume[1] if self.resume is not None and self.resume[0] == self.epoch else 0
+        self.resume = None
+        for start in range(first * size, len(order), size):
             chosen = order[start : start + size]
             if len(chosen) % self.world_size:
                 chosen = np.concatenate([chosen, np.resize(order, self.world_size - len(chosen) % self.world_size)])

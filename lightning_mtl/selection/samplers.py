@@ -340,7 +340,7 @@ class _Concat(Dataset):
         # the DataLoader fetches a whole batch at once: one task look-up for a single-task batch
         task = bisect.bisect_right(self._starts, indices[0]) - 1
         start, part = self._starts[task], self.parts[task]
-        if indices[-1] - start >= len(part) or min(indices) < start:
+        if max(indices) - start >= len(part) or min(indices) < start:
             return [self[i] for i in indices]  # several tasks: the collate explains
         data = part.dataset
         return [(*part.unpack(data[i - start]), task) for i in indices]

@@ -171,3 +171,39 @@ def test_bf16_mixed_fit_updates_budgets():
     trainer.fit(model, datamodule=dm)
     assert callback.budgets is not None and int(callback.budgets.sum()) == 300
     assert dm.budgets.tolist() == callback.budgets.tolist()
+
+
+def test_budget_sampler_skip_resumes_inside_the_epoch():
+    sampler = SourceBudgetSampler([10, 50, 7], [25, 5, 3], batch_size=4, seed=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip(2, 3)
+    assert list(sampler) == full[3:]
+    assert list(sampler) == full  # once
+
+
+class _Inputs(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.current_epoch, round(float(batch[0].sum()), 3)))
+
+
+def test_fit_resumed_mid_epoch_continues_with_the_budgets_of_that_epoch(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, seed=0):
+        pl.seed_everything(seed)
+        dm, inputs = DigitsSources(total_budget=200, batch_size=20), _Inputs()
+        model = MultiTaskModule(DigitsMLP(), {name: ClassificationTask(2) for name in dm.source_names})
+        saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="{step}")
+        trainer = tiny_trainer(max_epochs=2, callbacks=[ActiveSourceSelection(), inputs, saver],
+                               enable_checkpointing=True, num_sanity_val_steps=0)  # fmt: skip
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return inputs.seen, dm.budgets.tolist()
+
+    full, budgets = run()
+    assert len(full) == 20
+    resumed, resumed_budgets = run(tmp_path / "step=12.ckpt", seed=5)  # epoch 1, after the first re-budgeting
+    assert resumed == full[12:] and resumed_budgets == budgets
