@@ -193,7 +193,7 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
             raise ValueError(f"every task needs at least one sample, got sizes {self.sizes.tolist()}")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
-        self.schedule_name = schedule
+        self.schedule_name = schedule.lower()
         self.schedule = create_task_schedule(schedule)
         self.batch_size, self.alpha, self.num_epochs = int(batch_size), float(alpha), max(int(num_epochs), 1)
         self.drop_last, self.seed, self.rank, self.world_size = bool(drop_last), int(seed), int(rank), int(world_size)
