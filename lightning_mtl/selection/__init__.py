@@ -7,6 +7,7 @@ from lightning_mtl.selection.zipfit import CompressionSelected, CompressionSelec
 
 __all__ = ["ByteLM", "CompressionSelected", "CompressionSelector", "StdlibCorpus", "ncd"]
 """Choosing what to train on: multi-task samplers and active source sampling via Lasso."""
+"""Choosing what to train on: multi-task samplers, active source sampling via Lasso, task hinting."""
 
 from lightning_mtl.selection.digits_sources import CORRUPTIONS, DigitsMLP, DigitsSources
 from lightning_mtl.selection.lasso import (
@@ -25,6 +26,8 @@ from lightning_mtl.selection.samplers import (
     list_task_schedules,
     register_task_schedule,
 )
+from lightning_mtl.selection.sorting_tasks import HINT_TASKS, SORTING_TASKS, SortingTasks, make_example
+from lightning_mtl.selection.task_hinting import TaskHintingTransformer, exact_sequence_match
 
 __all__ = [
     "CORRUPTIONS",
@@ -42,4 +45,10 @@ __all__ = [
     "largest_remainder",
     "list_task_schedules",
     "register_task_schedule",
+    "HINT_TASKS",
+    "SORTING_TASKS",
+    "SortingTasks",
+    "TaskHintingTransformer",
+    "exact_sequence_match",
+    "make_example",
 ]
