@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -157,6 +158,8 @@ class SortingTasks(pl.LightningDataModule):
         test_lengths: the test buckets' sequence lengths; default ``L, 2L, 3L, 4L, 5L``.
         batch_size: examples per batch.
         seed: seeds every set (training, validation and test sets come from separate streams).
+        distinct: draw the values of a sequence without replacement (no repeats; needs ``num_values`` at
+            least the longest test length).
     """
 
     def __init__(
@@ -172,20 +175,33 @@ class SortingTasks(pl.LightningDataModule):
         test_lengths: Sequence[int] | None = None,
         batch_size: int = 64,
         seed: int = 0,
+        distinct: bool = False,
     ) -> None:
         super().__init__()
         unknown = [h for h in hints if h not in HINT_TASKS]
         if unknown:
             raise ValueError(f"unknown hint task(s) {unknown}; expected a subset of {list(HINT_TASKS)}")
         if not 2 <= min_length <= train_length:
-            raise ValueError(f"need 2 <= min_length <= train_length, got min_length={min_length}, train_length={train_length}")
+            raise ValueError(
+                f"need 2 <= min_length <= train_length, got min_length={min_length}, train_length={train_length}"
+            )
         if hint_ratio < 0:
             raise ValueError(f"hint_ratio must be non-negative, got {hint_ratio}")
         self.num_values, self.train_length, self.min_length = int(num_values), int(train_length), int(min_length)
         self.hints = [str(h) for h in hints]
         self.hint_ratio, self.num_train = float(hint_ratio), int(num_train)
-        self.num_val, self.num_test, self.batch_size, self.seed = int(num_val), int(num_test), int(batch_size), int(seed)
+        self.num_val, self.num_test, self.batch_size, self.seed = (
+            int(num_val),
+            int(num_test),
+            int(batch_size),
+            int(seed),
+        )
         self.test_lengths = [int(n) for n in (test_lengths or [k * self.train_length for k in range(1, 6)])]
+        self.distinct = bool(distinct)
+        if self.distinct and self.num_values < max(self.test_lengths + [self.train_length]):
+            raise ValueError(
+                f"distinct=True needs num_values >= the longest sequence ({max(self.test_lengths)}), got {num_values}"
+            )
         self._train: _Mixture | None = None
         self._val: list[_Examples] = []
         self._test: list[_Examples] = []
@@ -211,7 +227,10 @@ class SortingTasks(pl.LightningDataModule):
         items = []
         for _ in range(count):
             n = int(rng.integers(lengths[0], lengths[1] + 1))
-            values = rng.integers(0, self.num_values, size=n).tolist()
+            if self.distinct:
+                values = rng.choice(self.num_values, size=n, replace=False).tolist()
+            else:
+                values = rng.integers(0, self.num_values, size=n).tolist()
             query = int(rng.integers(0, n - 1)) if task == "successor" else None
             items.append(make_example(task, values, self.num_values, query))
         return _Examples(items, SORTING_TASKS.index(task))
