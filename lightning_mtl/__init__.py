@@ -25,6 +25,7 @@ _SUBPACKAGES = (
     "lightning_mtl.continual",
     "lightning_mtl.controllable",
     "lightning_mtl.datamodules",
+    "lightning_mtl.finetuning",
     "lightning_mtl.mixup",
     "lightning_mtl.multitask",
     "lightning_mtl.selection",
@@ -96,6 +97,9 @@ _LAZY = {
     "TabularMultiTask": "lightning_mtl.datamodules",
     "TextMultiTask": "lightning_mtl.datamodules",
     "TinyImageNet": "lightning_mtl.datamodules",
+    # lightning_mtl.finetuning
+    "LoFiTIntervention": "lightning_mtl.finetuning",
+    "load_intervention": "lightning_mtl.finetuning",
     # lightning_mtl.mixup
     "AdAutoMix": "lightning_mtl.mixup",
     "AutoMix": "lightning_mtl.mixup",
@@ -179,6 +183,7 @@ __all__ = [
     "GradientConflictMonitor",
     "HardParameterSharing",
     "ImageNetR",
+    "LoFiTIntervention",
     "KNNMonitor",
     "L2P",
     "LinearBaseline",
@@ -237,6 +242,7 @@ __all__ = [
     "delta_m",
     "import_families",
     "list_aggregators",
+    "load_intervention",
     "timm_encoder",
     # lightning_mtl.selection
     "ByteLM",
