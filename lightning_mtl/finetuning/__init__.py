@@ -1,5 +1,5 @@
 """Fine-tuning a pre-trained model by touching very little of it: LoFiT head interventions on any Hugging
-Face decoder."""
+Face decoder (with its preference-pair data and SFT / DPO losses) and the supervised contrastive loss."""
 
 from lightning_mtl.finetuning.hf_models import build_causal_lm
 from lightning_mtl.finetuning.intervention import (
@@ -8,11 +8,23 @@ from lightning_mtl.finetuning.intervention import (
     find_attention_projections,
     load_intervention,
 )
+from lightning_mtl.finetuning.lofit import LoFiT
+from lightning_mtl.finetuning.losses import answer_token_accuracy, dpo_loss, sequence_log_probs, sft_loss
+from lightning_mtl.finetuning.preference_data import PreferencePairs, collate_pairs, encode_pair, synthetic_pairs
 
 __all__ = [
     "AttentionLayout",
+    "LoFiT",
     "LoFiTIntervention",
+    "PreferencePairs",
+    "answer_token_accuracy",
     "build_causal_lm",
+    "collate_pairs",
+    "dpo_loss",
+    "encode_pair",
     "find_attention_projections",
     "load_intervention",
+    "sequence_log_probs",
+    "sft_loss",
+    "synthetic_pairs",
 ]
