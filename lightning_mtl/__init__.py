@@ -101,7 +101,9 @@ _LAZY = {
     "LoFiT": "lightning_mtl.finetuning",
     "LoFiTIntervention": "lightning_mtl.finetuning",
     "PreferencePairs": "lightning_mtl.finetuning",
+    "SupConLoss": "lightning_mtl.finetuning",
     "load_intervention": "lightning_mtl.finetuning",
+    "supervised_contrastive_loss": "lightning_mtl.finetuning",
     # lightning_mtl.mixup
     "AdAutoMix": "lightning_mtl.mixup",
     "AutoMix": "lightning_mtl.mixup",
@@ -227,6 +229,7 @@ __all__ = [
     "SiBlurryStream",
     "SortingTasks",
     "SourceBudgetSampler",
+    "SupConLoss",
     "SurfaceNormalTask",
     "TabularMultiTask",
     "Task",
@@ -247,6 +250,7 @@ __all__ = [
     "import_families",
     "list_aggregators",
     "load_intervention",
+    "supervised_contrastive_loss",
     "timm_encoder",
     # lightning_mtl.selection
     "ByteLM",

@@ -11,12 +11,14 @@ from lightning_mtl.finetuning.intervention import (
 from lightning_mtl.finetuning.lofit import LoFiT
 from lightning_mtl.finetuning.losses import answer_token_accuracy, dpo_loss, sequence_log_probs, sft_loss
 from lightning_mtl.finetuning.preference_data import PreferencePairs, collate_pairs, encode_pair, synthetic_pairs
+from lightning_mtl.finetuning.supcon import SupConLoss, supervised_contrastive_loss
 
 __all__ = [
     "AttentionLayout",
     "LoFiT",
     "LoFiTIntervention",
     "PreferencePairs",
+    "SupConLoss",
     "answer_token_accuracy",
     "build_causal_lm",
     "collate_pairs",
@@ -26,5 +28,6 @@ __all__ = [
     "load_intervention",
     "sequence_log_probs",
     "sft_loss",
+    "supervised_contrastive_loss",
     "synthetic_pairs",
 ]
