@@ -113,6 +113,8 @@ class LoFiTIntervention(nn.Module):
         head_dim: width of one head.
     """
 
+    head_mask: Tensor
+
     def __init__(self, num_layers: int, num_heads: int, head_dim: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(num_layers, num_heads, head_dim))

@@ -25,7 +25,7 @@ _DEFAULT_LR = {"localize": 5e-3, "tune": 1e-2}
 
 def _read_heads(heads: str | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     if isinstance(heads, (str, os.PathLike)):
-        return [tuple(h) for h in LoFiTIntervention.read(heads)["heads"].tolist()]  # type: ignore[misc]
+        return [(int(layer), int(head)) for layer, head in LoFiTIntervention.read(heads)["heads"].tolist()]
     return [(int(layer), int(head)) for layer, head in heads]
 
 
@@ -182,6 +182,7 @@ class LoFiT(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [self.trained]
+        optimizer: torch.optim.Optimizer
         if self.optimizer_factory is None:
             optimizer = torch.optim.AdamW(params, lr=_DEFAULT_LR[self.stage], weight_decay=0.0)
         else:

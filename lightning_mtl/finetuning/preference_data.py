@@ -139,31 +139,37 @@ class PreferencePairs(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.path = path
+        self.num_train, self.num_val = num_train, num_val
+        self.shape = (vocab_size, prompt_length, answer_length)
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.shuffle = shuffle
+        self.seed = seed
         self.train_set: _PairDataset | None = None
         self.val_set: _PairDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        h = self.hparams
-        if h.path is not None:
-            pairs = _read_jsonl(h.path)
-            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(h.seed)).tolist()
-            num_val = int(round(len(pairs) * h.val_fraction))
+        if self.path is not None:
+            pairs = _read_jsonl(self.path)
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            num_val = int(round(len(pairs) * self.val_fraction))
             self.val_set = _PairDataset([pairs[i] for i in order[:num_val]])
             self.train_set = _PairDataset([pairs[i] for i in order[num_val:]])
         else:
-            shape = (h.vocab_size, h.prompt_length, h.answer_length)
-            self.train_set = _PairDataset(synthetic_pairs(h.num_train, *shape, seed=h.seed))
-            self.val_set = _PairDataset(synthetic_pairs(h.num_val, *shape, seed=h.seed + 1))
+            self.train_set = _PairDataset(synthetic_pairs(self.num_train, *self.shape, seed=self.seed))
+            self.val_set = _PairDataset(synthetic_pairs(self.num_val, *self.shape, seed=self.seed + 1))
 
     def _loader(self, dataset: Any, train: bool) -> DataLoader:
-        sampler = EpochShuffleSampler(dataset, seed=self.hparams.seed, shuffle=train and self.hparams.shuffle)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+        sampler = EpochShuffleSampler(dataset, seed=self.seed, shuffle=train and self.shuffle)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self._collate)  # fmt: skip
 
     def _collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        return collate_pairs(items, self.hparams.pad_token_id)
+        return collate_pairs(items, self.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
