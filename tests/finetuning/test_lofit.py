@@ -113,10 +113,12 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run_bit_for_bit(t
     resumed, trainer = run(2, tmp_path / "epoch1.ckpt")
     assert trainer.global_step == 8
     assert torch.equal(resumed.intervention.scale, whole.intervention.scale)
-    assert not torch.equal(whole.intervention.scale, LoFiT(config=GPT2).intervention.scale)
+    torch.manual_seed(0)
+    assert not torch.equal(whole.intervention.scale, LoFiT(config=GPT2).intervention.scale)  # it trained
 
 
 def test_bf16_mixed_trains_on_cpu_with_float32_parameters():
+    """(Lightning turns 16-mixed on the CPU into bf16-mixed; 16-mixed with its gradient scaler needs a GPU.)"""
     torch.manual_seed(0)
     module = LoFiT(config=CONFIGS["llama"], stage="tune", heads=HEADS)
     before = _snapshot(module)
@@ -209,3 +211,19 @@ def test_a_planted_head_is_ranked_first_and_tuning_it_alone_recovers_the_task():
     assert corrupted < 0.6
     assert recovered > 0.8 and recovered > corrupted + 0.3
     assert elsewhere < corrupted + 0.1
+
+
+def test_two_accumulated_half_batches_make_the_step_of_the_whole_batch():
+    """Equal answer-token counts per half: the mean of the two halves' means is the whole batch's mean, and
+    Lightning divides each half's loss by the accumulation count."""
+    ends = []
+    for batch_size, accumulate in ((16, 1), (8, 2)):
+        torch.manual_seed(0)
+        module = LoFiT(config=GPT2, stage="localize", optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+        data = _data(num_train=16, batch_size=batch_size)
+        data.shuffle = False
+        tiny_trainer(max_steps=1, limit_val_batches=0, accumulate_grad_batches=accumulate).fit(module, datamodule=data)
+        ends.append(module.intervention.scale.detach())
+    torch.manual_seed(0)
+    assert not torch.allclose(ends[0], LoFiT(config=GPT2).intervention.scale, atol=1e-4)  # the step moved A
+    torch.testing.assert_close(ends[0], ends[1], rtol=1e-5, atol=1e-7)
