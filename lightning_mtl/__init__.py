@@ -26,6 +26,7 @@ _SUBPACKAGES = (
     "lightning_mtl.controllable",
     "lightning_mtl.datamodules",
     "lightning_mtl.finetuning",
+    "lightning_mtl.merging",
     "lightning_mtl.mixup",
     "lightning_mtl.multitask",
     "lightning_mtl.selection",
@@ -104,6 +105,14 @@ _LAZY = {
     "SupConLoss": "lightning_mtl.finetuning",
     "load_intervention": "lightning_mtl.finetuning",
     "supervised_contrastive_loss": "lightning_mtl.finetuning",
+    # lightning_mtl.merging
+    "TIES": "lightning_mtl.merging",
+    "TaskArithmetic": "lightning_mtl.merging",
+    "TaskVector": "lightning_mtl.merging",
+    "WeightAveraging": "lightning_mtl.merging",
+    "create_merge": "lightning_mtl.merging",
+    "list_merges": "lightning_mtl.merging",
+    "search_coefficient": "lightning_mtl.merging",
     # lightning_mtl.mixup
     "AdAutoMix": "lightning_mtl.mixup",
     "AutoMix": "lightning_mtl.mixup",
@@ -245,6 +254,15 @@ __all__ = [
     "ViTTrainTransform",
     "VirtualOutlierRegularization",
     "__version__",
+    # lightning_mtl.merging
+    "TIES",
+    "TaskArithmetic",
+    "TaskVector",
+    "WeightAveraging",
+    "create_merge",
+    "list_merges",
+    "search_coefficient",
+    # the rest
     "create_aggregator",
     "delta_m",
     "import_families",

@@ -1,4 +1,4 @@
-"""The command line: ``python -m lightning_mtl {fit,validate,test,predict} --config ...`` and ``... report``.
+"""The command line: ``python -m lightning_mtl {fit,validate,test,predict} --config ...``, ``... report`` and ``... merge``.
 
 A :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode for model and data, so configs pick
 any LightningModule / LightningDataModule by class path, or by short name for everything this
@@ -47,6 +47,7 @@ SUBCOMMAND_HELP = {
     "test": "Run one pass over the test set (--ckpt_path picks the weights) and log its metrics.",
     "predict": "Predict on the data module's predict set and write predictions.pt into the run folder.",
     "report": "Compare finished runs: per-task metrics and Delta m % as Markdown, CSV and a chart.",
+    "merge": "Merge expert checkpoints fine-tuned from one base (task arithmetic, TIES, averaging) into one checkpoint.",
 }
 
 
@@ -272,8 +273,9 @@ class MultiTaskCLI(LightningCLI):
         assert action is not None  # super()._add_subcommands has just added the subcommands
         for choice in action._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
-        # listed only: `main` hands `report ...` to lightning_mtl.report before this parser sees it
+        # listed only: `main` hands `report ...` and `merge ...` to their modules before this parser sees them
         action.add_subcommand("report", ArgumentParser(add_help=False), help=SUBCOMMAND_HELP["report"])
+        action.add_subcommand("merge", ArgumentParser(add_help=False), help=SUBCOMMAND_HELP["merge"])
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -368,12 +370,17 @@ def _with_checkpoint_config(args: Any) -> Any:
 
 def main(args: list[str] | None = None, prog: str = "lightning-mtl") -> Any:
     """Entry point of ``python -m lightning_mtl`` and of the ``lightning-mtl`` script: ``report ...`` goes to
-    :func:`lightning_mtl.report.main` (returns the written paths), anything else to :class:`MultiTaskCLI`."""
+    :func:`lightning_mtl.report.main` (returns the written paths), ``merge ...`` to
+    :func:`lightning_mtl.merging.command.main` (returns its summary), anything else to :class:`MultiTaskCLI`."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         from lightning_mtl.report import main as report_main
 
         return report_main(argv[1:], prog=f"{prog} report")
+    if argv[:1] == ["merge"]:
+        from lightning_mtl.merging.command import main as merge_main
+
+        return merge_main(argv[1:], prog=f"{prog} merge")
     return MultiTaskCLI(args=args, parser_kwargs={"prog": prog})
 
 

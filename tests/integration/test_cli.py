@@ -161,7 +161,7 @@ def test_help_names_the_program_describes_the_library_and_lists_every_subcommand
     assert out.startswith("usage: lightning-mtl ")
     assert "Lightning Trainer command line tool" not in out and "multi-task" in out
     entries = _subcommand_help(out)
-    assert list(entries) == ["fit", "validate", "test", "predict", "report"]
+    assert list(entries) == ["fit", "validate", "test", "predict", "report", "merge"]
     for name, text in entries.items():
         assert text.endswith("."), (name, text)  # whole sentences, not cut at the first line of a docstring
     assert "%%" not in out

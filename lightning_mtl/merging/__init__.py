@@ -1,0 +1,24 @@
+"""Weight-space composition: task vectors, training-free merges (task arithmetic, TIES, weight averaging),
+a coefficient search over ``trainer.validate`` and the ``merge`` command."""
+
+from lightning_mtl.merging.averaging import WeightAveraging
+from lightning_mtl.merging.registry import Merge, create_merge, get_merge_class, list_merges, register_merge
+from lightning_mtl.merging.search import search_coefficient
+from lightning_mtl.merging.task_arithmetic import TaskArithmetic
+from lightning_mtl.merging.task_vector import TaskVector, load_state_dict
+from lightning_mtl.merging.ties import TIES, kth_smallest_magnitude
+
+__all__ = [
+    "TIES",
+    "Merge",
+    "TaskArithmetic",
+    "TaskVector",
+    "WeightAveraging",
+    "create_merge",
+    "get_merge_class",
+    "kth_smallest_magnitude",
+    "list_merges",
+    "load_state_dict",
+    "register_merge",
+    "search_coefficient",
+]
