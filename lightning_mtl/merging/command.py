@@ -42,18 +42,44 @@ def build_parser(prog: str = "lightning-mtl merge") -> Any:
     parser.add_argument("--output", type=str, required=True, help="Where to write the merged model's checkpoint.")
     parser.add_argument("--model", type=str | None, default=None,
                         help="Class path or short name of the LightningModule; default: the one the base was trained with.")  # fmt: skip
-    parser.add_argument("--method", type=str, default="task_arithmetic", help=f"The merge, one of {', '.join(list_merges())}.")
-    parser.add_argument("--method_args", type=dict, default={}, help="Keyword arguments of the merge (TIES: k, scope, merge_func).")
-    parser.add_argument("--include", type=list[str] | None, default=None, help="Merge only entries whose names start so.")
-    parser.add_argument("--exclude", type=list[str] | None, default=None, help="Leave entries whose names start so at the base's values.")
-    parser.add_argument("--coef", type=float | None, default=None, help="The coefficient lambda; default: the method's.")
-    parser.add_argument("--grid", type=list[float] | None, default=None, help="Coefficients to validate; the best is kept.")
+    parser.add_argument(
+        "--method", type=str, default="task_arithmetic", help=f"The merge, one of {', '.join(list_merges())}."
+    )
+    parser.add_argument(
+        "--method_args", type=dict, default={}, help="Keyword arguments of the merge (TIES: k, scope, merge_func)."
+    )
+    parser.add_argument(
+        "--include", type=list[str] | None, default=None, help="Merge only entries whose names start so."
+    )
+    parser.add_argument(
+        "--exclude",
+        type=list[str] | None,
+        default=None,
+        help="Leave entries whose names start so at the base's values.",
+    )
+    parser.add_argument(
+        "--coef", type=float | None, default=None, help="The coefficient lambda; default: the method's."
+    )
+    parser.add_argument(
+        "--grid", type=list[float] | None, default=None, help="Coefficients to validate; the best is kept."
+    )
     parser.add_subclass_arguments(pl.LightningDataModule, "data", required=False, instantiate=True)
-    parser.add_argument("--metric", type=str, default="val/mean/acc", help="The validation metric the grid search compares.")
-    parser.add_argument("--mode", type=str, default="max", choices=["max", "min"], help="Whether a higher or lower metric is better.")
+    parser.add_argument(
+        "--metric", type=str, default="val/mean/acc", help="The validation metric the grid search compares."
+    )
+    parser.add_argument(
+        "--mode", type=str, default="max", choices=["max", "min"], help="Whether a higher or lower metric is better."
+    )
     parser.add_argument("--trainer", type=dict, default={}, help="Keyword arguments of the validating Trainer.")
     parser.add_argument("--seed_everything", type=int | None, default=0, help="Seed set before the data is built.")
     return parser
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
 
 
 def _module_class(name: str | None, checkpoint: dict[str, Any], base: str) -> type[pl.LightningModule]:
@@ -64,10 +90,8 @@ def _module_class(name: str | None, checkpoint: dict[str, Any], base: str) -> ty
     if "." in name:
         module, _, attr = name.rpartition(".")
         cls = getattr(importlib.import_module(module), attr, None)
-    else:
-        import lightning_mtl
-
-        cls = getattr(lightning_mtl, name, None)
+    else:  # a short name among the modules imported so far (the command line imports every family first)
+        cls = next((c for c in _subclasses(pl.LightningModule) if c.__name__ == name), None)
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
         raise ValueError(f"model {name!r} is not a LightningModule class path or short name")
     return cls
@@ -98,13 +122,17 @@ def merge_checkpoints(
     if not experts:
         raise ValueError("experts is empty; give the fine-tuned checkpoints to merge")
     if grid is not None and data is None:
-        raise ValueError("a coefficient grid is validated on data: give --data (a LightningDataModule) or a fixed --coef")
+        raise ValueError(
+            "a coefficient grid is validated on data: give --data (a LightningDataModule) or a fixed --coef"
+        )
     if not os.path.isfile(base):
         raise FileNotFoundError(f"base checkpoint {base!r} does not exist")
     merge = create_merge(method, **(method_args or {}))
     checkpoint = torch.load(base, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"base {base!r} is not a Lightning checkpoint (no 'state_dict' entry); the merge writes one from it")
+        raise ValueError(
+            f"base {base!r} is not a Lightning checkpoint (no 'state_dict' entry); the merge writes one from it"
+        )
     module = _module_class(model, checkpoint, base).load_from_checkpoint(base, map_location="cpu")
     base_state = checkpoint["state_dict"]
     vectors = [TaskVector.from_state_dicts(base_state, load_state_dict(path), include, exclude) for path in experts]
@@ -121,7 +149,11 @@ def merge_checkpoints(
         merged.apply_to(module, coef)
     record = {"method": merge.registry_name, "method_args": dict(method_args or {}), "coef": coef, "base": base,
               "experts": list(experts), "include": include, "exclude": exclude, "metric": metric, "scores": scores}  # fmt: skip
-    out = {key: checkpoint[key] for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters") if key in checkpoint}
+    out = {
+        key: checkpoint[key]
+        for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters")
+        if key in checkpoint
+    }
     out.update({"epoch": 0, "global_step": 0, "pytorch-lightning_version": pl.__version__,
                 "state_dict": module.state_dict(), "merging": record})  # fmt: skip
     path = Path(output)
@@ -133,10 +165,11 @@ def merge_checkpoints(
 
 
 def main(args: list[str] | None = None, prog: str = "lightning-mtl merge") -> dict[str, Any]:
-    """Parse ``args`` (the command line after ``merge``), merge, print a summary line and return it."""
-    from lightning_mtl import import_families
+    """Parse ``args`` (the command line after ``merge``), merge, print a summary line and return it.
 
-    import_families()  # short class names in configs (data: class_path: MultiDigits)
+    Short class names in the config (``data: MultiDigits``) resolve among the imported classes:
+    ``python -m lightning_mtl merge`` imports every family first (:func:`lightning_mtl.import_families`).
+    """
     parser = build_parser(prog)
     config = parser.parse_args(args)
     if config.seed_everything is not None:

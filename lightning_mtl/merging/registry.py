@@ -32,7 +32,9 @@ class Merge:
                 if key not in other:
                     raise KeyError(f"{key!r} is in task vector 0 but not in task vector {i}")
                 if other[key].shape != first[key].shape:
-                    raise ValueError(f"{key!r} has shape {tuple(first[key].shape)} in task vector 0 and {tuple(other[key].shape)} in task vector {i}")
+                    raise ValueError(
+                        f"{key!r} has shape {tuple(first[key].shape)} in task vector 0 and {tuple(other[key].shape)} in task vector {i}"
+                    )
             for key in other:
                 if key not in first:
                     raise KeyError(f"{key!r} is in task vector {i} but not in task vector 0")

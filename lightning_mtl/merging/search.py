@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_mtl.merging.task_vector import TaskVector
+
+if TYPE_CHECKING:  # the search drives a Trainer it is given; importing the family loads no Lightning
+    import lightning.pytorch as pl
 
 __all__ = ["CoefficientSearch", "search_coefficient"]
 

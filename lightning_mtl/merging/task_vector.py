@@ -33,7 +33,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (expected a .ckpt, .pt, .pth or .safetensors file)")
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist (expected a .ckpt, .pt, .pth or .safetensors file)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -45,7 +47,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise ValueError(f"{str(path)!r} holds no state dict (a mapping of names to tensors, or one under 'state_dict')")
+        raise ValueError(
+            f"{str(path)!r} holds no state dict (a mapping of names to tensors, or one under 'state_dict')"
+        )
     return dict(loaded)
 
 
@@ -94,7 +98,9 @@ class TaskVector(Mapping[str, Tensor]):
         self._deltas: dict[str, Tensor] = {}
         for key, value in deltas.items():
             if not value.is_floating_point():
-                raise ValueError(f"task vector entry {key!r} has dtype {value.dtype}; only floating-point entries are merged")
+                raise ValueError(
+                    f"task vector entry {key!r} has dtype {value.dtype}; only floating-point entries are merged"
+                )
             self._deltas[key] = value.detach().to(dtype=dtype, copy=True)
         self.dtype = dtype
 
@@ -138,7 +144,9 @@ class TaskVector(Mapping[str, Tensor]):
                 raise KeyError(f"{key!r} is in the base state dict but not in the fine-tuned one")
             a, b = base_sd[key], tuned_sd[key]
             if a.shape != b.shape:
-                raise ValueError(f"{key!r} has shape {tuple(a.shape)} in the base and {tuple(b.shape)} in the fine-tuned state dict")
+                raise ValueError(
+                    f"{key!r} has shape {tuple(a.shape)} in the base and {tuple(b.shape)} in the fine-tuned state dict"
+                )
             deltas[key] = (b.to(wide) - a.to(wide)).to(dtype)
         return cls._wrap(deltas, dtype)
 
@@ -152,7 +160,9 @@ class TaskVector(Mapping[str, Tensor]):
         dtype: torch.dtype = torch.float32,
     ) -> TaskVector:
         """:meth:`from_state_dicts` on two checkpoint files (``.ckpt``, ``.pt``, ``.pth``, ``.safetensors``)."""
-        return cls.from_state_dicts(load_state_dict(base_path), load_state_dict(finetuned_path), include, exclude, dtype)
+        return cls.from_state_dicts(
+            load_state_dict(base_path), load_state_dict(finetuned_path), include, exclude, dtype
+        )
 
     @classmethod
     def _wrap(cls, deltas: dict[str, Tensor], dtype: torch.dtype) -> TaskVector:
@@ -181,7 +191,9 @@ class TaskVector(Mapping[str, Tensor]):
             if key not in other:
                 raise KeyError(f"{key!r} is in the left task vector but not in the right one")
             if other[key].shape != self._deltas[key].shape:
-                raise ValueError(f"{key!r} has shape {tuple(self._deltas[key].shape)} on the left and {tuple(other[key].shape)} on the right")
+                raise ValueError(
+                    f"{key!r} has shape {tuple(self._deltas[key].shape)} on the left and {tuple(other[key].shape)} on the right"
+                )
         for key in other:
             if key not in self._deltas:
                 raise KeyError(f"{key!r} is in the right task vector but not in the left one")
@@ -251,7 +263,9 @@ class TaskVector(Mapping[str, Tensor]):
                 raise KeyError(f"task vector entry {key!r} is not in the target state dict")
             base = state[key]
             if base.shape != delta.shape:
-                raise ValueError(f"task vector entry {key!r} has shape {tuple(delta.shape)}, the target's {tuple(base.shape)}")
+                raise ValueError(
+                    f"task vector entry {key!r} has shape {tuple(delta.shape)}, the target's {tuple(base.shape)}"
+                )
             if coef == 0:
                 new[key] = base.clone()  # exact, even where delta holds inf or nan
             else:

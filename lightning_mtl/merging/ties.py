@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -22,6 +22,7 @@ _BITS = {
     torch.float64: torch.int64,
 }
 _DIGIT = 16  # bits resolved per pass: a 65 536-bin histogram
+_CHUNK = 1 << 16  # entries per tensor handled at once: temporaries of a few MB, not of the largest tensor's size
 
 
 def kth_smallest_magnitude(tensors: Sequence[Tensor], k: int) -> Tensor:
@@ -30,7 +31,7 @@ def kth_smallest_magnitude(tensors: Sequence[Tensor], k: int) -> Tensor:
 
     A radix select on the bit patterns of ``|x|``: each pass builds a histogram of the next 16 bits of
     the entries still in the running, tensor by tensor, and keeps the bin that holds the ``k``-th entry
-    (two passes for float32). Extra memory is a few temporaries of the largest tensor's size.
+    (two passes for float32). Tensors are read in chunks: extra memory is a few MB, whatever their sizes.
 
     Args:
         tensors: floating-point tensors of one dtype (float16, bfloat16, float32 or float64).
@@ -38,7 +39,9 @@ def kth_smallest_magnitude(tensors: Sequence[Tensor], k: int) -> Tensor:
     """
     dtype = tensors[0].dtype
     if dtype not in _BITS or any(t.dtype != dtype for t in tensors):
-        raise ValueError(f"kth_smallest_magnitude needs tensors of one floating dtype among {list(_BITS)}, got {sorted({str(t.dtype) for t in tensors})}")
+        raise ValueError(
+            f"kth_smallest_magnitude needs tensors of one floating dtype among {list(_BITS)}, got {sorted({str(t.dtype) for t in tensors})}"
+        )
     total = sum(t.numel() for t in tensors)
     if not 1 <= k <= total:
         raise ValueError(f"k must lie in [1, {total}] (the number of entries), got {k}")
@@ -48,15 +51,27 @@ def kth_smallest_magnitude(tensors: Sequence[Tensor], k: int) -> Tensor:
     for shift in range(width - _DIGIT, -1, -_DIGIT):
         hist = torch.zeros(1 << _DIGIT, dtype=torch.int64)
         for tensor in tensors:
-            bits = tensor.detach().reshape(-1).abs().view(int_dtype)
-            if shift + _DIGIT < width:  # only the entries whose higher bits match the chosen bins
-                bits = bits[(bits >> (shift + _DIGIT)) == prefix]
-            hist += torch.bincount(((bits >> shift) & 0xFFFF).cpu(), minlength=1 << _DIGIT)
+            flat = tensor.detach().reshape(-1)
+            for start in range(0, flat.numel(), _CHUNK):
+                bits = flat[start : start + _CHUNK].abs().view(int_dtype)
+                if shift + _DIGIT < width:  # only the entries whose higher bits match the chosen bins
+                    bits = bits[(bits >> (shift + _DIGIT)) == prefix]
+                hist += torch.bincount(((bits >> shift) & 0xFFFF).cpu(), minlength=1 << _DIGIT)
         cumulative = hist.cumsum(0)
         digit = int(torch.searchsorted(cumulative, remaining))  # the first bin reaching rank `remaining`
         remaining -= int(cumulative[digit - 1]) if digit else 0
         prefix = (prefix << _DIGIT) | digit
     return torch.tensor(prefix, dtype=torch.int64).to(int_dtype).view(dtype)
+
+
+def _trimmed_block(parts: Sequence[Tensor], thresholds: Sequence[Tensor | None]) -> Tensor:
+    """The ``[T, n]`` float32 block of ``parts`` with each row's entries below its threshold in magnitude
+    zeroed (``None``: the row is kept whole)."""
+    block = torch.stack([part.to(torch.float32) for part in parts])
+    for row, threshold in zip(block, thresholds):
+        if threshold is not None:
+            row.mul_(row.abs() >= threshold.to(torch.float32))
+    return block
 
 
 def _kept(k_percent: float, numel: int) -> int:
@@ -133,51 +148,40 @@ class TIES(Merge):
 
     def merge(self, vectors: Sequence[Mapping[str, Tensor]]) -> TaskVector:
         thresholds = self.thresholds(vectors)
-
-        def trimmed(t: int, key: str) -> Tensor:
-            x = vectors[t][key].detach().to(torch.float32)
-            threshold = thresholds[t][key]
-            return x if threshold is None else x * (x.abs() >= threshold.to(x.dtype))
-
         merged: dict[str, Tensor] = {}
-        undecided: dict[str, Tensor] = {}  # flat indices whose trimmed sum is exactly zero but not all entries
+        undecided: dict[str, list[Tensor]] = {}  # flat indices whose trimmed sum is exactly zero, not all entries
         sign_total = torch.zeros((), dtype=torch.float64)
         for key in vectors[0]:
-            total = torch.zeros(vectors[0][key].shape, dtype=torch.float32)
-            touched = torch.zeros(vectors[0][key].shape, dtype=torch.bool)
-            for t in range(len(vectors)):
-                y = trimmed(t, key)
-                total += y
-                touched |= y != 0
-            sign = torch.sign(total)
-            sign_total += sign.sum(dtype=torch.float64)
-            merged[key] = self._disjoint(lambda t, key=key: trimmed(t, key), len(vectors), sign)
-            ties = ((sign == 0) & touched).reshape(-1).nonzero().squeeze(1)
-            if ties.numel():
-                undecided[key] = ties
+            flats = [vector[key].detach().reshape(-1) for vector in vectors]
+            limits = [thresholds[t][key] for t in range(len(vectors))]
+            out = torch.empty(flats[0].numel(), dtype=torch.float32)
+            # a [T, chunk] block at a time: the official computation, on a few MB instead of T x P
+            for start in range(0, out.numel(), _CHUNK):
+                block = _trimmed_block([flat[start : start + _CHUNK] for flat in flats], limits)
+                sign = torch.sign(block.sum(dim=0))
+                sign_total += sign.sum(dtype=torch.float64)
+                out[start : start + _CHUNK] = self._disjoint(block, sign)
+                ties = ((sign == 0) & (block != 0).any(dim=0)).nonzero().squeeze(1)
+                if ties.numel():
+                    undecided.setdefault(key, []).append(ties + start)
+            merged[key] = out.view(vectors[0][key].shape)
         majority = torch.sign(sign_total).to(torch.float32)
         if majority != 0:  # with a zero majority the official code leaves these entries at sign 0
-            for key, index in undecided.items():
-                picks = [trimmed(t, key).reshape(-1)[index] for t in range(len(vectors))]
-                sign = majority.expand(index.shape)
-                merged[key].view(-1)[index] = self._disjoint(lambda t: picks[t], len(vectors), sign)
+            for key, pieces in undecided.items():
+                index = torch.cat(pieces)
+                block = _trimmed_block(
+                    [vector[key].detach().reshape(-1)[index] for vector in vectors],
+                    [thresholds[t][key] for t in range(len(vectors))],
+                )
+                merged[key].view(-1)[index] = self._disjoint(block, majority.expand(index.shape))
         return TaskVector._wrap(merged, torch.float32)
 
-    def _disjoint(self, trimmed: Callable[[int], Tensor], num_tasks: int, sign: Tensor) -> Tensor:
-        """The disjoint aggregate of the ``num_tasks`` trimmed tensors ``trimmed(t)`` under ``sign``
-        (a callable, so that no ``T`` stacked copies exist at once)."""
-        acc = torch.zeros(sign.shape, dtype=torch.float32)
-        count = torch.zeros(sign.shape, dtype=torch.float32)
-        for t in range(num_tasks):
-            y = trimmed(t)
-            agree = torch.where(sign > 0, y > 0, y < 0)  # sign 0 selects the negative entries, as officially
-            if self.merge_func == "max":
-                torch.maximum(acc, (y * agree).abs(), out=acc)
-            else:
-                acc += y * agree
-                count += agree
+    def _disjoint(self, block: Tensor, sign: Tensor) -> Tensor:
+        """The disjoint aggregate of the trimmed ``[T, n]`` block under the elected ``sign`` ``[n]``."""
+        agree = torch.where(sign > 0, block > 0, block < 0)  # sign 0 selects the negative entries, as officially
+        selected = block * agree
         if self.merge_func == "mean":
-            return acc / count.clamp(min=1)
+            return selected.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
         if self.merge_func == "max":
-            return acc * sign
-        return acc
+            return selected.abs().amax(dim=0) * sign
+        return selected.sum(dim=0)

@@ -59,7 +59,9 @@ def test_every_merge_config_writes_a_loadable_checkpoint_of_the_hand_merged_mode
         merged_tau = 0.5 * (vectors[0] + vectors[1])
     expected = merged_tau.apply_to(base_state, summary["coef"])
     written = torch.load(output, weights_only=True)
-    assert written["merging"]["method"] == method and written["hyper_parameters"]["_class_path"].endswith("MultiTaskModule")
+    assert written["merging"]["method"] == method and written["hyper_parameters"]["_class_path"].endswith(
+        "MultiTaskModule"
+    )
     if "grid:" in config.read_text():
         assert set(summary["scores"]) == {0.5, 1.0} and summary["coef"] in (0.5, 1.0)
     for key, value in expected.items():
@@ -85,4 +87,20 @@ def test_merge_errors_are_one_clear_sentence(checkpoints, tmp_path):
         main(["merge", *common, "--experts", f"[{tmp_path / 'missing.ckpt'}]"])
     with pytest.raises(FileNotFoundError, match="base checkpoint .*nothere.ckpt"):
         main(["merge", *common, "--base", str(tmp_path / "nothere.ckpt")])
+    with pytest.raises(ValueError, match="model 'NoSuchModule' is not a LightningModule class path or short name"):
+        main(["merge", *common, "--model", "NoSuchModule"])
     assert not (tmp_path / "m.ckpt").exists()
+
+
+def test_a_short_model_name_and_coef_zero_write_the_base_bit_for_bit(checkpoints, tmp_path):
+    base, experts, _ = checkpoints
+    output = tmp_path / "zero.ckpt"
+    main(["merge", "--base", base, "--experts", str(experts), "--output", str(output), "--model", "MultiTaskModule",
+          "--method", "ties", "--coef", "0.0"])  # fmt: skip
+    written, original = (
+        torch.load(output, weights_only=True)["state_dict"],
+        torch.load(base, weights_only=True)["state_dict"],
+    )
+    assert written.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(written[key], value), key

@@ -23,10 +23,14 @@ class Scalar(pl.LightningModule):
 
 def _search(mode: str, metric: str = "val/dist"):
     module = Scalar()
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     loader = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=2)
     tau = TaskVector({"w": torch.tensor(1.0)})
-    return module, search_coefficient(module, tau, [0.0, 0.5, 0.7, 1.0], trainer, dataloaders=loader, metric=metric, mode=mode)
+    return module, search_coefficient(
+        module, tau, [0.0, 0.5, 0.7, 1.0], trainer, dataloaders=loader, metric=metric, mode=mode
+    )
 
 
 def test_the_search_validates_every_candidate_and_keeps_the_best():
