@@ -21,6 +21,7 @@ __all__ = [
     "distributed_rank",
     "distributed_world_size",
     "gather_rows",
+    "gather_rows_with_grad",
     "gather_strided",
     "max_over_ranks",
     "mean_over_ranks_",
@@ -73,6 +74,46 @@ def gather_rows(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+class _GatherRowsWithGrad(torch.autograd.Function):
+    """All-gather of row blocks whose backward sums the incoming gradients over the ranks."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+        rank = dist.get_rank()
+        ctx.start = sum(sizes[:rank])  # type: ignore[attr-defined]
+        ctx.size = sizes[rank]  # type: ignore[attr-defined]
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        # every rank computes the loss of the whole gathered batch: the sum of their gradients, divided
+        # again by DDP's average, is the gradient of that one loss
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.size], None  # type: ignore[attr-defined]
+
+
+def gather_rows_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` ``[n_r, ...]`` of every rank along dim 0 (rank order), with gradients.
+
+    Meant for a loss that every rank computes on the whole gathered batch (in-batch negatives from all
+    ranks): the backward pass all-reduces (sums) the gradient of the gathered rows and hands each rank
+    the rows it gave, so that after DDP's averaging the parameters hold the gradient of the loss on the
+    concatenated batch. Ranks may hold different ``n_r``. Returns ``tensor`` itself outside a process group.
+    """
+    world = distributed_world_size()
+    if world == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    return _GatherRowsWithGrad.apply(tensor, [int(c.item()) for c in counts])
 
 
 def gather_strided(tensor: Tensor, total: int) -> Tensor:

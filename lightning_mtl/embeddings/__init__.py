@@ -1,0 +1,28 @@
+"""Text embeddings: bi-encoders over Hugging Face encoders, MNR / InfoNCE losses, mixture-of-experts surgery
+with enforced routing, pair and retrieval data, and retrieval / pair-classification evaluation."""
+
+from lightning_mtl.embeddings.losses import (
+    CosineSimilarityLoss,
+    MNRLoss,
+    MNRPlusLoss,
+    cosine_similarity_loss,
+    create_loss,
+    list_losses,
+    mnr_loss,
+    mnr_plus_loss,
+    register_loss,
+    similarity_matrix,
+)
+
+__all__ = [
+    "CosineSimilarityLoss",
+    "MNRLoss",
+    "MNRPlusLoss",
+    "cosine_similarity_loss",
+    "create_loss",
+    "list_losses",
+    "mnr_loss",
+    "mnr_plus_loss",
+    "register_loss",
+    "similarity_matrix",
+]
