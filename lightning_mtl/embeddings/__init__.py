@@ -13,9 +13,11 @@ from lightning_mtl.embeddings.losses import (
     register_loss,
     similarity_matrix,
 )
+from lightning_mtl.embeddings.moe import EnforcedRoutingExperts, moe_surgery, routing
 
 __all__ = [
     "CosineSimilarityLoss",
+    "EnforcedRoutingExperts",
     "MNRLoss",
     "MNRPlusLoss",
     "cosine_similarity_loss",
@@ -23,6 +25,8 @@ __all__ = [
     "list_losses",
     "mnr_loss",
     "mnr_plus_loss",
+    "moe_surgery",
     "register_loss",
+    "routing",
     "similarity_matrix",
 ]
