@@ -94,7 +94,7 @@ class _GatherRowsWithGrad(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         # every rank computes the loss of the whole gathered batch: the sum of their gradients, divided
         # again by DDP's average, is the gradient of that one loss
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may share the incoming buffer
         dist.all_reduce(grad)
         return grad[ctx.start : ctx.start + ctx.size], None  # type: ignore[attr-defined]
 

@@ -1,6 +1,7 @@
 """Text embeddings: bi-encoders over Hugging Face encoders, MNR / InfoNCE losses, mixture-of-experts surgery
 with enforced routing, pair and retrieval data, and retrieval / pair-classification evaluation."""
 
+from lightning_mtl.embeddings.bi_encoder import BiEncoder, pool_tokens
 from lightning_mtl.embeddings.losses import (
     CosineSimilarityLoss,
     MNRLoss,
@@ -16,6 +17,7 @@ from lightning_mtl.embeddings.losses import (
 from lightning_mtl.embeddings.moe import EnforcedRoutingExperts, moe_surgery, routing
 
 __all__ = [
+    "BiEncoder",
     "CosineSimilarityLoss",
     "EnforcedRoutingExperts",
     "MNRLoss",
@@ -25,6 +27,7 @@ __all__ = [
     "list_losses",
     "mnr_loss",
     "mnr_plus_loss",
+    "pool_tokens",
     "moe_surgery",
     "register_loss",
     "routing",
