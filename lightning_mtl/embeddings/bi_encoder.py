@@ -112,6 +112,13 @@ class BiEncoder(pl.LightningModule):
         self.optimizer_factory = optimizer
 
     def setup(self, stage: str) -> None:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        vocab = int(self.encoder.model.config.vocab_size)
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ValueError(
+                f"the data's tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: "
+                "raise the model config's vocab_size or lower the data's vocab_size"
+            )
         strategy = self.trainer.strategy
         if self.num_experts > 1 and isinstance(strategy, DDPStrategy):
             if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):

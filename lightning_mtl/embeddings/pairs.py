@@ -1,0 +1,241 @@
+"""Text pairs (anchor, positive, optional hard negatives, optional domain) from local files, tokenised in the
+data-loader workers with dynamic padding."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_mtl.embeddings.embedded import DOMAINS, embedded_pairs
+
+__all__ = ["PairCollate", "PairsDataModule", "read_rows", "train_wordpiece"]
+
+_INSTALL = "PairsDataModule needs the optional `transformers` package: pip install 'lightning-mtl[embeddings]'"
+_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` / ``.json`` (list of objects) / ``.csv`` file, or ``.parquet`` through ``datasets``."""
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".json"):
+        with open(path) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects (or .jsonl, one object per line)")
+        return rows
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    if path.endswith(".parquet"):
+        try:
+            import datasets
+        except ImportError as error:
+            raise ImportError("reading .parquet pairs needs the optional `datasets` package") from error
+        return list(datasets.load_dataset("parquet", data_files=path, split="train"))
+    raise ValueError(f"{path}: unsupported pair file type; use .jsonl, .json, .csv or .parquet")
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int = 2048) -> Any:
+    """A lower-casing WordPiece tokenizer trained on ``texts`` in a few seconds (``[PAD]`` = 0, ``[CLS]`` /
+    ``[SEP]`` around each text), as a ``transformers`` fast tokenizer; nothing is downloaded."""
+    try:
+        import tokenizers
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as error:
+        raise ImportError(_INSTALL) from error
+    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+
+
+class PairCollate:
+    """Tokenise a list of pair rows into a :class:`~lightning_mtl.embeddings.BiEncoder` batch (runs in the
+    data-loader workers; padding to the longest text of the batch).
+
+    Rows are sorted by domain (stably) so that enforced routing finds each expert's samples contiguous;
+    in-batch-negative losses do not depend on the order of the rows.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        max_length: truncation length in tokens.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def _tokens(self, texts: list[str]) -> dict[str, Tensor]:
+        out = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if "domain" in rows[0]:
+            rows = sorted(rows, key=lambda row: row["domain"])
+        batch: dict[str, Any] = {
+            "anchor": self._tokens([row["anchor"] for row in rows]),
+            "positive": self._tokens([row["positive"] for row in rows]),
+        }
+        if "negative" in rows[0]:
+            k = len(rows[0]["negative"])
+            tokens = self._tokens([text for row in rows for text in row["negative"]])
+            batch["negative"] = {key: value.view(len(rows), k, -1) for key, value in tokens.items()}
+        if "domain" in rows[0]:
+            batch["domain"] = torch.tensor([row["domain"] for row in rows])
+        return batch
+
+
+class PairsDataModule(pl.LightningDataModule):
+    """(anchor, positive[, hard negatives][, domain]) text pairs for a :class:`~lightning_mtl.embeddings.BiEncoder`.
+
+    Files are ``.jsonl`` / ``.json`` / ``.csv`` (or ``.parquet`` through ``datasets``). Without ``train``, the
+    embedded corpus of :func:`~lightning_mtl.embeddings.embedded_pairs` (three domains built from Python's own
+    docstrings and templates) is split into train / val. Hard negatives: a list of texts per row in json
+    (the same count in every row), one text in csv. Domains: names or ints, mapped to expert ids by
+    ``domains`` (default: sorted names of the training split; the embedded corpus: functions, classes,
+    paraphrases).
+
+    Args:
+        train: training pairs file (``None``: the embedded corpus).
+        val: validation pairs file (embedded corpus: ``val_fraction`` of it).
+        test: test pairs file.
+        tokenizer: local tokenizer folder (``AutoTokenizer``; nothing is downloaded); ``None``: a WordPiece
+            vocabulary of ``vocab_size`` trained on the training texts.
+        vocab_size: size of that trained vocabulary (the model's ``vocab_size`` must be at least this).
+        columns: file column of each field: ``{"anchor": ..., "positive": ..., "negative": ..., "domain": ...}``
+            (defaults: the field names; ``negative`` and ``domain`` are used when present).
+        domains: domain names in expert-id order.
+        max_length: truncation length in tokens.
+        batch_size: pairs per batch (per rank under DDP).
+        num_workers: data-loader workers (tokenisation happens there).
+        per_domain: cap per domain of the embedded corpus.
+        val_fraction: share of the embedded corpus held out for validation.
+        seed: shuffles the embedded corpus and the training batches.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        tokenizer: str | None = None,
+        vocab_size: int = 2048,
+        columns: dict[str, str] | None = None,
+        domains: list[str] | None = None,
+        max_length: int = 128,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        per_domain: int = 300,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        unknown = set(columns or {}) - {"anchor", "positive", "negative", "domain"}
+        if unknown:
+            raise ValueError(f"unknown pair field(s) {sorted(unknown)}: columns maps anchor, positive, negative, domain")
+        self.columns = {"anchor": "anchor", "positive": "positive", "negative": "negative", "domain": "domain"}
+        self.columns.update(columns or {})
+        self.files = {"train": train, "val": val, "test": test}
+        for split, path in self.files.items():
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"{split} pairs file {path!r} does not exist")
+        self.domain_names: list[str] | None = list(domains) if domains is not None else None
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+        self.tokenizer: Any = None
+
+    def _read(self) -> dict[str, list[dict[str, Any]]]:
+        if self.files["train"] is None:
+            rows = embedded_pairs(self.hparams["per_domain"], self.hparams["seed"])
+            cut = int(round(len(rows) * self.hparams["val_fraction"]))
+            if self.domain_names is None:
+                self.domain_names = list(DOMAINS)
+            return {"train": rows[cut:], "val": rows[:cut]}
+        return {split: [self._row(raw, path) for raw in read_rows(path)]
+                for split, path in self.files.items() if path is not None}  # fmt: skip
+
+    def _row(self, raw: dict[str, Any], path: str) -> dict[str, Any]:
+        row = {}
+        for field, column in self.columns.items():
+            if column in raw and raw[column] not in (None, ""):
+                row[field] = raw[column]
+            elif field in ("anchor", "positive"):
+                raise ValueError(f"pairs file {path!r} has no column {column!r} (columns: {', '.join(raw)})")
+        if "negative" in row and isinstance(row["negative"], str):
+            row["negative"] = [row["negative"]]
+        return row
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        splits = self._read()
+        train = splits.get("train", [])
+        if self.domain_names is None and train and "domain" in train[0]:
+            self.domain_names = sorted({str(row["domain"]) for row in train})
+        for rows in splits.values():
+            self._check(rows)
+        self.splits = splits
+        if self.tokenizer is None:
+            self.tokenizer = self._tokenizer(train)
+
+    def _check(self, rows: list[dict[str, Any]]) -> None:
+        counts = {len(row.get("negative", [])) for row in rows}
+        if len(counts) > 1:
+            raise ValueError(f"every row needs the same number of hard negatives, found {sorted(counts)}")
+        names = {name: i for i, name in enumerate(self.domain_names or [])}
+        for row in rows:
+            if "domain" not in row:
+                continue
+            if str(row["domain"]) not in names:
+                raise ValueError(f"domain {row['domain']!r} is not among the domains {self.domain_names}")
+            row["domain"] = names[str(row["domain"])]
+
+    def _tokenizer(self, train: list[dict[str, Any]]) -> Any:
+        path = self.hparams["tokenizer"]
+        if path is None:
+            texts = [text for row in train for text in (row["anchor"], row["positive"], *row.get("negative", []))]
+            return train_wordpiece(texts, self.hparams["vocab_size"])
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (nothing is downloaded)")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as error:
+            raise ImportError(_INSTALL) from error
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        """The rows of a split (domains as expert ids), after ``setup``."""
+        if split not in self.splits:
+            raise ValueError(f"no {split} pairs: give `{split}` (or leave `train` empty for the embedded corpus)")
+        return self.splits[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams["seed"]) if shuffle else None
+        return DataLoader(self.rows(split), batch_size=self.hparams["batch_size"], shuffle=shuffle,  # type: ignore[arg-type]
+                          num_workers=self.hparams["num_workers"], generator=generator,
+                          collate_fn=PairCollate(self.tokenizer, self.hparams["max_length"]))  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
