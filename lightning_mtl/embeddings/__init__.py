@@ -16,7 +16,14 @@ from lightning_mtl.embeddings.losses import (
     similarity_matrix,
 )
 from lightning_mtl.embeddings.moe import EnforcedRoutingExperts, moe_surgery, routing
+from lightning_mtl.embeddings.pair_classification import (
+    PairClassificationEvaluation,
+    f1_at_threshold,
+    labelled_pairs,
+    max_f1_threshold,
+)
 from lightning_mtl.embeddings.pairs import PairCollate, PairsDataModule, read_rows, train_wordpiece
+from lightning_mtl.embeddings.retrieval import RetrievalEvaluation, RetrievalSet, load_beir, retrieval_metrics
 
 __all__ = [
     "BiEncoder",
@@ -24,18 +31,26 @@ __all__ = [
     "EnforcedRoutingExperts",
     "MNRLoss",
     "MNRPlusLoss",
+    "PairClassificationEvaluation",
     "PairCollate",
     "PairsDataModule",
+    "RetrievalEvaluation",
+    "RetrievalSet",
     "cosine_similarity_loss",
     "create_loss",
     "embedded_pairs",
+    "f1_at_threshold",
+    "labelled_pairs",
     "list_losses",
+    "load_beir",
+    "max_f1_threshold",
     "mnr_loss",
     "mnr_plus_loss",
     "pool_tokens",
     "read_rows",
     "moe_surgery",
     "register_loss",
+    "retrieval_metrics",
     "routing",
     "similarity_matrix",
     "train_wordpiece",

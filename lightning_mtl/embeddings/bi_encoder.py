@@ -145,6 +145,36 @@ class BiEncoder(pl.LightningModule):
             out = self.projection(out)
         return F.normalize(out, dim=-1) if self.normalize else out
 
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: list[str],
+        tokenizer: Any,
+        domain: int | list[int] | None = None,
+        batch_size: int = 64,
+        max_length: int = 128,
+    ) -> Tensor:
+        """Embeddings ``[N, embedding_dim]`` of ``texts`` in eval mode (restored after), in batches.
+
+        Args:
+            texts: the texts.
+            tokenizer: a ``transformers`` tokenizer.
+            domain: the expert every text uses, or one per text (needed when the model has experts).
+            batch_size: texts per forward pass.
+            max_length: truncation length in tokens.
+        """
+        training = self.training
+        self.eval()
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt")  # fmt: skip
+            features = {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask")}
+            route = torch.tensor(domain[start : start + batch_size], device=self.device) if isinstance(domain, list) else domain
+            parts.append(self.embed(features, route).float())
+        self.train(training)
+        return torch.cat(parts) if parts else torch.zeros(0, self.embedding_dim, device=self.device)
+
     def forward(self, features: dict[str, Tensor], domain: Tensor | int | None = None) -> Tensor:
         return self.embed(features, domain)
 
@@ -178,6 +208,10 @@ class BiEncoder(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self.batch_loss(batch)
         self.log("val/loss", loss, sync_dist=True, batch_size=batch["anchor"]["input_ids"].shape[0])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.batch_loss(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["anchor"]["input_ids"].shape[0])
 
     def configure_optimizers(self) -> Any:
         return self.optimizer_factory(self.parameters())
