@@ -80,7 +80,7 @@ class _GatherRowsWithGrad(torch.autograd.Function):
     """All-gather of row blocks whose backward sums the incoming gradients over the ranks."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: Tensor, sizes: list[int]) -> Tensor:
         rank = dist.get_rank()
         ctx.start = sum(sizes[:rank])  # type: ignore[attr-defined]
         ctx.size = sizes[rank]  # type: ignore[attr-defined]
@@ -91,7 +91,7 @@ class _GatherRowsWithGrad(torch.autograd.Function):
         return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         # every rank computes the loss of the whole gathered batch: the sum of their gradients, divided
         # again by DDP's average, is the gradient of that one loss
         grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may share the incoming buffer

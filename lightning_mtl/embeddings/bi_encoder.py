@@ -110,9 +110,11 @@ class BiEncoder(pl.LightningModule):
         self.embedding_dim = projection_dim or width
         self.pooling, self.normalize, self.gather_across_ranks = pooling, normalize, gather_across_ranks
         self.optimizer_factory = optimizer
+        # {logged key: higher is better}, for BestMetricsSummary; the evaluation callbacks add theirs
+        self.metric_directions: dict[str, bool] = {"train/loss": False, "val/loss": False, "test/loss": False}
 
     def setup(self, stage: str) -> None:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)  # type: ignore[attr-defined]
         vocab = int(self.encoder.model.config.vocab_size)
         if tokenizer is not None and len(tokenizer) > vocab:
             raise ValueError(
@@ -170,7 +172,11 @@ class BiEncoder(pl.LightningModule):
             tokens = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
                                max_length=max_length, return_tensors="pt")  # fmt: skip
             features = {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask")}
-            route = torch.tensor(domain[start : start + batch_size], device=self.device) if isinstance(domain, list) else domain
+            route = (
+                torch.tensor(domain[start : start + batch_size], device=self.device)
+                if isinstance(domain, list)
+                else domain
+            )
             parts.append(self.embed(features, route).float())
         self.train(training)
         return torch.cat(parts) if parts else torch.zeros(0, self.embedding_dim, device=self.device)

@@ -146,7 +146,9 @@ def mnr_plus_loss(anchors: Tensor, positives: Tensor, scale: float = 1.0, simila
     _check_pairs(anchors, positives)
     logits = scale * similarity_matrix(anchors, positives, similarity)
     with torch.no_grad():
-        within = (similarity_matrix(anchors, anchors, similarity) + similarity_matrix(positives, positives, similarity)) / 2
+        within = (
+            similarity_matrix(anchors, anchors, similarity) + similarity_matrix(positives, positives, similarity)
+        ) / 2
     return F.cross_entropy(logits, within.argmax(1)) + F.cross_entropy(logits.T, within.T.argmax(1))
 
 

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +38,7 @@ class EnforcedRoutingExperts(nn.Module):
     arXiv 2401.15713, 2024 (the sentence-level enforced switch). Samples are grouped by expert so every
     token is computed by exactly one expert, in one call per expert present: contiguous slices when the
     batch is already sorted by expert (the pair collate sorts it), one gather and one scatter otherwise.
-    Every tensor argument whose first dimension is the batch is split the same way (BERT's output block
-    takes the attention output for its residual too).
+    Every tensor argument whose first dimension is the batch is split the same way.
 
     Args:
         block: the dense block; the experts are deep copies, so an untrained surgery computes what it did.
@@ -76,6 +75,25 @@ class EnforcedRoutingExperts(nn.Module):
         return joined if plan.inverse is None else joined.index_select(0, plan.inverse)
 
 
+class _BertFeedForward(nn.Module):
+    """BERT's feed-forward half as one block (``intermediate`` then ``output`` with its residual and norm),
+    so that the batch is split once per layer, not twice."""
+
+    def __init__(self, intermediate: nn.Module, output: nn.Module) -> None:
+        super().__init__()
+        self.intermediate, self.output = intermediate, output
+
+    def forward(self, attention_output: Tensor) -> Tensor:
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class _Passthrough(nn.Module):
+    """Stands in for BERT's ``output`` once ``intermediate`` computes the whole feed-forward half."""
+
+    def forward(self, layer_output: Tensor, attention_output: Tensor) -> Tensor:
+        return layer_output
+
+
 def _rows(value: Any, batch: int, take: Any) -> Any:
     return take(value) if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch else value
 
@@ -83,8 +101,9 @@ def _rows(value: Any, batch: int, take: Any) -> Any:
 def moe_surgery(model: nn.Module, num_experts: int) -> nn.Module:
     """Turn every feed-forward block of a BERT-like encoder into ``num_experts`` copies with enforced routing.
 
-    Works in place on BERT, RoBERTa and MiniLM layers (``intermediate`` and ``output``), ModernBERT layers
-    (``mlp``) and DistilBERT layers (``ffn``). Attention, embeddings and norms outside the blocks stay
+    Works in place on BERT, RoBERTa and MiniLM layers (``intermediate`` and ``output``, joined into one
+    block per expert: ``layer.intermediate`` then holds the experts and ``layer.output`` passes their result
+    through), ModernBERT layers (``mlp``) and DistilBERT layers (``ffn``). Attention, embeddings and norms outside the blocks stay
     shared. Call the model inside :func:`routing` to say which expert each sample uses. Parameters of the
     blocks grow ``num_experts`` times; compute per token does not.
 
@@ -115,8 +134,12 @@ def moe_surgery(model: nn.Module, num_experts: int) -> nn.Module:
         looked = "; ".join(text for _, _, text in _LAYOUTS)
         raise ValueError(f"moe_surgery found no feed-forward block in {type(model).__name__}: it looks for {looked}")
     for layer, names in layers:
-        for name in names:
-            setattr(layer, name, EnforcedRoutingExperts(getattr(layer, name), int(num_experts)))
+        if names == ("intermediate", "output"):  # BERT's layer calls output(intermediate(x), x)
+            block = _BertFeedForward(cast(nn.Module, layer.intermediate), cast(nn.Module, layer.output))
+            layer.intermediate = EnforcedRoutingExperts(block, int(num_experts))
+            layer.output = _Passthrough()
+            continue
+        setattr(layer, names[0], EnforcedRoutingExperts(getattr(layer, names[0]), int(num_experts)))
     return model
 
 

@@ -59,7 +59,7 @@ class PairClassificationEvaluation(pl.Callback):
     """Max-F1 pair classification of a bi-encoder by the cosine similarity of the two texts.
 
     After each validation epoch the threshold that maximises F1 on the validation pairs is chosen and
-    logged (``val/pair/max_f1``, ``val/pair/threshold``); at test time that threshold is applied to the
+    logged (``val/pair/max_f1``, ``pair/threshold``); at test time that threshold is applied to the
     test pairs (``test/pair/f1``). The official code of Hallee et al. (arXiv 2401.15713) picks the threshold
     on the evaluation set itself, an optimistic number: it is logged too, as ``test/pair/max_f1_on_test``.
     The threshold is part of the callback's state (checkpoints).
@@ -99,10 +99,15 @@ class PairClassificationEvaluation(pl.Callback):
         pairs = self._pairs(trainer, split)
         tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
         domains = [p[3] for p in pairs] if self.domain is None else self.domain
-        encode = module.encode  # type: ignore[operator]
+        encode: Any = module.encode  # a BiEncoder (or any module with its encode)
         a = encode([p[0] for p in pairs], tokenizer, domains, self.batch_size, self.max_length)
         b = encode([p[1] for p in pairs], tokenizer, domains, self.batch_size, self.max_length)
         return F.cosine_similarity(a, b, dim=-1).cpu(), torch.tensor([p[2] for p in pairs])
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        directions = getattr(pl_module, "metric_directions", None)
+        if isinstance(directions, dict):
+            directions.update({"val/pair/max_f1": True, "test/pair/f1": True, "test/pair/max_f1_on_test": True})
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -110,7 +115,7 @@ class PairClassificationEvaluation(pl.Callback):
         f1, threshold = max_f1_threshold(*self._scores(trainer, pl_module, "val"))
         self.threshold = float(threshold)
         pl_module.log("val/pair/max_f1", f1.to(pl_module.device))
-        pl_module.log("val/pair/threshold", threshold.to(pl_module.device))
+        pl_module.log("pair/threshold", threshold.to(pl_module.device))  # not a score: outside val/
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.threshold is None:

@@ -58,9 +58,13 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int = 2048) -> Any:
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS))
+    tokenizer.train_from_iterator(
+        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS)
+    )
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
 
@@ -148,7 +152,9 @@ class PairsDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         unknown = set(columns or {}) - {"anchor", "positive", "negative", "domain"}
         if unknown:
-            raise ValueError(f"unknown pair field(s) {sorted(unknown)}: columns maps anchor, positive, negative, domain")
+            raise ValueError(
+                f"unknown pair field(s) {sorted(unknown)}: columns maps anchor, positive, negative, domain"
+            )
         self.columns = {"anchor": "anchor", "positive": "positive", "negative": "negative", "domain": "domain"}
         self.columns.update(columns or {})
         self.files = {"train": train, "val": val, "test": test}
@@ -238,4 +244,3 @@ class PairsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
-

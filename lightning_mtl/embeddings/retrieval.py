@@ -57,7 +57,9 @@ def load_beir(folder: str, split: str = "test") -> RetrievalSet:
     return RetrievalSet([query_text[q] for q in ids], corpus, {i: grades[q] for i, q in enumerate(ids)})
 
 
-def retrieval_metrics(scores: Tensor, qrels: dict[int, dict[int, int]], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Tensor]:
+def retrieval_metrics(
+    scores: Tensor, qrels: dict[int, dict[int, int]], ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, Tensor]:
     """``recall@k`` for each k, ``mrr`` and ``ndcg@<max k>`` of a ``[queries, corpus]`` score matrix.
 
     Args:
@@ -125,16 +127,26 @@ class RetrievalEvaluation(pl.Callback):
                 self.data.corpus_domains = [domain_of[text] for text in corpus]
         return self.data
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        directions = getattr(pl_module, "metric_directions", None)
+        if isinstance(directions, dict):  # for BestMetricsSummary: every retrieval score is higher-better
+            keys = [*(f"recall@{k}" for k in self.ks), "mrr", f"ndcg@{max(self.ks)}"]
+            directions.update({f"{self.prefix}/{key}": True for key in keys})
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         data = self._set(trainer)
         tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
         kwargs = dict(batch_size=self.batch_size, max_length=self.max_length)
-        encode = pl_module.encode  # type: ignore[operator]
+        encode: Any = pl_module.encode  # a BiEncoder (or any module with its encode)
         # a fixed domain wins; else each text its own (the validation pairs know theirs)
-        queries = encode(data.queries, tokenizer, self.domain if self.domain is not None else data.query_domains, **kwargs)
-        corpus = encode(data.corpus, tokenizer, self.domain if self.domain is not None else data.corpus_domains, **kwargs)
+        queries = encode(
+            data.queries, tokenizer, self.domain if self.domain is not None else data.query_domains, **kwargs
+        )
+        corpus = encode(
+            data.corpus, tokenizer, self.domain if self.domain is not None else data.corpus_domains, **kwargs
+        )
         queries, corpus = F.normalize(queries, dim=-1), F.normalize(corpus, dim=-1)
         for name, value in retrieval_metrics(queries @ corpus.T, data.qrels, self.ks).items():
             pl_module.log(f"{self.prefix}/{name}", value.to(pl_module.device))

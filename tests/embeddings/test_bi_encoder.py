@@ -27,7 +27,9 @@ def test_pooling_by_hand_with_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right-padded, left-padded
     torch.testing.assert_close(pool_tokens(hidden, mask, "last"), torch.stack([hidden[0, 2], hidden[1, 3]]))
     torch.testing.assert_close(pool_tokens(hidden, mask, "cls"), hidden[:, 0])
-    torch.testing.assert_close(pool_tokens(hidden, mask, "mean"), torch.stack([hidden[0, :3].mean(0), hidden[1, 1:].mean(0)]))
+    torch.testing.assert_close(
+        pool_tokens(hidden, mask, "mean"), torch.stack([hidden[0, :3].mean(0), hidden[1, 1:].mean(0)])
+    )
     with pytest.raises(ValueError, match="pooling must be 'mean', 'cls' or 'last', got 'max'"):
         pool_tokens(hidden, mask, "max")
 

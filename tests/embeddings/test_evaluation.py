@@ -87,9 +87,10 @@ def test_callbacks_log_metrics_and_apply_the_validation_threshold_at_test():
     trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert {"val/retrieval/recall@1", "val/retrieval/recall@5", "val/retrieval/mrr", "val/retrieval/ndcg@5",
-            "val/pair/max_f1", "val/pair/threshold", "val/loss"} <= set(metrics)  # fmt: skip
+            "val/pair/max_f1", "pair/threshold", "val/loss"} <= set(metrics)  # fmt: skip
+    assert module.metric_directions["val/retrieval/ndcg@5"] and not module.metric_directions["val/loss"]
     assert metrics["val/retrieval/recall@1"] <= metrics["val/retrieval/recall@5"]
-    assert pairs.threshold == pytest.approx(metrics["val/pair/threshold"].item())
+    assert pairs.threshold == pytest.approx(metrics["pair/threshold"].item())
     data.splits["test"] = data.rows("val")  # the same pairs: the val threshold is then the best one
     results = trainer.test(module, data, verbose=False)[0]
     assert results["test/pair/f1"] == pytest.approx(results["test/pair/max_f1_on_test"], rel=1e-6)

@@ -110,7 +110,9 @@ def test_mnr_plus_targets_leave_the_diagonal_when_rows_repeat():
     ce = torch.nn.functional.cross_entropy
     expected = ce(a @ p.T, targets) + ce(p @ a.T, targets)  # the within-similarity is symmetric here
     assert mnr_plus_loss(a, p).item() == pytest.approx(expected.item(), rel=1e-12)
-    assert mnr_plus_loss(a, p).item() != pytest.approx(2 * mnr_loss(a, p, similarity="dot", scale=1.0, symmetric=True).item())
+    assert mnr_plus_loss(a, p).item() != pytest.approx(
+        2 * mnr_loss(a, p, similarity="dot", scale=1.0, symmetric=True).item()
+    )
 
 
 def test_cosine_similarity_loss_equals_the_hand_formula():

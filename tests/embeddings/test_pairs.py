@@ -69,7 +69,10 @@ def test_embedded_corpus_has_three_domains_and_is_reproducible():
 def test_trained_wordpiece_round_trips_its_training_text():
     tokenizer = train_wordpiece(["the quick brown fox", "jumps over the lazy dog"], vocab_size=100)
     ids = tokenizer(["the lazy fox"])["input_ids"][0]
-    assert tokenizer.convert_ids_to_tokens(ids)[0] == "[CLS]" and tokenizer.decode(ids, skip_special_tokens=True) == "the lazy fox"
+    assert (
+        tokenizer.convert_ids_to_tokens(ids)[0] == "[CLS]"
+        and tokenizer.decode(ids, skip_special_tokens=True) == "the lazy fox"
+    )
 
 
 def test_bad_input_gives_one_sentence(tmp_path):
