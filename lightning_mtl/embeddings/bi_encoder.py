@@ -49,8 +49,8 @@ def _check_folder(path: str) -> None:
 
 
 class BiEncoder(pl.LightningModule):
-    """Sentence embeddings from a Hugging Face encoder, trained on (anchor, positive[, hard negatives][,
-    domain]) batches with a contrastive loss over in-batch negatives.
+    """Sentence embeddings from a Hugging Face encoder, trained on batches of (anchor, positive, optional
+    hard negatives, optional domain) with a contrastive loss over in-batch negatives.
 
     Reimers & Gurevych, "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks", EMNLP 2019 (the
     bi-encoder); Henderson et al., 2017 (multiple-negatives ranking); with ``num_experts``: Hallee et al.,

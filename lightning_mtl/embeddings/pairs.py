@@ -105,7 +105,8 @@ class PairCollate:
 
 
 class PairsDataModule(pl.LightningDataModule):
-    """(anchor, positive[, hard negatives][, domain]) text pairs for a :class:`~lightning_mtl.embeddings.BiEncoder`.
+    """Text pairs (anchor, positive, optional hard negatives, optional domain) for a
+    :class:`~lightning_mtl.embeddings.BiEncoder`.
 
     Files are ``.jsonl`` / ``.json`` / ``.csv`` (or ``.parquet`` through ``datasets``). Without ``train``, the
     embedded corpus of :func:`~lightning_mtl.embeddings.embedded_pairs` (three domains built from Python's own
