@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now
+from _timing import emit, median, now, per_step
 
 from lightning_mtl.embeddings import BiEncoder, EnforcedRoutingExperts
 
@@ -82,11 +82,6 @@ def _steps(module: BiEncoder, batch: dict[str, Any], steps: int, device: torch.d
     return stamps
 
 
-def _median_step(stamps: list[float], warmup: int) -> float:
-    timed = stamps[warmup:]
-    return median([b - a for a, b in zip(timed, timed[1:])])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (under a minute on a 2-core CPU)")
@@ -128,15 +123,11 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"dense": [], "moe_grouped": [], "moe_unsorted": [], "moe_per_sample": []}
     for _ in range(args.repeats):  # alternate, so drifts of the machine hit all sides alike
-        times["dense"].append(_median_step(_steps(copy.deepcopy(dense), sorted_batch, args.steps, device), args.warmup))
-        times["moe_grouped"].append(
-            _median_step(_steps(copy.deepcopy(moe), sorted_batch, args.steps, device), args.warmup)
-        )
-        times["moe_unsorted"].append(
-            _median_step(_steps(copy.deepcopy(moe), shuffled, args.steps, device), args.warmup)
-        )
+        times["dense"].append(per_step(_steps(copy.deepcopy(dense), sorted_batch, args.steps, device), args.warmup))
+        times["moe_grouped"].append(per_step(_steps(copy.deepcopy(moe), sorted_batch, args.steps, device), args.warmup))
+        times["moe_unsorted"].append(per_step(_steps(copy.deepcopy(moe), shuffled, args.steps, device), args.warmup))
         per_sample_on()
-        times["moe_per_sample"].append(_median_step(_steps(moe, shuffled, args.steps, device), args.warmup))
+        times["moe_per_sample"].append(per_step(_steps(moe, shuffled, args.steps, device), args.warmup))
         per_sample_off()
     ms = {k: 1000 * median(v) for k, v in times.items()}
     ratios = {k: ms[k] / ms["dense"] for k in ms}

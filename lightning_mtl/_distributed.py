@@ -58,22 +58,30 @@ def differentiable_sum(tensor: Tensor, sync: bool) -> Tensor:
     return all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def _row_counts(tensor: Tensor, world: int) -> list[int]:
+    """``n_r`` of every rank, for a ``tensor`` ``[n_r, ...]`` on each."""
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    return [int(c.item()) for c in counts]
+
+
+def _gather_padded(tensor: Tensor, sizes: list[int]) -> Tensor:
+    """All-gather row blocks of the given sizes (padded to the longest: all_gather needs equal shapes)."""
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def gather_rows(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` ``[n_r, ...]`` of every rank along dim 0 (rank order), ranks may hold
     different ``n_r``; no gradient. Returns ``tensor`` itself outside a process group."""
     world = distributed_world_size()
     if world == 1:
         return tensor
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    longest = max(sizes)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return _gather_padded(tensor, _row_counts(tensor, world))
 
 
 class _GatherRowsWithGrad(torch.autograd.Function):
@@ -84,11 +92,7 @@ class _GatherRowsWithGrad(torch.autograd.Function):
         rank = dist.get_rank()
         ctx.start = sum(sizes[:rank])  # type: ignore[attr-defined]
         ctx.size = sizes[rank]  # type: ignore[attr-defined]
-        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        return _gather_padded(tensor, sizes)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
@@ -110,10 +114,7 @@ def gather_rows_with_grad(tensor: Tensor) -> Tensor:
     world = distributed_world_size()
     if world == 1:
         return tensor
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    return _GatherRowsWithGrad.apply(tensor, [int(c.item()) for c in counts])
+    return _GatherRowsWithGrad.apply(tensor, _row_counts(tensor, world))
 
 
 def gather_strided(tensor: Tensor, total: int) -> Tensor:

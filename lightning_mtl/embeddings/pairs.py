@@ -3,8 +3,6 @@ data-loader workers with dynamic padding."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_mtl.datamodules.text import load_records
 from lightning_mtl.embeddings.embedded import DOMAINS, embedded_pairs
 
 __all__ = ["PairCollate", "PairsDataModule", "read_rows", "train_wordpiece"]
@@ -24,25 +23,7 @@ _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def read_rows(path: str) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl`` / ``.json`` (list of objects) / ``.csv`` file, or ``.parquet`` through ``datasets``."""
-    if path.endswith(".jsonl"):
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if path.endswith(".json"):
-        with open(path) as f:
-            rows = json.load(f)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of objects (or .jsonl, one object per line)")
-        return rows
-    if path.endswith(".csv"):
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    if path.endswith(".parquet"):
-        try:
-            import datasets
-        except ImportError as error:
-            raise ImportError("reading .parquet pairs needs the optional `datasets` package") from error
-        return list(datasets.load_dataset("parquet", data_files=path, split="train"))
-    raise ValueError(f"{path}: unsupported pair file type; use .jsonl, .json, .csv or .parquet")
+    return load_records({"rows": path}, "datasets" if path.endswith(".parquet") else "python")["rows"]
 
 
 def train_wordpiece(texts: Sequence[str], vocab_size: int = 2048) -> Any:
