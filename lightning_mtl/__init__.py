@@ -116,8 +116,10 @@ _LAZY = {
     "search_coefficient": "lightning_mtl.merging",
     # lightning_mtl.embeddings
     "BiEncoder": "lightning_mtl.embeddings",
+    "DistilledSentenceEmbedding": "lightning_mtl.embeddings",
     "PairClassificationEvaluation": "lightning_mtl.embeddings",
     "PairsDataModule": "lightning_mtl.embeddings",
+    "ScoredPairsDataModule": "lightning_mtl.embeddings",
     "RetrievalEvaluation": "lightning_mtl.embeddings",
     "moe_surgery": "lightning_mtl.embeddings",
     # lightning_mtl.mixup
@@ -197,6 +199,7 @@ __all__ = [
     "Digits",
     "DigitsCNN",
     "DigitsSources",
+    "DistilledSentenceEmbedding",
     "DualPrompt",
     "EMATeacher",
     "ER",
@@ -243,6 +246,7 @@ __all__ = [
     "SAM",
     "SSLAugmentation",
     "STL10",
+    "ScoredPairsDataModule",
     "SegNet",
     "SegmentationTask",
     "SharpnessAwareMinimization",

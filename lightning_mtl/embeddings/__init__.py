@@ -1,7 +1,8 @@
 """Text embeddings: bi-encoders over Hugging Face encoders, MNR / InfoNCE losses, mixture-of-experts surgery
-with enforced routing, pair and retrieval data, and retrieval / pair-classification evaluation."""
+with enforced routing, distilled sentence embeddings, pair and retrieval data, and retrieval / pair-classification evaluation."""
 
 from lightning_mtl.embeddings.bi_encoder import BiEncoder, pool_tokens
+from lightning_mtl.embeddings.dse import DistilledSentenceEmbedding, PairHead, dse_loss, pair_features
 from lightning_mtl.embeddings.embedded import embedded_pairs
 from lightning_mtl.embeddings.losses import (
     CosineSimilarityLoss,
@@ -24,21 +25,33 @@ from lightning_mtl.embeddings.pair_classification import (
 )
 from lightning_mtl.embeddings.pairs import PairCollate, PairsDataModule, read_rows, train_wordpiece
 from lightning_mtl.embeddings.retrieval import RetrievalEvaluation, RetrievalSet, load_beir, retrieval_metrics
+from lightning_mtl.embeddings.teacher_scores import (
+    ScoredPairsDataModule,
+    cached_teacher_scores,
+    embedded_scored_pairs,
+    overlap_teacher,
+)
 
 __all__ = [
     "BiEncoder",
     "CosineSimilarityLoss",
+    "DistilledSentenceEmbedding",
     "EnforcedRoutingExperts",
     "MNRLoss",
     "MNRPlusLoss",
     "PairClassificationEvaluation",
     "PairCollate",
+    "PairHead",
     "PairsDataModule",
     "RetrievalEvaluation",
     "RetrievalSet",
+    "ScoredPairsDataModule",
+    "cached_teacher_scores",
     "cosine_similarity_loss",
     "create_loss",
+    "dse_loss",
     "embedded_pairs",
+    "embedded_scored_pairs",
     "f1_at_threshold",
     "labelled_pairs",
     "list_losses",
@@ -47,6 +60,8 @@ __all__ = [
     "mnr_loss",
     "mnr_plus_loss",
     "moe_surgery",
+    "overlap_teacher",
+    "pair_features",
     "pool_tokens",
     "read_rows",
     "register_loss",

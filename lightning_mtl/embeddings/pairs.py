@@ -82,6 +82,10 @@ class PairCollate:
             batch["negative"] = {key: value.view(len(rows), k, -1) for key, value in tokens.items()}
         if "domain" in rows[0]:
             batch["domain"] = torch.tensor([row["domain"] for row in rows])
+        if "score" in rows[0]:  # teacher scores (distillation): one float, or one per class
+            batch["score"] = torch.tensor([row["score"] for row in rows], dtype=torch.float32)
+        if "label" in rows[0]:
+            batch["label"] = torch.tensor([int(row["label"]) for row in rows])
         return batch
 
 
@@ -103,8 +107,9 @@ class PairsDataModule(pl.LightningDataModule):
         tokenizer: local tokenizer folder (``AutoTokenizer``; nothing is downloaded); ``None``: a WordPiece
             vocabulary of ``vocab_size`` trained on the training texts.
         vocab_size: size of that trained vocabulary (the model's ``vocab_size`` must be at least this).
-        columns: file column of each field: ``{"anchor": ..., "positive": ..., "negative": ..., "domain": ...}``
-            (defaults: the field names; ``negative`` and ``domain`` are used when present).
+        columns: file column of each field: ``{"anchor": ..., "positive": ..., "negative": ..., "domain": ...,
+            "score": ..., "label": ...}`` (defaults: the field names; all but ``anchor`` and ``positive`` are
+            used when present; ``score`` is a teacher's pair score for distillation).
         domains: domain names in expert-id order.
         max_length: truncation length in tokens.
         batch_size: pairs per batch (per rank under DDP).
@@ -132,12 +137,11 @@ class PairsDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        unknown = set(columns or {}) - {"anchor", "positive", "negative", "domain"}
+        fields = ("anchor", "positive", "negative", "domain", "score", "label")
+        unknown = set(columns or {}) - set(fields)
         if unknown:
-            raise ValueError(
-                f"unknown pair field(s) {sorted(unknown)}: columns maps anchor, positive, negative, domain"
-            )
-        self.columns = {"anchor": "anchor", "positive": "positive", "negative": "negative", "domain": "domain"}
+            raise ValueError(f"unknown pair field(s) {sorted(unknown)}: columns maps {', '.join(fields)}")
+        self.columns = {field: field for field in fields}
         self.columns.update(columns or {})
         self.files = {"train": train, "val": val, "test": test}
         for split, path in self.files.items():
@@ -166,6 +170,8 @@ class PairsDataModule(pl.LightningDataModule):
                 raise ValueError(f"pairs file {path!r} has no column {column!r} (columns: {', '.join(raw)})")
         if "negative" in row and isinstance(row["negative"], str):
             row["negative"] = [row["negative"]]
+        if isinstance(row.get("score"), str):  # csv cells are text
+            row["score"] = float(row["score"])
         return row
 
     def setup(self, stage: str) -> None:
@@ -212,9 +218,13 @@ class PairsDataModule(pl.LightningDataModule):
             raise ValueError(f"no {split} pairs: give `{split}` (or leave `train` empty for the embedded corpus)")
         return self.splits[split]
 
+    def loader_rows(self, split: str) -> list[dict[str, Any]]:
+        """The rows a split's loader yields (:meth:`rows`; a subclass may yield more than it evaluates on)."""
+        return self.rows(split)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams["seed"]) if shuffle else None
-        return DataLoader(self.rows(split), batch_size=self.hparams["batch_size"], shuffle=shuffle,  # type: ignore[arg-type]
+        return DataLoader(self.loader_rows(split), batch_size=self.hparams["batch_size"], shuffle=shuffle,  # type: ignore[arg-type]
                           num_workers=self.hparams["num_workers"], generator=generator,
                           collate_fn=PairCollate(self.tokenizer, self.hparams["max_length"]))  # fmt: skip
 
