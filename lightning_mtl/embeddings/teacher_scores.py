@@ -97,7 +97,7 @@ def embedded_scored_pairs(per_domain: int = 300, seed: int = 0) -> list[dict[str
     by_domain: dict[str, list[str]] = {}
     for row in rows:
         by_domain.setdefault(row["domain"], []).append(row["positive"])
-    out = []
+    out: list[dict[str, Any]] = []
     for row in rows:
         pool = [p for p in by_domain[row["domain"]] if p != row["positive"]]
         out.append({**row, "label": 1})
