@@ -72,9 +72,10 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch.to(device)
 
 
-def _steps(module: BiEncoder, batch: dict[str, Any], steps: int, device: torch.device,
-           before: Callable[[], None] = lambda: None) -> list[float]:  # fmt: skip
-    """A plain training loop (forward, MNR loss, backward, AdamW step); one timestamp per finished step."""
+def _steps(module: Any, batch: dict[str, Any], steps: int, device: torch.device,
+           before: Callable[[], None] = lambda: None, loss_of: Callable[[Any], Any] | None = None) -> list[float]:  # fmt: skip
+    """A plain training loop (forward, loss, backward, AdamW step); one timestamp per finished step. The loss
+    is ``module.batch_loss(batch)`` (a BiEncoder's MNR) unless ``loss_of(batch)`` is given."""
     module = module.to(device).train()
     # fused: one kernel for all parameters on both sides; the for-each loop would charge the experts'
     # extra parameter tensors to the MoE side
@@ -82,21 +83,7 @@ def _steps(module: BiEncoder, batch: dict[str, Any], steps: int, device: torch.d
     stamps = []
     for _ in range(steps):
         before()
-        loss = module.batch_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        stamps.append(now(device))
-    return stamps
-
-
-def _st_steps(model: Any, loss_fn: Any, batch: dict[str, Any], steps: int, device: torch.device) -> list[float]:
-    """sentence-transformers' training step: its loss module on the two sides' features, backward, AdamW."""
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    stamps = []
-    for _ in range(steps):
-        loss = loss_fn([dict(batch["anchor"]), dict(batch["positive"])], None)
+        loss = module.batch_loss(batch) if loss_of is None else loss_of(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -135,14 +122,18 @@ def versus_sentence_transformers(
     batch = _to(_batch(args.batch_size, args.length, config["vocab_size"], 1, 1, sort=True), device)
     del batch["domain"]
     ours.to(device)
-    same = (ours.batch_loss(batch) - st_loss([dict(batch["anchor"]), dict(batch["positive"])], None)).abs().item()
+
+    def st_step(b: dict[str, Any]) -> torch.Tensor:
+        return st_loss([dict(b["anchor"]), dict(b["positive"])], None)
+
+    same = (ours.batch_loss(batch) - st_step(batch)).abs().item()
     print(f"bi-encoder vs sentence-transformers: |loss difference| on the first batch {same:.2e}")
+
     times: dict[str, list[float]] = {"bi_encoder": [], "sentence_transformers": []}
     for _ in range(args.repeats):
         times["bi_encoder"].append(per_step(_steps(copy.deepcopy(ours), batch, args.steps, device), args.warmup))
-        times["sentence_transformers"].append(
-            per_step(_st_steps(theirs, st_loss, batch, args.steps, device), args.warmup)
-        )
+        times["sentence_transformers"].append(per_step(_steps(theirs, batch, args.steps, device, loss_of=st_step),
+                                                       args.warmup))  # fmt: skip
     return {k: 1000 * median(v) for k, v in times.items()}
 
 
