@@ -56,7 +56,9 @@ class TransformersEncoder(nn.Module):
         except ImportError as error:
             raise ImportError(_INSTALL) from error
         if path is not None:
-            self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+            # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode as
+            # built: without this, dropout would never run while fine-tuning a loaded model
+            self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True).train()
         else:
             config = dict(config or {})
             model_type = config.pop("model_type", None)

@@ -206,3 +206,18 @@ def test_transformers_encoder_pooling_and_missing_extra(monkeypatch):
         TransformersEncoder(config={"model_type": "bert"})
     with pytest.raises(ValueError, match="exactly one"):
         TransformersEncoder()
+
+
+def test_transformers_encoder_loaded_from_a_folder_trains_with_dropout(tmp_path):
+    """``from_pretrained`` hands back an eval-mode model; a fine-tuned encoder must still run its dropout."""
+    config = {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 32, "hidden_dropout_prob": 0.5}  # fmt: skip
+    TransformersEncoder(config=config).model.save_pretrained(tmp_path)
+    encoder = TransformersEncoder(path=str(tmp_path))
+    assert encoder.training and encoder.model.training
+    ids = torch.randint(1, 50, (2, 6))
+    torch.manual_seed(0)
+    first = encoder(ids)
+    assert not torch.equal(first, encoder(ids))  # two dropout masks (2 x 16 outputs at p = 0.5)
+    encoder.eval()
+    torch.testing.assert_close(encoder(ids), encoder(ids), rtol=0, atol=0)
