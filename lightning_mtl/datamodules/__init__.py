@@ -11,6 +11,7 @@ from lightning_mtl.datamodules.celeba import CelebA
 from lightning_mtl.datamodules.cifar import CIFAR10, CIFAR100
 from lightning_mtl.datamodules.cityscapes import Cityscapes
 from lightning_mtl.datamodules.digits import Digits
+from lightning_mtl.datamodules.digits_tasks import DigitsTasks
 from lightning_mtl.datamodules.imagenet_r import ImageNetR
 from lightning_mtl.datamodules.multidigits import MultiDigits
 from lightning_mtl.datamodules.multimnist import MultiMNIST
@@ -30,6 +31,7 @@ __all__ = [
     "Cityscapes",
     "DataLayoutError",
     "Digits",
+    "DigitsTasks",
     "EpochShuffleSampler",
     "ImageClassificationDataModule",
     "ImageNetR",

@@ -1,0 +1,96 @@
+"""DigitsTasks: each derived task's inputs and labels against the plain digits; the task-balanced loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_mtl import MISSING_LABEL
+from lightning_mtl.datamodules import DigitsTasks
+from lightning_mtl.datamodules.digits_tasks import DIGITS_TASKS, TaskBalancedSampler
+
+
+def _plain_and(task: str):
+    """The train split of the plain digits and of ``task``, unnormalised, in the same image order."""
+    plain, other = DigitsTasks("identity", normalize=False), DigitsTasks(task, normalize=False)
+    plain.setup(), other.setup()
+    return plain.train_set, other.train_set
+
+
+def test_input_maps_match_the_definitions():
+    base, rot = _plain_and("rotate90")
+    x, xr = base.inputs[:5, 0], rot.inputs[:5, 0]
+    # rotate90 counter-clockwise: the top row becomes the left column read bottom-up
+    assert torch.equal(xr[:, :, 0], x[:, 0, :].flip(-1))
+    _, inv = _plain_and("invert")
+    assert torch.equal(inv.inputs[:5, 0], 1.0 - x)
+    _, hf = _plain_and("hflip")
+    assert torch.equal(hf.inputs[:5, 0, :, 0], x[:, :, -1])
+    dm = DigitsTasks("permute", normalize=False)
+    dm.setup()
+    perm = dm.pixel_permutation()
+    assert sorted(perm.tolist()) == list(range(64)) and not torch.equal(perm, torch.arange(64))
+    assert torch.equal(dm.train_set.inputs[:5, 0].flatten(-2), x.flatten(-2)[:, perm])
+    assert torch.equal(perm, DigitsTasks("permute", permutation_seed=0).pixel_permutation())
+    assert not torch.equal(perm, DigitsTasks("permute", permutation_seed=1).pixel_permutation())
+
+
+@pytest.mark.parametrize("task, classes", [("parity", 2), ("mod3", 3)])
+def test_label_maps(task, classes):
+    base, derived = _plain_and(task)
+    assert torch.equal(derived.inputs, base.inputs)
+    assert torch.equal(derived.targets[task], base.targets["identity"] % classes)
+    assert DigitsTasks(task).num_classes == {task: classes}
+
+
+def test_several_tasks_mark_every_other_label_missing_and_normalise_alike():
+    dm = DigitsTasks(["identity", "invert", "parity"])
+    dm.setup()
+    n = 1257
+    assert len(dm.train_set) == 3 * n
+    targets = dm.train_set.targets
+    present = torch.stack([targets[t] != MISSING_LABEL for t in dm.task_names])  # [T, N]
+    assert torch.equal(present.sum(0), torch.ones(3 * n, dtype=torch.long))  # exactly one task per sample
+    assert present[1, n : 2 * n].all()
+    # the same affine map for every task: inverted inputs are (1 - x - mean) / std of the plain images
+    x = dm.train_set.inputs
+    assert torch.allclose(x[n : 2 * n] * dm.std + dm.mean, 1.0 - (x[:n] * dm.std + dm.mean), atol=1e-6)
+
+
+def test_balanced_loader_has_equal_shares_and_is_seeded_per_epoch():
+    dm = DigitsTasks(["rotate90", "parity", "mod3", "hflip"], batch_size=32)
+    dm.setup()
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == 1257 // 8
+    for _, y in batches[:5]:
+        counts = [int((y[t] != MISSING_LABEL).sum()) for t in dm.task_names]
+        assert counts == [8, 8, 8, 8]
+    sampler = loader.sampler
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    # a sample index appears at most once per epoch
+    assert len(set(first)) == len(first)
+
+
+def test_sampler_uses_the_smallest_task_and_bad_input_is_refused():
+    sampler = TaskBalancedSampler([10, 25], per_task=3)
+    indices = list(sampler)
+    assert len(indices) == len(sampler) == 3 * 3 * 2
+    assert all(i < 10 for i in indices[0:3]) and all(10 <= i < 35 for i in indices[3:6])
+    with pytest.raises(ValueError, match="at least per_task"):
+        TaskBalancedSampler([2, 10], per_task=3)
+    with pytest.raises(ValueError, match="unknown DigitsTasks task 'rotate45'"):
+        DigitsTasks(["identity", "rotate45"])
+    with pytest.raises(ValueError, match="distinct"):
+        DigitsTasks(["parity", "parity"])
+
+
+def test_every_registered_task_builds():
+    dm = DigitsTasks(list(DIGITS_TASKS), batch_size=64)
+    dm.setup()
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (64, 1, 8, 8) and set(y) == set(DIGITS_TASKS)
