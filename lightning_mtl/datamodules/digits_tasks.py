@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl._constants import MISSING_LABEL
-from lightning_mtl.datamodules._common import TensorMultiTaskDataset, _TensorDataModule
+from lightning_mtl.datamodules._common import EpochShuffleSampler, TensorMultiTaskDataset, _TensorDataModule
 from lightning_mtl.datamodules.digits import digit_pools, load_sklearn_digits
 
-__all__ = ["DIGITS_TASKS", "DigitsTasks", "TaskBalancedSampler"]
+__all__ = ["DIGITS_TASKS", "DigitsTasks", "TaskGroups", "concat_groups"]
 
 
 def _identity(x: Tensor, perm: Tensor) -> Tensor:
@@ -54,46 +54,41 @@ DIGITS_TASKS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tens
 }
 
 
-class TaskBalancedSampler(Sampler[int]):
-    """Indices of a concatenation of task datasets, in batches with ``per_task`` samples of each task.
+class TaskGroups(Dataset):
+    """Item ``g`` is one sample of every task: the group ``(x [T, ...], {task: y [T]})``.
 
-    Every batch of ``per_task * T`` consecutive indices holds ``per_task`` samples of task 0, then of
-    task 1, and so on; each task is shuffled with a permutation that depends only on ``seed + epoch`` (so
-    a resumed run sees the same order). The epoch ends when the smallest task runs out (the aTLAS
-    recipe: the smallest loader drives the epoch); the rest of the larger tasks is not used that epoch.
+    Task ``t`` contributes its sample ``perms[t][g]``, a fixed random permutation of its own (seeded), so
+    the tasks' samples in a group are unrelated. A loader of groups (:func:`concat_groups` as collate)
+    gives task-balanced batches on every rank, also under DDP, where each rank draws whole groups.
 
     Args:
-        sizes: number of samples of each task, in the order they are concatenated.
-        per_task: samples of each task per batch.
-        seed: base seed of the permutations.
+        dataset: the concatenation of the tasks' datasets (items ``(x, {task: y})``).
+        sizes: number of samples of each task, in the order of the concatenation; the smallest sets the
+            number of groups (the smallest task drives the epoch).
+        seed: seed of the permutations.
     """
 
-    def __init__(self, sizes: Sequence[int], per_task: int, seed: int = 0) -> None:
-        if per_task < 1:
-            raise ValueError(f"per_task must be >= 1, got {per_task}")
-        if not sizes or min(sizes) < per_task:
-            raise ValueError(f"every task needs at least per_task={per_task} samples, got sizes {list(sizes)}")
-        self.sizes = [int(s) for s in sizes]
-        self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
-        self.per_task = int(per_task)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.num_batches = min(self.sizes) // self.per_task
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        perms = [torch.randperm(n, generator=generator) + off for n, off in zip(self.sizes, self.offsets)]
-        k = self.per_task
-        for b in range(self.num_batches):
-            for perm in perms:
-                yield from perm[b * k : (b + 1) * k].tolist()
+    def __init__(self, dataset: Dataset, sizes: Sequence[int], seed: int = 0) -> None:
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"every task needs at least one sample, got sizes {list(sizes)}")
+        self.dataset = dataset
+        generator = torch.Generator().manual_seed(int(seed))
+        offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+        self.perms = [torch.randperm(int(n), generator=generator)[: min(sizes)] + off for n, off in zip(sizes, offsets)]
 
     def __len__(self) -> int:
-        return self.num_batches * self.per_task * len(self.sizes)
+        return len(self.perms[0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        items = [self.dataset[int(perm[index])] for perm in self.perms]
+        x = torch.stack([item[0] for item in items])
+        return x, {name: torch.stack([item[1][name] for item in items]) for name in items[0][1]}
+
+
+def concat_groups(groups: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Collate :class:`TaskGroups` items into one flat batch ``(x [G * T, ...], {task: y [G * T]})``."""
+    x = torch.cat([g[0] for g in groups])
+    return x, {name: torch.cat([g[1][name] for g in groups]) for name in groups[0][1]}
 
 
 class DigitsTasks(_TensorDataModule):
@@ -115,10 +110,9 @@ class DigitsTasks(_TensorDataModule):
     Several tasks: every split holds every task's copy of its images; a sample's labels are
     ``{task: y}`` with :data:`~lightning_mtl.MISSING_LABEL` for every task but its own (so the task id
     of a sample is the one label that is present, and ``MultiTaskModule`` trains on it as is). The
-    training loader is task-balanced (:class:`TaskBalancedSampler`): each batch holds
-    ``batch_size // T`` samples of each task, the epoch has ``train images // (batch_size // T)``
-    batches. Under DDP each rank takes its share of that stream, so the balance holds over the ranks'
-    batches together, not necessarily per rank.
+    training loader is task-balanced (:class:`TaskGroups`, the aTLAS recipe's fixed share per task): each
+    batch holds ``batch_size // T`` samples of each task, the epoch has ``train images // (batch_size // T)``
+    batches, shuffled per epoch. Under DDP every rank's batch is balanced (ranks draw whole groups).
 
     Args:
         tasks: a task name or a list of them (from :data:`DIGITS_TASKS`).
@@ -207,12 +201,12 @@ class DigitsTasks(_TensorDataModule):
         if len(self.tasks) == 1:
             return super().train_dataloader()
         self.setup()
-        per_task = self.batch_size // len(self.tasks)
-        sampler = TaskBalancedSampler(self.task_sizes["train"], per_task, seed=self.seed)
+        groups = TaskGroups(self.train_set, self.task_sizes["train"], seed=self.seed)  # type: ignore[arg-type]  # built by setup above
         return DataLoader(
-            self.train_set,  # type: ignore[arg-type]  # built by setup above
-            batch_size=per_task * len(self.tasks),
-            sampler=sampler,
+            groups,
+            batch_size=self.batch_size // len(self.tasks),
+            sampler=EpochShuffleSampler(len(groups), seed=self.seed),
+            collate_fn=concat_groups,
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -22,3 +22,10 @@ __all__ = [
     "register_merge",
     "search_coefficient",
 ]
+"""Model merging: learned compositions of task vectors (aTLAS) and skill localization by grafting."""
+
+from lightning_mtl.merging.atlas import ATLAS
+from lightning_mtl.merging.grafting import Grafting, apply_graft, load_mask, mask_iou, save_mask
+from lightning_mtl.merging.pretrained import PretrainedEncoder
+
+__all__ = ["ATLAS", "Grafting", "PretrainedEncoder", "apply_graft", "load_mask", "mask_iou", "save_mask"]

@@ -7,7 +7,8 @@ import torch
 
 from lightning_mtl import MISSING_LABEL
 from lightning_mtl.datamodules import DigitsTasks
-from lightning_mtl.datamodules.digits_tasks import DIGITS_TASKS, TaskBalancedSampler
+from lightning_mtl.datamodules._common import TensorMultiTaskDataset
+from lightning_mtl.datamodules.digits_tasks import DIGITS_TASKS, TaskGroups, concat_groups
 
 
 def _plain_and(task: str):
@@ -63,26 +64,28 @@ def test_balanced_loader_has_equal_shares_and_is_seeded_per_epoch():
     loader = dm.train_dataloader()
     batches = list(loader)
     assert len(batches) == 1257 // 8
-    for _, y in batches[:5]:
+    for x, y in batches:
+        assert x.shape == (32, 1, 8, 8)
         counts = [int((y[t] != MISSING_LABEL).sum()) for t in dm.task_names]
         assert counts == [8, 8, 8, 8]
-    sampler = loader.sampler
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-    sampler.set_epoch(0)
-    assert list(sampler) == first
-    # a sample index appears at most once per epoch
-    assert len(set(first)) == len(first)
+    # every task's training sample appears at most once per epoch, each task within its own range
+    for t, perm in enumerate(loader.dataset.perms):
+        assert len(set(perm.tolist())) == len(perm) and perm.min() >= t * 1257 and perm.max() < (t + 1) * 1257
+    first = [int(i) for i in loader.sampler]
+    loader.sampler.set_epoch(1)
+    assert [int(i) for i in loader.sampler] != first
+    loader.sampler.set_epoch(0)
+    assert [int(i) for i in loader.sampler] == first
 
 
-def test_sampler_uses_the_smallest_task_and_bad_input_is_refused():
-    sampler = TaskBalancedSampler([10, 25], per_task=3)
-    indices = list(sampler)
-    assert len(indices) == len(sampler) == 3 * 3 * 2
-    assert all(i < 10 for i in indices[0:3]) and all(10 <= i < 35 for i in indices[3:6])
-    with pytest.raises(ValueError, match="at least per_task"):
-        TaskBalancedSampler([2, 10], per_task=3)
+def test_groups_take_one_sample_per_task_and_bad_input_is_refused():
+    data = TensorMultiTaskDataset(torch.arange(35.0), {"a": torch.arange(35)})
+    groups = TaskGroups(data, [10, 25], seed=0)
+    assert len(groups) == 10
+    x, y = groups[3]
+    assert x.shape == (2,) and x[0] < 10 <= x[1] and torch.equal(y["a"], x.long())
+    batch = concat_groups([groups[0], groups[1]])
+    assert batch[0].shape == (4,) and batch[1]["a"].shape == (4,)
     with pytest.raises(ValueError, match="unknown DigitsTasks task 'rotate45'"):
         DigitsTasks(["identity", "rotate45"])
     with pytest.raises(ValueError, match="distinct"):
