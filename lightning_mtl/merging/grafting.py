@@ -48,7 +48,9 @@ class Grafting(pl.LightningModule):
 
     The mask covers every floating entry of the encoder (conv and linear weights, biases, BatchNorm
     weights and running statistics), so the all-ones mask is the expert and the all-zeros mask ``theta_0``
-    exactly; the encoder and the head run in eval mode. Under DDP the logits' gradients are averaged over
+    exactly. Logits exist for the parameters; a BatchNorm running statistic (no kernel differentiates
+    through it) takes the mask of its layer's weight, entry by entry. The encoder and the head run in eval
+    mode. Under DDP the logits' gradients are averaged over
     the ranks (the single-process step on the concatenated batch for a mean loss and equal rank batches).
 
     Args:
@@ -105,14 +107,23 @@ class Grafting(pl.LightningModule):
             self.head = head.requires_grad_(False)
         else:
             self.head = linear_head(state if head is None else load_state(head), self.task)
-        taus = [(weights[k].float() - base[k].float()) for k in self.entry_names]
-        patch = _top_fraction([t.abs() for t in taus], sparsity)
+        self.parameter_names = tuple(n for n, p in self.encoder.named_parameters() if p.is_floating_point())
+        taus = {k: weights[k].float() - base[k].float() for k in self.entry_names}
+        patch = _top_fraction([taus[k].abs() for k in self.parameter_names], sparsity)
         generator = torch.Generator().manual_seed(int(seed))
-        self.logits = nn.ParameterList([nn.Parameter(torch.rand(t.shape, generator=generator)) for t in taus])
-        for i, (tau, start) in enumerate(zip(taus, patch)):
-            self.register_buffer(f"_tau{i}", tau, persistent=False)
+        self.logits = nn.ParameterList(
+            [nn.Parameter(torch.rand(taus[k].shape, generator=generator)) for k in self.parameter_names]
+        )
+        for i, start in enumerate(patch):
             self.register_buffer(f"_base{i}", start, persistent=False)
-            self.register_buffer(f"best_mask{i}", start.clone())
+        # a floating buffer (BatchNorm's running statistics, which no kernel differentiates) follows the mask
+        # of its layer's parameter of the same shape; without one it keeps theta_0's value
+        self.owners = tuple(_owner(name, base, self.parameter_names) for name in self.entry_names)
+        for e, name in enumerate(self.entry_names):
+            self.register_buffer(f"_tau{e}", taus[name], persistent=False)
+            owner = self.owners[e]
+            start = patch[owner] if owner >= 0 else torch.zeros_like(taus[name], dtype=torch.bool)
+            self.register_buffer(f"best_mask{e}", start.clone())
         self.register_buffer("best_score", torch.tensor(-1.0))
         self.metric = MulticlassAccuracy(self.head.out_features, average="micro", ignore_index=MISSING_LABEL)  # type: ignore[arg-type]
         self.train()
@@ -125,19 +136,29 @@ class Grafting(pl.LightningModule):
 
     # -- masks --------------------------------------------------------------------------------------------
     def relaxed_mask(self) -> list[Tensor]:
-        """``gamma`` per entry: ``base + (1 - 2 base) * sigmoid(S - b)`` (differentiable in ``S``)."""
+        """``gamma`` per parameter: ``base + (1 - 2 base) * sigmoid(S - b)`` (differentiable in ``S``)."""
         masks = []
         for i, logits in enumerate(self.logits):
             base = getattr(self, f"_base{i}").float()
             masks.append(base + (1.0 - 2.0 * base) * torch.sigmoid(logits.float() - self.sigmoid_bias))
         return masks
 
+    def _spread(self, per_parameter: list[Tensor], zero: Any) -> list[Tensor]:
+        """Per entry: a parameter's own mask, a buffer its owner's (detached), else ``zero``."""
+        out = []
+        for e, owner in enumerate(self.owners):
+            if owner < 0:
+                out.append(torch.zeros_like(getattr(self, f"_tau{e}"), dtype=zero))
+            elif self.entry_names[e] == self.parameter_names[owner]:
+                out.append(per_parameter[owner])
+            else:
+                out.append(per_parameter[owner].detach())
+        return out
+
     def rounded_mask(self) -> dict[str, Tensor]:
         """The binary mask now: the base patch with the entries whose logit passed ``b`` flipped."""
-        return {
-            name: getattr(self, f"_base{i}") ^ (self.logits[i].detach() > self.sigmoid_bias)
-            for i, name in enumerate(self.entry_names)
-        }
+        rounded = [getattr(self, f"_base{i}") ^ (p.detach() > self.sigmoid_bias) for i, p in enumerate(self.logits)]
+        return dict(zip(self.entry_names, self._spread(rounded, torch.bool)))
 
     @property
     def best_mask(self) -> dict[str, Tensor]:
@@ -148,7 +169,10 @@ class Grafting(pl.LightningModule):
         """``theta_0 + gamma * tau`` for the relaxed mask (default) or a given binary one."""
         with torch.autocast(self.device.type, enabled=False):
             state = {**dict(self.encoder.named_parameters()), **dict(self.encoder.named_buffers())}
-            gammas = self.relaxed_mask() if mask is None else [mask[n].float() for n in self.entry_names]
+            if mask is None:
+                gammas = self._spread(self.relaxed_mask(), torch.float32)
+            else:
+                gammas = [mask[n].float() for n in self.entry_names]
             return {
                 name: state[name] + (gamma * getattr(self, f"_tau{i}")).to(state[name].dtype)
                 for i, (name, gamma) in enumerate(zip(self.entry_names, gammas))
@@ -207,6 +231,16 @@ class Grafting(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log(f"test/{self.task}/acc", self.metric.compute())
         self.metric.reset()
+
+
+def _owner(name: str, base: Mapping[str, Tensor], parameters: tuple[str, ...]) -> int:
+    """Index of the parameter whose mask an entry uses: its own, or for a buffer its layer's parameter of
+    the same shape; -1 if there is none."""
+    if name in parameters:
+        return parameters.index(name)
+    layer = name.rpartition(".")[0]
+    same = [i for i, p in enumerate(parameters) if p.rpartition(".")[0] == layer and base[p].shape == base[name].shape]
+    return same[0] if same else -1
 
 
 def _top_fraction(magnitudes: list[Tensor], fraction: float) -> list[Tensor]:
