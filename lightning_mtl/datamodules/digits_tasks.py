@@ -186,7 +186,8 @@ class DigitsTasks(_TensorDataModule):
         for split, idx in pools.items():
             x0 = torch.from_numpy(images[idx].copy()).unsqueeze(1)
             y0 = torch.from_numpy(labels[idx].copy())
-            xs, ys = [], {name: [] for name in self.tasks}
+            xs: list[Tensor] = []
+            ys: dict[str, list[Tensor]] = {name: [] for name in self.tasks}
             for name in self.tasks:
                 input_map, label_map, _ = DIGITS_TASKS[name]
                 xs.append(((input_map(x0, perm) - self.mean) / self.std).float().contiguous())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -42,11 +42,12 @@ class ATLAS(pl.LightningModule):
     The encoder's weights are ``theta = theta_0 + sum_t lambda_{t,b} tau_{t,b}`` per block ``b``, rebuilt at
     every forward (under autocast: in float32) and applied with :func:`torch.func.functional_call`, so
     ``theta_0`` is never edited in place; the gradient of a coefficient is ``<dL/dtheta_b, tau_{t,b}>``.
-    Blocks are every floating-point entry of the encoder's state dict: weights and biases of every layer
-    kind, and the BatchNorm running statistics too (the official partition code gives no coefficient to
-    anything but 2-D weights; here nothing is left out). The encoder and the heads always run in eval mode
-    (BatchNorm normalises with the merged running statistics; a coefficient of 1 on one task vector is then
-    exactly that expert). Coefficients start at 0: training starts at ``theta_0``.
+    Blocks are the encoder's floating-point parameters, weights and biases of every layer kind (the
+    official partition code gives no coefficient to anything but 2-D weights; here nothing is left out).
+    BatchNorm running statistics, which no kernel differentiates, are merged with each task's mean
+    coefficient over the blocks, a merged variance clamped at 0. The encoder and the heads always run in
+    eval mode (BatchNorm normalises with the merged running statistics; coefficients of 1 on one task
+    vector give exactly that expert). Coefficients start at 0: training starts at ``theta_0``.
 
     Granularity: ``"task"`` (one coefficient per task vector, isotropic), ``"block"`` (one per task vector
     and block), ``"partition:K"`` (each block split into K parts by a fixed random assignment of its
@@ -136,7 +137,9 @@ class ATLAS(pl.LightningModule):
         self.pool = tuple(pool) if pool is not None else tuple(task_vectors)
         missing = [name for name in self.pool if name not in task_vectors]
         if missing or not self.pool:
-            raise KeyError(f"pool names task vector {missing[0]!r}, which is not given" if missing else "no task vector")
+            raise KeyError(
+                f"pool names task vector {missing[0]!r}, which is not given" if missing else "no task vector"
+            )
         self.heads = nn.ModuleDict(head_modules)
         self.control = control
         if objective == "negation" and (control is None or control not in self.heads):
@@ -199,19 +202,15 @@ class ATLAS(pl.LightningModule):
             task_vectors[task] = {str(k): v.detach().float() for k, v in vector.items()}
             _check_vector(task, task_vectors[task], base, expert=False)
         for task, source in heads.items():
-            head_modules[task] = source.requires_grad_(False) if isinstance(source, nn.Module) else linear_head(load_state(source), task)
+            head_modules[task] = (
+                source.requires_grad_(False) if isinstance(source, nn.Module) else linear_head(load_state(source), task)
+            )
         return task_vectors, head_modules
 
     def _owner(self, name: str, base: Mapping[str, Tensor]) -> int:
         """The coefficient block of an entry: a parameter its own; a floating buffer (BatchNorm's running
-        statistics, which no kernel differentiates) its layer's parameter of the same shape, else -1 (the
-        mean coefficient)."""
-        if name in self.block_names:
-            return self.block_names.index(name)
-        layer = name.rpartition(".")[0]
-        siblings = [b for b, n in enumerate(self.block_names) if n.rpartition(".")[0] == layer]
-        same = [b for b in siblings if base[self.block_names[b]].shape == base[name].shape]
-        return (same or siblings or [-1])[0]
+        statistics, which no kernel differentiates) -1: each task's mean coefficient over all blocks."""
+        return self.block_names.index(name) if name in self.block_names else -1
 
     # -- the merged model -------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ATLAS:
@@ -243,6 +242,10 @@ class ATLAS(pl.LightningModule):
                 else:
                     delta = (c[:, getattr(self, f"_part{b}")] * tau.flatten(1)).sum(0).view(tau.shape[1:])
                 merged[name] = state[name] + delta.to(state[name].dtype)
+                if name.endswith("running_var"):
+                    # a variance stays >= 0 off the segment between theta_0 and an expert (coefficients < 0 or
+                    # summing past 1), where the linear combination alone can go negative (NaN features)
+                    merged[name] = merged[name].clamp_min(0.0)
         return merged
 
     def merged_state_dict(self) -> dict[str, Tensor]:
@@ -321,7 +324,10 @@ class ATLAS(pl.LightningModule):
         batch = torch.arange(n, device=x.device)[:, None, None]
         view = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         view = view + 0.3 * torch.randn(view.shape, generator=generator).to(x)
-        top, left = torch.randint(0, h - 2, (n,), generator=generator), torch.randint(0, w - 2, (n,), generator=generator)
+        top, left = (
+            torch.randint(0, h - 2, (n,), generator=generator),
+            torch.randint(0, w - 2, (n,), generator=generator),
+        )
         r, c = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
         inside = (r >= top[:, None, None]) & (r < top[:, None, None] + 3) & (c >= left[:, None, None])
         hole = inside & (c < left[:, None, None] + 3)  # [N, H, W]: a 3x3 square per sample
@@ -348,7 +354,10 @@ class ATLAS(pl.LightningModule):
         features = self(x)
         for task, y in labels.items():
             if task in self.heads and bool((y != MISSING_LABEL).any()):
-                self.metrics[stage][task].update(self.heads[task](features), y)  # type: ignore[operator]
+                self._metric(stage, task).update(self.heads[task](features), y)
+
+    def _metric(self, stage: str, task: str) -> MulticlassAccuracy:
+        return cast(MulticlassAccuracy, cast(nn.ModuleDict, self.metrics[stage])[task])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -358,11 +367,12 @@ class ATLAS(pl.LightningModule):
 
     def _log_epoch(self, stage: str) -> None:
         accuracy, normalised = {}, {}
-        for task, metric in self.metrics[stage].items():
-            if metric.update_count == 0:  # type: ignore[operator]
+        for task in self.heads:
+            metric = self._metric(stage, task)
+            if metric.update_count == 0:
                 continue
-            accuracy[task] = float(metric.compute())  # type: ignore[operator]  # synchronised over ranks
-            metric.reset()  # type: ignore[operator]
+            accuracy[task] = float(metric.compute())  # synchronised over ranks
+            metric.reset()
             self.log(f"{stage}/{task}/acc", accuracy[task])
             if task in self.expert_accuracy:
                 normalised[task] = accuracy[task] / self.expert_accuracy[task]
@@ -396,4 +406,3 @@ def _check_vector(task: str, weights: Mapping[str, Tensor], base: Mapping[str, T
             raise KeyError(f"task {task!r}: the expert has no entry {absent[0]!r} of the encoder")
     if not math.isfinite(sum(float(v.float().abs().sum()) for v in weights.values())):
         raise ValueError(f"task {task!r}: the weights hold NaN or infinite values")
-

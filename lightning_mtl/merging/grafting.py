@@ -70,6 +70,9 @@ class Grafting(pl.LightningModule):
         lr_scheduler: optional scheduler factory.
     """
 
+    metric: MulticlassAccuracy
+    best_score: Tensor
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -288,6 +291,7 @@ def save_mask(mask: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
         name: {"bits": torch.from_numpy(_packbits(m)), "shape": torch.tensor(list(m.shape), dtype=torch.long)}
         for name, m in mask.items()
     }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(packed, os.fspath(path))
 
 

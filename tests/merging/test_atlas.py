@@ -51,7 +51,7 @@ def test_blocks_cover_every_floating_entry():
     module, base, _ = _atlas("partition:2")
     names = set(module.block_names)
     assert names == {"0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias"}
-    # the running statistics are merged too, with the coefficients of their layer's weight
+    # the running statistics are merged too, with each task's mean coefficient
     assert {"1.running_mean", "1.running_var"} <= set(module.entry_names)
     assert "1.num_batches_tracked" not in module.entry_names
     # every block has its own seeded partition into 2 parts, the same when rebuilt
@@ -84,11 +84,29 @@ def test_one_hot_coefficient_gives_the_expert(granularity):
         assert torch.allclose(merged[name].float(), value.float(), atol=1e-6), name
 
 
+def test_merged_running_variance_never_goes_negative():
+    module, base, _ = _atlas("block")
+    with torch.no_grad():
+        module.coefficients.fill_(-5.0)  # far off the segment between theta_0 and the experts
+    merged = module.merged_state()
+    assert bool((merged["1.running_var"] >= 0).all())
+    unclamped = base.state_dict()["1.running_var"] - 5.0 * sum(
+        getattr(module, f"_tau{e}")[t]
+        for t in range(2)
+        for e, n in enumerate(module.entry_names)
+        if n == "1.running_var"
+    )
+    assert bool((unclamped < 0).any())  # the case the clamp is for
+    assert bool(module(_batch()[0]).isfinite().all())
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_coefficient_gradient_is_inner_product_of_weight_gradient_and_task_vector(granularity):
     module, base, experts = _atlas(granularity)
     with torch.no_grad():
-        module.coefficients.copy_(0.3 * torch.randn(module.coefficients.shape, generator=torch.Generator().manual_seed(7)))
+        module.coefficients.copy_(
+            0.3 * torch.randn(module.coefficients.shape, generator=torch.Generator().manual_seed(7))
+        )
     batch = _batch()
     module.training_step(batch, 0).backward()
     got = module.coefficients.grad
@@ -98,9 +116,7 @@ def test_coefficient_gradient_is_inner_product_of_weight_gradient_and_task_vecto
     x, y = batch
     features = functional_call(base, merged, (x,))
     merged = {k: merged[k] for k in module.block_names}
-    loss = sum(
-        F.cross_entropy(module.heads[t](features[y[t] >= 0]), y[t][y[t] >= 0]) for t in TASKS
-    )
+    loss = sum(F.cross_entropy(module.heads[t](features[y[t] >= 0]), y[t][y[t] >= 0]) for t in TASKS)
     grads = torch.autograd.grad(loss, list(merged.values()))
     kind, parts = parse_granularity(granularity)
     expected = torch.zeros_like(got)
@@ -126,7 +142,9 @@ def test_negation_and_fewshot_objectives():
     with torch.no_grad():
         module.coefficients.fill_(0.2)
         features = module(x)
-        ce = {t: F.cross_entropy(module.heads[t](features[y[t] >= 0]), y[t][y[t] >= 0]) for t in ("rotate90", "identity")}
+        ce = {
+            t: F.cross_entropy(module.heads[t](features[y[t] >= 0]), y[t][y[t] >= 0]) for t in ("rotate90", "identity")
+        }
         assert torch.allclose(module.training_step(batch, 0), ce["identity"] - ce["rotate90"])
     with pytest.raises(ValueError, match="needs `control`"):
         _atlas(objective="negation")
@@ -135,7 +153,9 @@ def test_negation_and_fewshot_objectives():
     few, _, _ = _atlas(objective="fewshot", targets=["identity"], pool=["rotate90", "parity"])
     features = few(x)
     rows = y["identity"] >= 0
-    assert torch.allclose(few.training_step(batch, 0), F.cross_entropy(few.heads["identity"](features[rows]), y["identity"][rows]))
+    assert torch.allclose(
+        few.training_step(batch, 0), F.cross_entropy(few.heads["identity"](features[rows]), y["identity"][rows])
+    )
 
 
 def test_tta_loss_is_fixmatch_on_trusted_pseudo_labels():
@@ -176,7 +196,9 @@ def _data():
 
 def _fit(module, tmp_path=None, ckpt_path=None, **kwargs):
     kwargs.setdefault("max_epochs", 1)
-    trainer = tiny_trainer(limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0, deterministic=True, **kwargs)
+    trainer = tiny_trainer(
+        limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0, deterministic=True, **kwargs
+    )
     trainer.fit(module, datamodule=_data(), ckpt_path=ckpt_path)
     return trainer
 

@@ -27,7 +27,10 @@ def _graft(**kwargs):
 
 
 def _ones(module, value):
-    return {n: torch.full_like(getattr(module, f"_tau{e}"), value, dtype=torch.bool) for e, n in enumerate(module.entry_names)}
+    return {
+        n: torch.full_like(getattr(module, f"_tau{e}"), value, dtype=torch.bool)
+        for e, n in enumerate(module.entry_names)
+    }
 
 
 def test_all_ones_mask_is_the_expert_and_all_zeros_is_theta0():
@@ -124,7 +127,9 @@ def test_bad_input_gets_one_sentence():
 # -- through the Trainer ---------------------------------------------------------------------------------------
 def _fit(module, ckpt_path=None, **kwargs):
     kwargs.setdefault("max_epochs", 1)
-    trainer = tiny_trainer(limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0, deterministic=True, **kwargs)
+    trainer = tiny_trainer(
+        limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0, deterministic=True, **kwargs
+    )
     trainer.fit(module, datamodule=DigitsTasks("rotate90", batch_size=32), ckpt_path=ckpt_path)
     return trainer
 
