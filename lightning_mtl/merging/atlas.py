@@ -176,6 +176,9 @@ class ATLAS(pl.LightningModule):
                 for stage in ("val", "test")
             }
         )
+        # read by BestMetricsSummary: every logged accuracy is better higher
+        keys = [f"{t}/{m}" for t in (*self.heads, "mean") for m in ("acc", "norm_acc")]
+        self.metric_directions = {f"{stage}/{key}": True for stage in ("val", "test") for key in keys}
         self.train()
 
     # -- construction ---------------------------------------------------------------------------------------

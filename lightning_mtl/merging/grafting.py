@@ -129,6 +129,9 @@ class Grafting(pl.LightningModule):
             self.register_buffer(f"best_mask{e}", start.clone())
         self.register_buffer("best_score", torch.tensor(-1.0))
         self.metric = MulticlassAccuracy(self.head.out_features, average="micro", ignore_index=MISSING_LABEL)  # type: ignore[arg-type]
+        # read by BestMetricsSummary: accuracies better higher, the mask's share lower
+        self.metric_directions = {f"val/{self.task}/acc": True, f"val/{self.task}/best_acc": True,
+                                  f"test/{self.task}/acc": True, "val/mask/fraction": False}  # fmt: skip
         self.train()
 
     def train(self, mode: bool = True) -> Grafting:
