@@ -13,7 +13,7 @@ task, normalised by the expert's test accuracy, and the mean; grafting is not a 
 model per task) and is listed for its localisation: the share of the task vector it keeps and how much
 of the expert's accuracy that share holds, with the masks' IoU between tasks.
 
-    python examples/merging_pipeline.py            # about 6 minutes on 2 CPU cores
+    python examples/merging_pipeline.py            # about 9 minutes on 2 shared CPU cores
     python examples/merging_pipeline.py --reuse    # keep checkpoints that exist already
 """
 
