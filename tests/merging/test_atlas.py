@@ -281,3 +281,39 @@ def test_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp_p
     start.training_step((x, y), 0).backward()
     optimizer.step()
     assert torch.allclose(ranks[0], start.coefficients.detach(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_merging_recipes_run_through_the_cli(tmp_path):
+    """pretrain.yaml -> finetune.yaml + two task fragments -> atlas.yaml and grafting.yaml, each a short fit
+    in the test's folder (the recipes' relative paths land there), chained by the checkpoints they write."""
+    import json
+    from pathlib import Path
+
+    from lightning_mtl.cli import main
+    from lightning_mtl.merging import load_mask
+
+    recipes = Path(__file__).resolve().parents[2] / "configs" / "merging"
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    main(["fit", "--config", str(recipes / "pretrain.yaml"), *short])
+    assert Path("runs/merging/pretrain/best.ckpt").is_file()
+    for task in TASKS:
+        main(
+            [
+                "fit",
+                "--config",
+                str(recipes / "finetune.yaml"),
+                "--config",
+                str(recipes / "tasks" / f"{task}.yaml"),
+                *short,
+            ]
+        )
+    experts = {t: f"runs/merging/experts/{t}/best.ckpt" for t in TASKS}
+    cli = main(["fit", "--config", str(recipes / "atlas.yaml"), "--model.init_args.experts", json.dumps(experts),
+                "--data.init_args.tasks", json.dumps(list(TASKS)), "--data.init_args.batch_size=32", *short])  # fmt: skip
+    assert isinstance(cli.model, ATLAS) and cli.model.pool == TASKS
+    assert bool(cli.model.coefficients.ne(0).any()) and Path("runs/merging/atlas/best.ckpt").is_file()
+    cli = main(["fit", "--config", str(recipes / "grafting.yaml"), *short])
+    assert Path("runs/merging/grafting/rotate90.mask").is_file()
+    assert load_mask("runs/merging/grafting/rotate90.mask").keys() == cli.model.best_mask.keys()
