@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from lightning_mtl.merging.task_vector import load_state_dict
 
 __all__ = ["StateSource", "linear_head", "load_state", "select_prefix"]
 
@@ -19,22 +19,11 @@ def load_state(source: StateSource) -> dict[str, Tensor]:
     """A flat ``{name: tensor}`` dict from a path (Lightning ``.ckpt``, ``.pt``, ``.safetensors``) or a mapping.
 
     A checkpoint's ``state_dict`` entry is unwrapped; files are read on the CPU without unpickling code
-    (``weights_only=True``).
+    (``weights_only=True``), by :func:`~lightning_mtl.merging.task_vector.load_state_dict`.
     """
     if isinstance(source, Mapping):
         return {str(k): v for k, v in source.items()}
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint or state dict at '{path}'")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"'{path}' holds no state dict (a mapping of names to tensors)")
-    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    return load_state_dict(source)  # the one checkpoint reader of the family (task vectors use it too)
 
 
 def select_prefix(state: Mapping[str, Tensor], prefix: str, what: str = "weights") -> dict[str, Tensor]:

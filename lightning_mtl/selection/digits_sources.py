@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl._constants import MISSING_LABEL
 from lightning_mtl.selection.lasso import SourceBudgetSampler
-from lightning_mtl.selection.samplers import largest_remainder
+from lightning_mtl.selection.samplers import ResumableBatches, largest_remainder
 
 __all__ = ["CORRUPTIONS", "DigitsMLP", "DigitsSources"]
 
@@ -73,7 +73,7 @@ class _SourceItems(Dataset):
         return self.images[index], {n: self.labels[index] if m == own else missing for m, n in enumerate(self.names)}
 
 
-class DigitsSources(pl.LightningDataModule):
+class DigitsSources(ResumableBatches, pl.LightningDataModule):
     """Source tasks ``<corruption>_<digit>`` (digit-vs-rest on corrupted sklearn digits) and one target task.
 
     The 1,797 sklearn digits are split (seeded) into a source pool (60 %) and a target pool. Each
@@ -134,8 +134,7 @@ class DigitsSources(pl.LightningDataModule):
         self.budgets = largest_remainder(np.ones(len(self.source_names)), self.total_budget)
         self.sampler: SourceBudgetSampler | None = None
         self._data: dict[str, Any] | None = None
-        self._epoch, self._consumed = 0, 0  # training batches handed to the model in this epoch
-        self._resume: tuple[int, int] | None = None
+        self._epoch, self._consumed, self._resume = 0, 0, None  # ResumableBatches' bookkeeping
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -229,10 +228,7 @@ class DigitsSources(pl.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.sampler = SourceBudgetSampler(self.source_sizes, self.budgets, self.batch_size, self.seed, rank, world)
-        if self._resume is not None:  # a restored checkpoint: continue inside its epoch
-            self.sampler.skip(*self._resume)
-            self._epoch, self._consumed = self._resume
-            self._resume = None
+        self._resume_sampler(self.sampler)
         return DataLoader(
             _SourceItems(data["images"], data["labels"], data["source"], self.source_names),
             batch_sampler=self.sampler,
@@ -240,21 +236,12 @@ class DigitsSources(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None and trainer.training:
-            if trainer.current_epoch != self._epoch:
-                self._epoch, self._consumed = trainer.current_epoch, 0
-            self._consumed += 1
-        return batch
-
     def state_dict(self) -> dict[str, Any]:
-        return {"budgets": self.budgets.tolist(), "epoch": self._epoch, "consumed_batches": self._consumed}
+        return {"budgets": self.budgets.tolist(), **super().state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.set_budgets(state_dict["budgets"])
-        if "epoch" in state_dict:
-            self._resume = (int(state_dict["epoch"]), int(state_dict["consumed_batches"]))
+        super().load_state_dict(state_dict)
 
 
 def _balanced(positive: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

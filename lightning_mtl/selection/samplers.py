@@ -369,7 +369,39 @@ class _Collate:
         return TaskBatch(inputs, targets, self.names[task])
 
 
-class MultiTaskSampling(pl.LightningDataModule):
+class ResumableBatches:
+    """Mid-epoch resume for a data module whose training batch sampler can ``skip(epoch, consumed)``: it counts
+    the training batches handed to the model in the current epoch, keeps the count in its ``state_dict`` and,
+    after a restore, fast-forwards the next training sampler to the same place (:meth:`_resume_sampler`)."""
+
+    trainer: Any
+    _epoch: int = 0
+    _consumed: int = 0
+    _resume: tuple[int, int] | None = None
+
+    def _resume_sampler(self, sampler: Any) -> None:
+        if self._resume is not None:  # a restored checkpoint: continue inside its epoch
+            sampler.skip(*self._resume)
+            self._epoch, self._consumed = self._resume
+            self._resume = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if trainer.current_epoch != self._epoch:
+                self._epoch, self._consumed = trainer.current_epoch, 0
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "consumed_batches": self._consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "epoch" in state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["consumed_batches"]))
+
+
+class MultiTaskSampling(ResumableBatches, pl.LightningDataModule):
     """Several data sets, one per task, behind one data module that samples a task per batch.
 
     Give a data module (or a map-style data set: training data only) per task; the training loader
@@ -425,8 +457,7 @@ class MultiTaskSampling(pl.LightningDataModule):
         self.num_workers, self.seed = int(num_workers), int(seed)
         self._splits: dict[str, list[Dataset | None]] = {}
         self.sampler: MultiTaskBatchSampler | None = None
-        self._epoch, self._consumed = 0, 0  # training batches handed to the model in this epoch
-        self._resume: tuple[int, int] | None = None
+        self._epoch, self._consumed, self._resume = 0, 0, None  # ResumableBatches' bookkeeping
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -483,10 +514,7 @@ class MultiTaskSampling(pl.LightningDataModule):
             self.batch_size, schedule=self.schedule, alpha=self.alpha, num_epochs=epochs, drop_last=self.drop_last,
             seed=self.seed, rank=rank, world_size=world, steps_per_epoch=self.steps_per_epoch,
         )  # fmt: skip
-        if self._resume is not None:  # a restored checkpoint: continue inside its epoch
-            self.sampler.skip(*self._resume)
-            self._epoch, self._consumed = self._resume
-            self._resume = None
+        self._resume_sampler(self.sampler)
         return DataLoader(
             _Concat(parts),  # type: ignore[arg-type]
             batch_sampler=self.sampler,
@@ -514,21 +542,6 @@ class MultiTaskSampling(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self._eval_loader(2)
-
-    # --- resume -------------------------------------------------------------------------------------
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None and trainer.training:
-            if trainer.current_epoch != self._epoch:
-                self._epoch, self._consumed = trainer.current_epoch, 0
-            self._consumed += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "consumed_batches": self._consumed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = (int(state_dict["epoch"]), int(state_dict["consumed_batches"]))
 
 
 def _loader_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset | None:
