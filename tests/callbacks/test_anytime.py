@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.anytime import AnytimeEvaluation, evaluation_plan
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 NUM_CLASSES, PER_CLASS = 4, 4
@@ -346,7 +347,7 @@ class _SaveSummary(pl.Callback):
 def test_ranks_evaluate_shares_and_sum_the_counts(tmp_path):
     """Two processes: each evaluates half of the test samples; the summed counts give the single-process
     accuracies and summary on every rank."""
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, use_distributed_sampler=False,
                            callbacks=[AnytimeEvaluation(eval_period=4, log_images=False), _SaveSummary(tmp_path)])  # fmt: skip
     trainer.fit(ScriptedModule(), datamodule=FakeStream())
     results = [json.loads((tmp_path / f"anytime_rank{r}.json").read_text()) for r in (0, 1)]

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.ema import EMATeacher, ema_decay
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import tiny_trainer
 
 STEPS = 6
@@ -471,7 +472,7 @@ class _RanksEvaluateOneTeacher(Bare):
 def test_ddp_ranks_evaluate_the_same_callback_teacher():
     """The callback's teacher is outside the module, so DDP's buffer broadcast misses it: the BatchNorm
     statistics averaged from each rank's own batches would differ between ranks without the broadcast."""
-    tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=1, num_sanity_val_steps=0,
+    tiny_trainer(strategy=SpawnDDP(), devices=2, max_epochs=1, num_sanity_val_steps=0,
                  callbacks=[EMATeacher(decay=0.7, evaluate_with_ema=True)]).fit(_RanksEvaluateOneTeacher())  # fmt: skip
 
 

@@ -8,18 +8,16 @@ import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.callbacks.test_harness import ENTRIES
-from tests.fixtures.ddp import free_port, join_processes
+from tests.fixtures.ddp import spawn_ranks
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 WORLD = 2
 NAMES = sorted(name for name, entry in ENTRIES.items() if entry.ddp == "harness")
 
 
-def _worker(rank, folder, port):
-    join_processes(rank, WORLD, port)
+def _worker(rank, folder):
     for name in NAMES:
         try:
             entry = ENTRIES[name]
@@ -44,7 +42,7 @@ def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("harness_ddp")
     error = "not run"
     try:
-        mp.start_processes(_worker, args=(str(folder), free_port()), nprocs=WORLD, start_method="spawn")
+        spawn_ranks(_worker, (str(folder),), world=WORLD)
     except Exception as exc:
         error = f"the DDP processes stopped with {type(exc).__name__}: {exc}"
     out = {}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sklearn.neighbors import KNeighborsClassifier
 
 from lightning_mtl.callbacks.knn import KNNMonitor, weighted_knn_predict
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.ssl_toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData, clusters
 from tests.fixtures.trainers import tiny_trainer
 
@@ -123,7 +124,7 @@ def test_monitor_gathers_the_bank_across_ranks(tmp_path):
     and the accuracy is the single-process accuracy on the whole validation split."""
     data = ToyData(n_train=96, n_val=48, batch_size=8)
     module = FixedFeatureModule()
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=1, num_sanity_val_steps=0,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, max_epochs=1, num_sanity_val_steps=0,
                            callbacks=[KNNMonitor(k=10), _SaveBankAndAccuracy(tmp_path)])  # fmt: skip
     trainer.fit(module, datamodule=data)
     results = [json.loads((tmp_path / f"knn_rank{r}.json").read_text()) for r in (0, 1)]

@@ -13,6 +13,7 @@ from torch import nn
 from lightning_mtl.architectures import DigitsCNN
 from lightning_mtl.callbacks.linear_probe import OnlineLinearProbe
 from lightning_mtl.ssl import BarlowTwins
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.ssl_toys import CountingModule, FixedFeatureModule, ToyData, UnlabelledTrainData
 from tests.fixtures.trainers import tiny_trainer
 
@@ -91,7 +92,7 @@ class _SaveProbe(pl.Callback):
 
 @pytest.mark.slow
 def test_probe_copies_stay_identical_under_ddp(tmp_path):
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=1, num_sanity_val_steps=0,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, max_epochs=1, num_sanity_val_steps=0,
                            callbacks=[OnlineLinearProbe(num_classes=4, lr=0.05), _SaveProbe(tmp_path)])  # fmt: skip
     trainer.fit(FixedFeatureModule(), datamodule=ToyData(batch_size=8, unlabelled_every=3))
     weights = [json.loads((tmp_path / f"probe{r}.json").read_text()) for r in (0, 1)]

@@ -17,6 +17,7 @@ from lightning_mtl.continual.vor import (
     sample_virtual_outliers,
     vor_loss,
 )
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import (
     one_thread,  # noqa: F401
     tiny_trainer,
@@ -372,6 +373,6 @@ def test_ddp_ranks_share_features_outliers_and_head():
     single-process outliers and head."""
     single = _fit([_vor()])
     expected = torch.cat([p.detach().flatten() for p in single.head.parameters()])
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, limit_val_batches=0, use_distributed_sampler=False,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, limit_val_batches=0, use_distributed_sampler=False,
                            callbacks=[_vor(), _RanksAgree(expected)])  # fmt: skip
     trainer.fit(_FakeModule(), datamodule=_FakeStream())

@@ -16,11 +16,10 @@ import traceback
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from lightning_mtl.continual import METHODS, StreamBatch
-from tests.fixtures.ddp import free_port, join_processes
+from tests.fixtures.ddp import spawn_ranks
 from tests.fixtures.trainers import (
     one_thread,  # noqa: F401
     tiny_trainer,
@@ -80,9 +79,8 @@ def _fit(module, **trainer_kwargs):
     assert trainer.global_step == STEPS
 
 
-def _worker(rank, folder, port, names):
+def _worker(rank, folder, names):
     """One of the two processes: every method in turn under ``strategy="ddp"``, its final state saved."""
-    join_processes(rank, WORLD, port)
     for name in names:
         try:
             module = _module(name)
@@ -102,7 +100,7 @@ def ddp_states(tmp_path_factory):
     names = sorted(METHODS)
     spawn_error = "not run: an earlier method failed under DDP"
     try:
-        mp.start_processes(_worker, args=(str(folder), free_port(), names), nprocs=WORLD, start_method="spawn")
+        spawn_ranks(_worker, (str(folder), names), world=WORLD)
     except Exception as error:  # a failed method left its .err file; the methods after it left nothing
         spawn_error = f"not run: the DDP processes stopped with {type(error).__name__}: {error}"
     out = {}

@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
 from lightning_mtl.aggregators import create_aggregator, get_aggregator_class, list_aggregators
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import tiny_multidigits, tiny_trainer
 
 
@@ -84,7 +85,7 @@ def _check_ddp_step(tmp_path, module):
     dm = tiny_multidigits(batch_size=8)
     start = copy.deepcopy(module)
     trainer = tiny_trainer(
-        strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
+        strategy=SpawnDDP(), devices=2, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
         callbacks=[_RanksAgree(), _SaveBatch(tmp_path)],
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
@@ -132,7 +133,7 @@ def test_ddp_stateful_loss_weightings_stay_identical_on_every_rank(aggregator):
     """Their updates use per-rank losses averaged over ranks (FAMO, DWA) or DDP-averaged gradients
     (GradNorm, UW): every rank holds the same weights after training."""
     module = _module(aggregator)
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=2, limit_train_batches=3,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, max_epochs=2, limit_train_batches=3,
                            limit_val_batches=1, callbacks=[_RanksAgree()])  # fmt: skip
     trainer.fit(module, datamodule=tiny_multidigits(batch_size=8))
 
@@ -146,7 +147,7 @@ def test_ddp_regression_task_trains_and_ranks_agree():
     )  # fmt: skip
 
     trainer = tiny_trainer(
-        strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=3, callbacks=[_RanksAgree()]
+        strategy=SpawnDDP(), devices=2, max_epochs=1, limit_train_batches=3, callbacks=[_RanksAgree()]
     )
     trainer.fit(module, datamodule=_AsRegression())
     assert "val/right/mae" in trainer.callback_metrics

@@ -15,6 +15,7 @@ from lightning_mtl.callbacks.ema import EMATeacher
 from lightning_mtl.datamodules.digits import Digits
 from lightning_mtl.mixup.adautomix import AdAutoMix, AutoMix
 from lightning_mtl.mixup.generator import MixMaskGenerator
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import tiny_trainer
 
 
@@ -227,6 +228,6 @@ def test_ddp_student_teacher_and_generator_identical_on_both_ranks():
     """One 2-process gloo run covers EMATeacher and AdAutoMix: DDP averages the student's and the
     generator's gradients, and the EMA update of identical students keeps the teachers identical."""
     model = _model()
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_steps=3, limit_val_batches=0,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, max_steps=3, limit_val_batches=0,
                            callbacks=[_ema(), _RanksAgree()])  # fmt: skip
     trainer.fit(model, datamodule=Digits(image_size=16, batch_size=8))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mtl.sharpness import SharpnessAwareMinimization
+from tests.fixtures.ddp import SpawnDDP
 from tests.sharpness._common import Classifier, batches, hand_perturbation, loader, tiny_net, trainer
 
 
@@ -63,7 +64,7 @@ def test_ddp_sam_equals_per_rank_perturbation_by_hand(tmp_path):
     rho, steps = 0.3, 2
     net = tiny_net(batchnorm=False)
     module = Classifier(copy.deepcopy(net), lr=0.5)
-    trainer(strategy="ddp_spawn", devices=2, limit_train_batches=steps,
+    trainer(strategy=SpawnDDP(), devices=2, limit_train_batches=steps,
             callbacks=[SharpnessAwareMinimization(rho=rho), _RanksAgree(), _SaveBatches(tmp_path)],
             ).fit(module, loader(batches(2 * steps)))  # fmt: skip
 

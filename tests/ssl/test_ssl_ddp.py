@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo, ddp_spawn): the DDP gradients of Barlow Twins and Mixed Barlow Twins equal the
+"""Two CPU processes (gloo, spawned by Lightning): the DDP gradients of Barlow Twins and Mixed Barlow Twins equal the
 single-process gradients on the concatenated batch (the cross-correlation and the standardization
 statistics are reduced with a differentiable all-reduce)."""
 
@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl.ssl import BarlowTwins, MixedBarlowTwins
 from lightning_mtl.ssl.losses import barlow_twins_loss, mixed_barlow_twins_loss
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import tiny_trainer
 
 
@@ -76,7 +77,7 @@ def _module(cls):
 def test_ddp_gradients_equal_single_process_gradients_on_the_concatenated_batch(tmp_path, cls):
     module = _module(cls)
     start = copy.deepcopy(module)
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=1,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, max_epochs=1, limit_train_batches=1,
                            limit_val_batches=0, callbacks=[_Record(tmp_path)])  # fmt: skip
     trainer.fit(module, datamodule=_Data())
     ddp_grads = [torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1)]
