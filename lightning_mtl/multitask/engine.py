@@ -318,19 +318,21 @@ class GradientEngine:
         world_size: int,
         request: JacobianLevel | None,
     ) -> None:
-        """The parameter level's update from the Gramian alone (see :mod:`~lightning_mtl.multitask.gramian`)."""
-        if world_size > 1:  # the module refuses it at setup; a direct caller gets the same sentence
-            raise ValueError(GRAMIAN_DDP_MESSAGE)
+        """The parameter level's update from the Gramian alone (see :mod:`~lightning_mtl.multitask.gramian`);
+        under DDP, that of the losses averaged over the ranks (the cross-rank terms gathered or reduced
+        per layer), so every rank writes the update of the whole batch."""
         assert isinstance(self.aggregator, GramianWeighting) and step.layers is not None
+        distributed = world_size > 1
         # a requested Jacobian costs its own passes (rows of the plain losses), before the graph is freed
-        self._keep_jacobian(self._jacobian(request, terms, shared, step), scale, False)
+        self._keep_jacobian(self._jacobian(request, terms, shared, step), scale, distributed)
         if self.aggregator.uses_log_losses:  # grad log L = grad L / L, as at the parameter level
-            divisors = step.losses.detach()
+            divisors = step.losses.detach().clone()
+            divisors = _all_mean(divisors) if distributed else divisors
             terms = [term / divisors[i] for i, term in enumerate(terms)]
         contracted = {id(p) for calls in step.layers if calls.outputs for p in calls.module.parameters(recurse=False)}
         direct = [p for p in shared if id(p) not in contracted]
         gramian, pieces, direct_jac, other_grads = gramian_and_gradients(
-            step.layers, terms, direct, others, self.is_batched(terms[0]), self.chunk_size
+            step.layers, terms, direct, others, self.is_batched(terms[0]), self.chunk_size, world_size
         )
         layers, step.layers = step.layers, None  # the recorded activations go with the step
         if scale is not None:  # the pieces carry the scale once, the Gramian twice
@@ -339,10 +341,14 @@ class GradientEngine:
         self.last_weights, self.last_gramian = weights.detach(), gramian
         # the shared gradient of sum_i w_i l_i from the same pieces (they carry the loss scale)
         written = weighted_gradients(layers, pieces, weights.detach().float())
-        direct_grads = torch.split(weights.detach().float() @ direct_jac, [p.numel() for p in direct])
+        direct_grads = torch.split(weights.detach().float() @ direct_jac.float(), [p.numel() for p in direct])
         written.update({id(p): g.view_as(p) for p, g in zip(direct, direct_grads)})
+        shared_grads: list[Tensor | None] = [written[id(p)] for p in shared]
+        if distributed:  # this rank's pieces: the whole batch's gradient is their mean over the ranks
+            shared_grads = _all_mean_grads(shared, shared_grads)
+            other_grads = _all_mean_grads(others, other_grads)
         set_grads(others, other_grads)  # already carry the loss scale
-        set_grads(shared, [written[id(p)] for p in shared])
+        set_grads(shared, shared_grads)
 
     def _jacobian(
         self, level: JacobianLevel | None, terms: list[Tensor], shared: Sequence[Tensor], step: TaskStep
@@ -425,13 +431,6 @@ class GradientEngine:
         # the flat gradients get an aggregator of their own, so a stateful method (GradVac's targets,
         # Nash-MTL's warm start) keeps one state per stream
         return direction + self.direction(jac_sam.sub_(jac), self.flat_aggregator, log=False)
-
-
-GRAMIAN_DDP_MESSAGE = (
-    "gradient_mode='gramian' runs on one process: under DDP the Gramian of the whole batch needs the "
-    "cross-rank terms <g_i^r, g_j^s>, i.e. every rank's per-layer pieces; use gradient_mode='parameter' "
-    "(or 'representation') with strategy='ddp'"
-)
 
 
 def loss_scale(loss: Tensor, closure_loss: Tensor) -> Tensor | None:

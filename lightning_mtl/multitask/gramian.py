@@ -14,6 +14,16 @@ output gradients come from m backward passes w.r.t. the recorded layer outputs (
 the shared parameters of other modules (norm layers, embeddings, ...) take their per-task gradients
 directly, as they are small. Once the weights ``w`` are known, the shared gradient of
 ``sum_i w_i l_i`` is formed from the same pieces (``X^T (sum_i w_i D_i)``), with no further backward.
+
+Under DDP the task losses are the means over the ranks, so ``G_ij = (1 / W^2) sum_{r,s} <g_i^r, g_j^s>``
+has cross-rank terms. Per layer, every rank either gathers all ranks' rows ``X`` and ``D / W`` and
+contracts them as one process would the concatenated batch (``W x (|X| + m |D|)`` numbers received;
+the contraction is then done ``W`` times over, once per rank), or averages the layer's per-task
+parameter gradients ``[m, p]`` over the ranks (an all-reduce of ``m x p`` numbers, the parameter
+level's traffic for that layer, but one layer at a time); :func:`gathers_rows` takes whichever moves
+fewer numbers. The other shared parameters' per-task gradients are averaged (``m x k``). The weighted
+gradient is then formed from this rank's pieces and averaged over the ranks in one all-reduce of
+``n`` numbers, what DDP's own averaging would move.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
+
+from lightning_mtl._distributed import gather_rows, mean_over_ranks_
 
 
 @dataclass
@@ -129,6 +141,24 @@ def _summed(tensors: Iterator[Tensor]) -> Tensor:
     return first
 
 
+def _task_parameter_gradients(calls: LayerCalls, grads: Sequence[Tensor], bias: bool) -> Tensor:
+    """The per-task gradients ``[m, weight (+ bias)]`` of one layer's parameters (float32), summed over
+    its recorded calls: the native kernel for a convolution, ``D_i^T X`` for a linear layer."""
+    module = calls.module
+    m = grads[0].shape[0]
+    if isinstance(module, nn.Conv2d):
+        weight_grads = torch.stack(
+            [_summed(_conv_weight_grad(module, x, d[i]) for x, d in zip(calls.inputs, grads)) for i in range(m)]
+        ).flatten(1)
+        sums = _summed(d.sum(dim=(1, 3, 4)) for d in grads) if bias else None
+    else:
+        x, d = _rows(calls, grads)
+        weight_grads = torch.einsum("mro,rd->mod", d, x).flatten(1)
+        sums = d.sum(dim=1) if bias else None
+    weight_grads = weight_grads.float()
+    return weight_grads if sums is None else torch.cat([weight_grads, sums.float()], dim=1)
+
+
 def _calls_gramian(calls: LayerCalls, grads: Sequence[Tensor], bias: bool) -> Tensor:
     """The Gramian block of one layer from its recorded calls and their per-task output gradients."""
     module = calls.module
@@ -137,17 +167,37 @@ def _calls_gramian(calls: LayerCalls, grads: Sequence[Tensor], bias: bool) -> Te
         if rows * rows > module.weight.numel():
             # many positions: the per-task weight gradients from the native kernel (no unfolded
             # patches), this layer's only, dropped once their Gram is taken
-            m = grads[0].shape[0]
-            weight_grads = torch.stack(
-                [_summed(_conv_weight_grad(module, x, d[i]) for x, d in zip(calls.inputs, grads)) for i in range(m)]
-            ).flatten(1)
-            gramian = weight_grads @ weight_grads.T
-            if bias:
-                sums = _summed(d.sum(dim=(1, 3, 4)) for d in grads)
-                gramian = gramian + sums @ sums.T
-            return gramian.float()
+            task_grads = _task_parameter_gradients(calls, grads, bias)
+            return task_grads @ task_grads.T
     x, d = _rows(calls, grads)
     return layer_gramian(x, d, bias)
+
+
+def gathers_rows(row_numel: int, parameters: int, m: int, world_size: int) -> bool:
+    """Whether a layer's cross-rank Gramian block gathers the rows (inputs and output gradients, ``row_numel``
+    numbers per rank) rather than all-reducing its per-task parameter gradients (``m x parameters``
+    numbers): whichever moves fewer numbers to each rank."""
+    return world_size * row_numel < m * parameters
+
+
+def _cross_rank_gramian(calls: LayerCalls, grads: Sequence[Tensor], bias: bool, world_size: int) -> Tensor:
+    """One layer's Gramian block of the losses averaged over the ranks.
+
+    The gradient of the mean loss is ``(1 / W) sum_r g_i^r``, so the block holds the cross-rank terms
+    ``<g_i^r, g_j^s>``. Either every rank gathers every rank's rows (the output gradients divided by
+    ``W``) and contracts them as one process would the concatenated batch, or the per-task parameter
+    gradients of this layer are averaged over the ranks; :func:`gathers_rows` picks the cheaper.
+    """
+    m = grads[0].shape[0]
+    module = calls.module
+    parameters = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+    row_numel = sum(x.numel() + d.numel() for x, d in zip(calls.inputs, grads))
+    if gathers_rows(row_numel, parameters, m, world_size):
+        inputs = [gather_rows(x) for x in calls.inputs]
+        outputs = [gather_rows(d.transpose(0, 1)).transpose(0, 1) / world_size for d in grads]
+        return _calls_gramian(LayerCalls(module, inputs), outputs, bias)
+    task_grads = mean_over_ranks_(_task_parameter_gradients(calls, grads, bias))
+    return task_grads @ task_grads.T
 
 
 def gramian_and_gradients(
@@ -157,8 +207,13 @@ def gramian_and_gradients(
     others: Sequence[Tensor],
     batched: bool,
     chunk_size: int | None,
+    world_size: int = 1,
 ) -> tuple[Tensor, list[list[Tensor]], Tensor, list[Tensor | None]]:
     """The Gramian ``[m, m]`` (float32) of the task losses ``terms`` w.r.t. the shared parameters.
+
+    Above one rank, ``terms`` are this rank's and the Gramian is that of their means over the ranks
+    (each layer's block by :func:`_cross_rank_gramian`, the direct parameters' per-task gradients
+    averaged over the ranks); the pieces, gradients and ``direct`` rows returned stay this rank's.
 
     Returns the Gramian, the per-task output gradients ``[m, *output]`` of each recorded call of each
     layer that ran (for :func:`weighted_gradients`), the per-task gradients ``[m, k]`` of the
@@ -180,17 +235,22 @@ def gramian_and_gradients(
     )
     m = len(terms)
     views = torch.split(jac, [t.numel() for t in [*outputs, *direct]], dim=1)
-    gramian = jac.new_zeros(m, m)
+    gramian = jac.new_zeros(m, m, dtype=torch.float32)
     pieces, k = [], 0
     for calls in used:
         count = len(calls.outputs)
         grads = [v.view(m, *y.shape) for v, y in zip(views[k : k + count], calls.outputs)]
         k += count
         bias = getattr(calls.module, "bias", None)
-        gramian += _calls_gramian(calls, grads, isinstance(bias, Tensor) and bias.requires_grad)
+        has_bias = isinstance(bias, Tensor) and bias.requires_grad
+        if world_size > 1:
+            gramian += _cross_rank_gramian(calls, grads, has_bias, world_size)
+        else:
+            gramian += _calls_gramian(calls, grads, has_bias)
         pieces.append(grads)
     direct_jac = torch.cat(views[k:], dim=1) if direct else jac.new_zeros(m, 0)
-    gramian += direct_jac @ direct_jac.T
+    direct_mean = mean_over_ranks_(direct_jac.float()) if world_size > 1 else direct_jac.float()
+    gramian += direct_mean @ direct_mean.T
     return gramian, pieces, direct_jac, other_grads
 
 
@@ -220,4 +280,12 @@ def weighted_gradients(
     return grads
 
 
-__all__ = ["LayerCalls", "contracted", "gramian_and_gradients", "layer_gramian", "record_layers", "weighted_gradients"]
+__all__ = [
+    "LayerCalls",
+    "contracted",
+    "gathers_rows",
+    "gramian_and_gradients",
+    "layer_gramian",
+    "record_layers",
+    "weighted_gradients",
+]

@@ -25,7 +25,7 @@ from lightning_mtl.aggregators import (
     create_aggregator,
 )
 from lightning_mtl.multitask.delta_m import delta_m
-from lightning_mtl.multitask.engine import GRAMIAN_DDP_MESSAGE, GradientEngine, TaskStep
+from lightning_mtl.multitask.engine import GradientEngine, TaskStep
 from lightning_mtl.multitask.fmtl import FMTL
 from lightning_mtl.multitask.gramian import record_layers
 from lightning_mtl.multitask.tasks import Task, TaskError
@@ -84,7 +84,8 @@ class MultiTaskModule(pl.LightningModule):
             accumulated layer by layer from the encoder's ``nn.Linear`` / ``nn.Conv2d`` inputs and
             per-task output gradients (other parameters take their per-task gradients directly),
             never the m x n Jacobian: less memory, and less work where the layers' rows are few
-            (see ``docs/multitask.md``). One process only (refused under DDP), no F-MTL, no
+            (see ``docs/multitask.md``). Under DDP each layer's cross-rank terms are gathered or
+            averaged over the ranks (:mod:`lightning_mtl.multitask.gramian`). No F-MTL, no
             in-place operation on a recorded layer's output.
         jacobian_batched: one batched backward for the Jacobian (``True``) or a loop of m backward
             passes (``False``); ``None`` batches on GPUs and loops on CPUs, where batching buys nothing.
@@ -96,8 +97,9 @@ class MultiTaskModule(pl.LightningModule):
     ``16-mixed`` (the aggregator sees unscaled gradients; the direction is scaled back, so
     GradScaler's unscale and its skip of non-finite steps apply as usual); ``gradient_clip_val``
     clips the aggregated gradient; ``strategy="ddp"`` averages the Jacobian (parameter level) or
-    sums the m x m Gramian (representation level) over ranks, which equals the single-process
-    update on the concatenated batch (``gradient_mode="gramian"`` is refused under DDP at setup).
+    sums the m x m Gramian (representation level) over ranks, or gathers / averages the per-layer
+    pieces of the Gramian (Gramian level, cross-rank terms included), which equals the
+    single-process update on the concatenated batch.
     ``accumulate_grad_batches > 1`` is refused at setup.
 
     Checkpoints of CLI runs rebuild the model alone (``MultiTaskModule.load_from_checkpoint(path)``,
@@ -273,8 +275,6 @@ class MultiTaskModule(pl.LightningModule):
             )
         if not self.automatic_optimization:
             raise ValueError(f"{name} writes the gradients in backward(); keep automatic_optimization=True")
-        if self.gradient_mode == "gramian" and self.trainer.world_size > 1:
-            raise ValueError(GRAMIAN_DDP_MESSAGE)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, inputs: Tensor) -> dict[str, Tensor]:

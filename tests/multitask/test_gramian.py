@@ -3,6 +3,7 @@ and the step it writes equals the parameter level's step, for every Gramian weig
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
 from lightning_mtl.aggregators import GramianWeighting, create_aggregator, list_aggregators
 from lightning_mtl.multitask.engine import flat_jacobian
-from lightning_mtl.multitask.gramian import layer_gramian
+from lightning_mtl.multitask.gramian import gathers_rows, layer_gramian
 from tests.fixtures.trainers import tiny_trainer
 
 GRAMIAN_METHODS = [n for n in list_aggregators() if isinstance(create_aggregator(n), GramianWeighting)]
@@ -215,16 +216,38 @@ def test_trains_under_the_trainer():
     assert module.engine.last_weights is not None
 
 
-def test_ddp_is_refused_at_setup_with_the_alternative():
-    from types import SimpleNamespace
+@pytest.mark.parametrize("rows, parameters, gathers", [(100, 80, False), (30, 80, True)])
+def test_the_cross_rank_scheme_moves_fewer_numbers(rows, parameters, gathers):
+    """2 ranks, m = 2: gathering sends 2 x rows numbers to each rank, averaging the gradients m x parameters."""
+    assert gathers_rows(rows, parameters, m=2, world_size=2) is gathers
 
-    class DDPStrategy:  # only its name is read
-        pass
 
-    module = _module("mgda", "gramian")
-    module._trainer = SimpleNamespace(accumulate_grad_batches=1, strategy=DDPStrategy(), world_size=2)
-    with pytest.raises(ValueError, match="gradient_mode='gramian' runs on one process.*gradient_mode='parameter'"):
-        module._check_trainer_for_gradient_methods()
+def test_bf16_mixed_trainer_step_matches_the_parameter_level():
+    """Under autocast the layers' outputs, and so the pieces of the Gramian, are bfloat16: one Trainer
+    step in each mode gives the same update to bfloat16 round-off. (On a CPU Lightning runs 16-mixed as
+    bf16-mixed; GradScaler's scale on a GPU is undone as in ``test_loss_scale_is_undone``.)"""
+    from tests.multitask.test_engine import _SumData
+
+    updates = []
+    for mode in ("gramian", "parameter"):
+        torch.manual_seed(0)
+        module = MultiTaskModule(
+            encoder=nn.Sequential(nn.Flatten(), nn.Linear(100, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh()),
+            feature_dim=8,
+            tasks={"left": ClassificationTask(10), "right": ClassificationTask(10), "sum": RegressionTask()},
+            aggregator="upgrad",
+            gradient_mode=mode,
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        )
+        before = [p.detach().clone() for p in module.parameters()]
+        trainer = tiny_trainer(max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, precision="bf16-mixed")
+        trainer.fit(module, datamodule=_SumData())
+        updates.append([p.detach() - b for p, b in zip(module.parameters(), before)])
+    ours, reference = updates
+    size = max(float(u.abs().max()) for u in reference)
+    assert size > 0, "the step was skipped"
+    for u, v in zip(ours, reference):
+        torch.testing.assert_close(u, v, rtol=1e-2, atol=2e-3 * size)  # seen: 2e-4 * size
 
 
 def test_a_requested_jacobian_is_the_parameter_levels():
