@@ -18,11 +18,17 @@ are set to ``None`` between steps, outside the clock):
   ``jac_to_grad(shared_params, aggregator)`` with torchjd's own aggregator of the same name, where
   the installed torchjd has one (``pip install "lightning-mtl[bench]"``, i.e. ``torchjd[full]``); by
   default its Jacobian through the encoder is one vmapped backward of all m rows (``--torchjd-chunk``);
+* ``autogram`` (UPGrad rows only): torchjd's ``autogram.Engine(encoder, batch_dim=None)`` builds the
+  Gramian of the m mean losses layer by layer, never the Jacobian; ``UPGradWeighting`` turns it into
+  weights and one backward of the weighted losses writes the gradients (the shared ones are ours;
+  each head gets its weighted, not its plain, gradient: the same work);
 * ``ours``: ``MultiTaskModule(aggregator=...)`` timed as ``module.backward(module.training_step(batch, 0))``
   without a Trainer (the engine itself), at the parameter level and, for Gramian weightings, at
   the representation level (``gradient_mode="representation"``) and at the Gramian level
   (``gradient_mode="gramian"``: the parameter level's update from the Gramian accumulated layer by
-  layer, never the Jacobian; column ``gram``).
+  layer, never the Jacobian; column ``gram``). ``auto`` in a row names the level
+  ``gradient_mode="auto"`` picks there (:func:`~lightning_mtl.multitask.auto_mode.choose_gradient_mode`);
+  ``ours_vs_autogram`` is that level's time over autogram's.
 
 For each (encoder, m, method) the sides take turns step by step, in an order that rotates, so that a
 drift of the machine hits them alike; the figure of a side is the median of its timed steps. The
@@ -33,7 +39,8 @@ shared CPU, measure when it is quiet: torch's threads wait badly for cores anoth
 Targets of the issue, printed beside the ratios (met / missed):
 
 * CPU: gradient methods (parameter level) no slower than the loop and than torchjd (<= 1.0x); the
-  Gramian level no slower than the loop (<= 1.0x; torchjd's autogram measured 0.93x the loop);
+  Gramian level no slower than the loop (<= 1.0x; torchjd's autogram measured 0.93x the loop); ours
+  (the level ``auto`` picks) no slower than torchjd's autogram (<= 1.0x, UPGrad);
   representation level <= 1.5x plain at m = 10; loss weighting <= 1.05x plain;
 * GPU: gradient methods <= 0.8x the loop at m = 10 and <= 1.0x torchjd; representation level
   <= 3x plain at m = 40.
@@ -64,6 +71,7 @@ from _timing import emit, median, now
 
 from lightning_mtl import ClassificationTask, DigitsCNN, MultiTaskModule
 from lightning_mtl.aggregators import GramianWeighting, create_aggregator, list_aggregators
+from lightning_mtl.multitask.auto_mode import choose_gradient_mode
 
 NUM_CLASSES = 10
 QUICK_METHODS = ["ls", "upgrad", "mgda", "imtl_g", "graddrop"]
@@ -73,6 +81,7 @@ CPU_TARGETS = {
     "rep_vs_plain_m10": 1.5,
     "loss_vs_plain": 1.05,
     "gram_vs_loop": 1.0,
+    "ours_vs_autogram": 1.0,
 }
 GPU_TARGETS = {"param_vs_loop_m10": 0.8, "param_vs_torchjd": 1.0, "rep_vs_plain_m40": 3.0}
 
@@ -201,6 +210,26 @@ class TorchJD(Side):
         self.jac_to_grad(self.shared, self.aggregator)
 
 
+class Autogram(Side):
+    """torchjd's autogram: the Gramian of the mean losses w.r.t. the encoder, UPGrad's weights, one backward."""
+
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, batch, amp) -> None:
+        super().__init__(list(encoder.parameters()) + list(heads.parameters()))
+        from torchjd.aggregation import UPGradWeighting
+        from torchjd.autogram import Engine
+
+        # the losses are batch means: no batch dimension to exploit (batch_dim=None)
+        self.engine, self.weighting = Engine(encoder, batch_dim=None), UPGradWeighting()
+        self.encoder, self.heads, self.batch, self.amp = encoder, heads, batch, amp
+        self.shared = [p for p in encoder.parameters() if p.requires_grad]
+
+    def step(self) -> None:
+        _, losses = reference_losses(self.encoder, self.heads, self.batch, self.amp)
+        stacked = torch.stack(losses)
+        weights = self.weighting(self.engine.compute_gramian(stacked))
+        stacked.backward(weights)
+
+
 class Ours(Side):
     def __init__(self, module: MultiTaskModule, batch, amp) -> None:
         super().__init__(list(module.parameters()))
@@ -316,7 +345,15 @@ def run_config(encoder_name: str, m: int, methods: list[str], args, device: torc
             if isinstance(probe, GramianWeighting):
                 sides["rep"] = ours(method, "representation")
                 sides["gram"] = ours(method, "gramian")
-        check = gram_check = None
+            if method == "upgrad" and tjd is not None:  # torchjd is there
+                side = Autogram(*fresh(), batch, amp)
+                try:
+                    side.step()
+                    sides["autogram"] = side
+                except RuntimeError as err:
+                    tjd_note = f"autogram failed: {err}".splitlines()[0][:80]
+                side.zero()
+        check = gram_check = autogram_check = None
         if args.check and "loop" in sides:  # one step from the same weights: the loop and ours must agree
             for side in sides.values():
                 side.zero()
@@ -329,13 +366,16 @@ def run_config(encoder_name: str, m: int, methods: list[str], args, device: torc
                 sides["gram"].step()
                 gram_shared = [p for p in sides["gram"].module.encoder.parameters() if p.requires_grad]
                 gram_check = max_rel_diff(ours_shared, gram_shared)
+            if "autogram" in sides:  # autogram's shared gradients must be ours as well
+                sides["autogram"].step()
+                autogram_check = max_rel_diff(ours_shared, sides["autogram"].shared)
         ms = measure(sides, args.rounds, args.steps, args.warmup, device)
         row: dict[str, Any] = {"encoder": encoder_name, "m": m, "method": method, "kind": kind,
                                "shared_params": n_shared}  # fmt: skip
         row.update({f"{name}_ms": round(value, 3) for name, value in ms.items()})
         for ours_side in ("param", "rep", "gram"):
             if ours_side in ms:
-                for ref in ("plain", "loop", "torchjd"):
+                for ref in ("plain", "loop", "torchjd", "autogram"):
                     if ref in ms:
                         row[f"{ours_side}_vs_{ref}"] = round(ms[ours_side] / ms[ref], 4)
         if "torchjd" in ms and "loop" in ms:
@@ -346,8 +386,16 @@ def run_config(encoder_name: str, m: int, methods: list[str], args, device: torc
             row["loop_vs_param_max_rel_diff"] = check
         if gram_check is not None:
             row["param_vs_gram_max_rel_diff"] = gram_check
+        if autogram_check is not None:
+            row["param_vs_autogram_max_rel_diff"] = autogram_check
         if "gram" in ms:
             row["gram_vs_param"] = round(ms["gram"] / ms["param"], 4)
+        if kind != "loss":
+            auto = choose_gradient_mode(template.encoder, m, isinstance(probe, GramianWeighting), device)
+            row["auto"] = auto
+            if "autogram" in ms:
+                row["autogram_vs_loop"] = round(ms["autogram"] / ms["loop"], 4)
+                row["ours_vs_autogram"] = round(ms["param" if auto == "parameter" else "gram"] / ms["autogram"], 4)
         row["targets"] = targets_for(row, device)
         rows.append(row)
         print_row(row)
@@ -371,6 +419,7 @@ def targets_for(row: dict, device: torch.device) -> dict[str, dict]:
             put("param_vs_loop", "param_vs_loop", CPU_TARGETS["param_vs_loop"])
             put("param_vs_torchjd", "param_vs_torchjd", CPU_TARGETS["param_vs_torchjd"])
             put("gram_vs_loop", "gram_vs_loop", CPU_TARGETS["gram_vs_loop"])
+            put("ours_vs_autogram", "ours_vs_autogram", CPU_TARGETS["ours_vs_autogram"])
             if m == 10:
                 put("rep_vs_plain_m10", "rep_vs_plain", CPU_TARGETS["rep_vs_plain_m10"])
     elif kind != "loss":
@@ -385,7 +434,8 @@ def targets_for(row: dict, device: torch.device) -> dict[str, dict]:
 # -- output ---------------------------------------------------------------------------------------
 HEADER = (f"{'encoder':9s} {'m':>3s} {'method':12s} {'kind':8s} {'plain':>8s} {'loop':>8s} {'torchjd':>8s} | "
           f"{'param':>8s} {'/plain':>7s} {'/loop':>6s} {'/tjd':>6s} | {'rep':>8s} {'/plain':>7s} {'/loop':>6s} "
-          f"{'/tjd':>6s} | {'gram':>8s} {'/param':>6s} {'/loop':>6s} {'/tjd':>6s} | targets")  # fmt: skip
+          f"{'/tjd':>6s} | {'gram':>8s} {'/param':>6s} {'/loop':>6s} {'/tjd':>6s} | {'autogram':>8s} {'auto':>9s} "
+          f"{'/ag':>5s} | targets")  # fmt: skip
 
 
 def print_row(row: dict) -> None:
@@ -401,7 +451,8 @@ def print_row(row: dict) -> None:
           f"{ms('torchjd_ms')} | {ms('param_ms')} {ratio('param_vs_plain', 7)} {ratio('param_vs_loop', 6)} "
           f"{ratio('param_vs_torchjd', 6)} | {ms('rep_ms')} {ratio('rep_vs_plain', 7)} {ratio('rep_vs_loop', 6)} "
           f"{ratio('rep_vs_torchjd', 6)} | {ms('gram_ms')} {ratio('gram_vs_param', 6)} {ratio('gram_vs_loop', 6)} "
-          f"{ratio('gram_vs_torchjd', 6)} | {marks}{note}", flush=True)  # fmt: skip
+          f"{ratio('gram_vs_torchjd', 6)} | {ms('autogram_ms')} {row.get('auto', '-'):>9s} "
+          f"{ratio('ours_vs_autogram', 5)} | {marks}{note}", flush=True)  # fmt: skip
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ Gramian and, on request, Jacobian for logging. It knows nothing of Lightning (pl
 through the floor-0 ``_distributed`` module) and nothing of any aggregation method: it dispatches on the
 aggregator's ``kind`` and its declared capability flags (:class:`~lightning_mtl.aggregators.Aggregator`).
 
-Two levels (``MultiTaskModule(gradient_mode=...)``):
+Three levels (``MultiTaskModule(gradient_mode=...)``; ``"auto"`` picks one of the first and the
+last by :func:`~lightning_mtl.multitask.auto_mode.choose_gradient_mode`):
 
 * parameter level: the m x n Jacobian of the task losses w.r.t. the shared parameters, from one
   batched backward (``is_grads_batched``, a vmap over the VJP) or from a loop of m backward passes;
@@ -19,7 +20,8 @@ Two levels (``MultiTaskModule(gradient_mode=...)``):
 * Gramian level (Gramian weightings only): the m x m Gramian of the parameter level, accumulated
   layer by layer from the recorded inputs and per-task output gradients of the encoder's linear and
   convolutional layers (:mod:`lightning_mtl.multitask.gramian`), never the m x n Jacobian; the
-  update equals the parameter level's.
+  update equals the parameter level's, under DDP too (each layer's cross-rank terms gathered or
+  averaged over the ranks).
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ from lightning_mtl.aggregators import (
     LossWeighting,
     create_aggregator,
 )
+from lightning_mtl.multitask.auto_mode import choose_gradient_mode
 from lightning_mtl.multitask.delta_m import delta_m
-from lightning_mtl.multitask.engine import GradientEngine, TaskStep
+from lightning_mtl.multitask.engine import GradientEngine, GradientMode, TaskStep
 from lightning_mtl.multitask.fmtl import FMTL
 from lightning_mtl.multitask.gramian import record_layers
 from lightning_mtl.multitask.tasks import Task, TaskError
@@ -86,7 +87,10 @@ class MultiTaskModule(pl.LightningModule):
             never the m x n Jacobian: less memory, and less work where the layers' rows are few
             (see ``docs/multitask.md``). Under DDP each layer's cross-rank terms are gathered or
             averaged over the ranks (:mod:`lightning_mtl.multitask.gramian`). No F-MTL, no
-            in-place operation on a recorded layer's output.
+            in-place operation on a recorded layer's output. ``"auto"`` picks ``"gramian"`` or
+            ``"parameter"`` when the fit starts, by the measured rule of
+            :func:`~lightning_mtl.multitask.auto_mode.choose_gradient_mode` (m, the encoder's layers,
+            the device); ``engine.mode`` tells which.
         jacobian_batched: one batched backward for the Jacobian (``True``) or a loop of m backward
             passes (``False``); ``None`` batches on GPUs and loops on CPUs, where batching buys nothing.
         jacobian_chunk_size: at most this many Jacobian rows per batched backward (memory bound).
@@ -117,7 +121,7 @@ class MultiTaskModule(pl.LightningModule):
         baselines: dict[str, dict[str, float]] | None = None,
         feature_dim: int | None = None,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
-        gradient_mode: Literal["parameter", "representation", "gramian"] = "parameter",
+        gradient_mode: Literal["parameter", "representation", "gramian", "auto"] = "parameter",
         jacobian_batched: bool | None = None,
         jacobian_chunk_size: int | None = None,
         fmtl: FMTL | None = None,
@@ -132,8 +136,10 @@ class MultiTaskModule(pl.LightningModule):
                 raise ValueError(f"task name {name!r} must be a Python identifier (letters, digits, underscores)")
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
-        if gradient_mode not in ("parameter", "representation", "gramian"):
-            raise ValueError(f"gradient_mode must be 'parameter', 'representation' or 'gramian', got {gradient_mode!r}")
+        if gradient_mode not in ("parameter", "representation", "gramian", "auto"):
+            raise ValueError(
+                f"gradient_mode must be 'parameter', 'representation', 'gramian' or 'auto', got {gradient_mode!r}"
+            )
         injected = ["encoder", "tasks", "aggregator", "optimizer", "lr_scheduler", "fmtl"]
         save_init_hyperparameters(self, injected, logger=False)
         if callable(getattr(encoder, "attach", None)):
@@ -178,7 +184,7 @@ class MultiTaskModule(pl.LightningModule):
                     f"gradient_mode={gradient_mode!r} needs a Gramian weighting; {type(self.aggregator).__name__} "
                     "works on the full Jacobian: use gradient_mode='parameter'"
                 )
-        if fmtl is not None and gradient_mode != "parameter":
+        if fmtl is not None and gradient_mode not in ("parameter", "auto"):
             raise ValueError(
                 f"fmtl perturbs the shared parameters task by task, so it needs gradient_mode='parameter' "
                 f"(got gradient_mode={gradient_mode!r})"
@@ -188,7 +194,7 @@ class MultiTaskModule(pl.LightningModule):
             self.flat_aggregator = copy.deepcopy(self.aggregator)  # its own state, saved in checkpoints
         # a plain object, not a submodule: the aggregators stay where checkpoints have them
         self.engine = GradientEngine(
-            self.aggregator, mode=gradient_mode, batched=jacobian_batched, chunk_size=jacobian_chunk_size, fmtl=fmtl,
+            self.aggregator, mode=self._chosen_mode(torch.device("cpu")), batched=jacobian_batched, chunk_size=jacobian_chunk_size, fmtl=fmtl,
             flat_aggregator=getattr(self, "flat_aggregator", None), encoder=self.encoder,
             heads=[self.heads[name] for name in self.task_names],
         )  # fmt: skip
@@ -224,6 +230,17 @@ class MultiTaskModule(pl.LightningModule):
                         f"baselines[{task!r}] names metric {metric!r}, which task {task!r} does not compute; "
                         f"its metrics are: {', '.join(known)}"
                     )
+
+    def _chosen_mode(self, device: torch.device) -> GradientMode:
+        """The level the engine runs at: ``gradient_mode`` itself, or for ``"auto"`` the rule of
+        :func:`~lightning_mtl.multitask.auto_mode.choose_gradient_mode` on ``device``."""
+        if self.gradient_mode != "auto":
+            return self.gradient_mode
+        gramian_ok = isinstance(self.aggregator, GramianWeighting) and self.fmtl is None
+        return choose_gradient_mode(self.encoder, len(self.task_names), gramian_ok, device)
+
+    def on_fit_start(self) -> None:
+        self.engine.mode = self._chosen_mode(self.device)  # "auto" on the device it trains on
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None and stage == "fit" and self.uses_gradients:
@@ -367,7 +384,7 @@ class MultiTaskModule(pl.LightningModule):
         engine.start_step()
         inputs, targets = self.unpack_batch(batch)
         layers = None
-        if self.gradient_mode == "gramian" and engine.uses_gradients:
+        if engine.mode == "gramian" and engine.uses_gradients:
             # the Gramian level contracts the encoder's layer inputs with their per-task output gradients
             with record_layers(self.encoder) as layers:
                 features = self.encoder(inputs)
@@ -451,7 +468,7 @@ class MultiTaskModule(pl.LightningModule):
         return 1 if self._trainer is None else self.trainer.world_size
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._world_size() > 1 and self.uses_gradients and self.gradient_mode == "parameter":
+        if self._world_size() > 1 and self.uses_gradients and self.engine.mode in ("parameter", "gramian"):
             # the engine averages the Jacobian itself; DDP's own gradient hooks must stay quiet
             model = self.trainer.strategy.model
             assert model is not None  # the strategy holds the wrapped module while it trains

@@ -2,8 +2,8 @@
 rank the single-process step on the concatenated batch, for every Gramian weighting, through both
 cross-rank schemes (rows gathered, per-task parameter gradients averaged) and the direct parameters.
 
-One spawn of two processes steps every method in turn (see ``tests/fixtures/ddp.py``); each rank
-trains on rows ``rank::2`` of one fixed 16-row batch and saves its state and Gramian.
+One spawn of two processes trains every method in turn (see ``tests/fixtures/ddp.py``); each rank
+takes two steps on rows ``rank::2`` of two fixed 16-row batches and saves its state and Gramian.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.fixtures.ddp import spawn_ranks
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 METHODS = sorted(n for n in list_aggregators() if isinstance(create_aggregator(n), GramianWeighting))
-WORLD, BATCH, TASKS = 2, 16, 3
+WORLD, BATCH, TASKS, STEPS = 2, 16, 3, 2
 
 
 class _Encoder(nn.Module):
@@ -66,28 +66,30 @@ def _module(name):
     )
 
 
-def _batch():
-    g = torch.Generator().manual_seed(1)
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, 1, 10, 10, generator=g)
     left, right = torch.randint(0, 10, (BATCH,), generator=g), torch.randint(0, 10, (BATCH,), generator=g)
     return x, {"left": left, "right": right, "sum": (left + right).float() / 10}
 
 
 class _FixedBatch(pl.LightningDataModule):
-    """One fixed batch; rank ``r`` of ``w`` gets rows ``r::w`` (a single process: all)."""
+    """``STEPS`` fixed batches; rank ``r`` of ``w`` gets rows ``r::w`` of each (a single process: all)."""
 
     def train_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        x, y = _batch()
-        return DataLoader([(x[rank::world], {k: v[rank::world] for k, v in y.items()})], batch_size=None)
+        batches = [_batch(seed) for seed in range(1, STEPS + 1)]
+        return DataLoader(
+            [(x[rank::world], {k: v[rank::world] for k, v in y.items()}) for x, y in batches], batch_size=None
+        )
 
 
 def _fit(module, **trainer_kwargs):
     trainer = tiny_trainer(
-        max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, **trainer_kwargs
+        max_steps=STEPS, limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, **trainer_kwargs
     )
     trainer.fit(module, datamodule=_FixedBatch())
-    assert trainer.global_step == 1
+    assert trainer.global_step == STEPS
 
 
 def _worker(rank, folder):
@@ -151,7 +153,7 @@ def test_ddp_gramian_step_equals_single_process_step_on_the_concatenated_batch(r
     # both ranks hold the same parameters and aggregator state, and the Gramian of the whole batch
     torch.testing.assert_close(first["state"], second["state"], rtol=0, atol=0)
     torch.testing.assert_close(first["gramian"], single.engine.last_gramian, rtol=1e-5, atol=1e-7)
-    # ... and the update of one process on the 16 rows, to float32 round-off
+    # ... and the updates of one process on the 16-row batches, to float32 round-off
     after = {k: v for k, v in single.state_dict().items() if k in initial and v.is_floating_point()}
     # the update, from the values before the step (a buffer filled lazily, as Nash-MTL's, has none)
     before = {k: initial[k] if initial[k].shape == v.shape else torch.zeros_like(v) for k, v in after.items()}
