@@ -391,7 +391,7 @@ def run_config(encoder_name: str, m: int, methods: list[str], args, device: torc
         if "gram" in ms:
             row["gram_vs_param"] = round(ms["gram"] / ms["param"], 4)
         if kind != "loss":
-            auto = choose_gradient_mode(template.encoder, m, isinstance(probe, GramianWeighting), device)
+            auto = choose_gradient_mode(template.encoder, m, isinstance(probe, GramianWeighting), device, len(batch[0]))
             row["auto"] = auto
             if "autogram" in ms:
                 row["autogram_vs_loop"] = round(ms["autogram"] / ms["loop"], 4)

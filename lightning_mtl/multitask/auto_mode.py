@@ -1,10 +1,12 @@
 """``gradient_mode="auto"``: the parameter or the Gramian level, by a rule fixed from measurements.
 
-Measured with ``benchmarks/aggregation.py`` (one CPU thread, batch 32, UPGrad and MGDA; figures in
-``docs/multitask.md``): the Gramian level took about 0.5-0.7x the parameter level's time on an
-encoder of linear layers at m = 10, and lost on every convolutional encoder (1.07-1.4x, DigitsCNN,
-m = 2 and 10), where its per-task weight gradients are the same work as the parameter level's; at
-m = 2 neither won on every run. No GPU figure exists yet, so a GPU keeps the parameter level.
+Measured with ``benchmarks/aggregation.py`` (one CPU thread, UPGrad, MGDA and Nash-MTL, on a loaded
+2-core machine; time of the Gramian level over the parameter level's, figures in ``docs/multitask.md``):
+on an encoder of three 512-wide linear layers the Gramian level won every run with m >= 3 tasks at
+batch 32 (0.51-0.92x), with m >= 4 at batch 64 (0.63-0.89x), lost at m = 4 from batch 128 on and at
+m = 10 at batch 256 (1.01-1.16x), and neither won every run at m = 2; on the convolutional DigitsCNN
+it lost at every m (1.16-1.29x), its per-task weight gradients being the parameter level's work. No
+GPU figure exists yet, so a GPU keeps the parameter level.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-# the smallest m at which the Gramian level won every measured run on linear encoders
-AUTO_MIN_TASKS = 10
+# the smallest m, and the largest batch, at which the Gramian level won every measured run (linear encoders)
+AUTO_MIN_TASKS = 4
+AUTO_MAX_ROWS = 64
 # the share of the encoder's trainable parameters that must sit in nn.Linear layers
 AUTO_LINEAR_SHARE = 0.9
 
 
 def choose_gradient_mode(
-    encoder: nn.Module, num_tasks: int, gramian_weighting: bool, device: torch.device | str
+    encoder: nn.Module, num_tasks: int, gramian_weighting: bool, device: torch.device | str, rows: int
 ) -> Literal["parameter", "gramian"]:
     """The level ``gradient_mode="auto"`` runs at.
 
@@ -29,7 +32,7 @@ def choose_gradient_mode(
 
     * the aggregator is a Gramian weighting without F-MTL (``gramian_weighting``);
     * the device is a CPU;
-    * ``num_tasks >= AUTO_MIN_TASKS`` (10);
+    * ``num_tasks >= AUTO_MIN_TASKS`` (4) and ``rows <= AUTO_MAX_ROWS`` (64);
     * the encoder has no trainable convolution, and at least ``AUTO_LINEAR_SHARE`` (90 %) of its
       trainable parameters sit in ``nn.Linear`` layers.
 
@@ -38,15 +41,19 @@ def choose_gradient_mode(
         num_tasks: the number of tasks m.
         gramian_weighting: whether the aggregator is a Gramian weighting and F-MTL is off.
         device: where the step runs.
+            rows: the batch size (the rows each linear layer sees per step for a flat input; an encoder
+            that applies its linear layers to every token of a sequence sees more, which was not measured).
 
     Example:
         >>> mlp = nn.Sequential(nn.Linear(100, 512), nn.ReLU(), nn.Linear(512, 512))
-        >>> choose_gradient_mode(mlp, 10, True, "cpu"), choose_gradient_mode(mlp, 2, True, "cpu")
+        >>> choose_gradient_mode(mlp, 10, True, "cpu", 32), choose_gradient_mode(mlp, 2, True, "cpu", 32)
         ('gramian', 'parameter')
-        >>> choose_gradient_mode(nn.Conv2d(1, 8, 3), 10, True, "cpu")
-        'parameter'
+        >>> choose_gradient_mode(mlp, 10, True, "cpu", 256), choose_gradient_mode(nn.Conv2d(1, 8, 3), 10, True, "cpu", 32)
+        ('parameter', 'parameter')
     """
-    if not gramian_weighting or torch.device(device).type != "cpu" or num_tasks < AUTO_MIN_TASKS:
+    if not gramian_weighting or torch.device(device).type != "cpu":
+        return "parameter"
+    if num_tasks < AUTO_MIN_TASKS or rows > AUTO_MAX_ROWS:
         return "parameter"
     total = linear = 0
     for module in encoder.modules():
@@ -58,4 +65,4 @@ def choose_gradient_mode(
     return "gramian" if total and linear >= AUTO_LINEAR_SHARE * total else "parameter"
 
 
-__all__ = ["AUTO_LINEAR_SHARE", "AUTO_MIN_TASKS", "choose_gradient_mode"]
+__all__ = ["AUTO_LINEAR_SHARE", "AUTO_MAX_ROWS", "AUTO_MIN_TASKS", "choose_gradient_mode"]

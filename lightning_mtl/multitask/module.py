@@ -26,7 +26,7 @@ from lightning_mtl.aggregators import (
 )
 from lightning_mtl.multitask.auto_mode import choose_gradient_mode
 from lightning_mtl.multitask.delta_m import delta_m
-from lightning_mtl.multitask.engine import GradientEngine, GradientMode, TaskStep
+from lightning_mtl.multitask.engine import GradientEngine, TaskStep
 from lightning_mtl.multitask.fmtl import FMTL
 from lightning_mtl.multitask.gramian import record_layers
 from lightning_mtl.multitask.tasks import Task, TaskError
@@ -88,9 +88,9 @@ class MultiTaskModule(pl.LightningModule):
             (see ``docs/multitask.md``). Under DDP each layer's cross-rank terms are gathered or
             averaged over the ranks (:mod:`lightning_mtl.multitask.gramian`). No F-MTL, no
             in-place operation on a recorded layer's output. ``"auto"`` picks ``"gramian"`` or
-            ``"parameter"`` when the fit starts, by the measured rule of
+            ``"parameter"`` at the first training step of each fit, by the measured rule of
             :func:`~lightning_mtl.multitask.auto_mode.choose_gradient_mode` (m, the encoder's layers,
-            the device); ``engine.mode`` tells which.
+            the batch size, the device); ``engine.mode`` tells which.
         jacobian_batched: one batched backward for the Jacobian (``True``) or a loop of m backward
             passes (``False``); ``None`` batches on GPUs and loops on CPUs, where batching buys nothing.
         jacobian_chunk_size: at most this many Jacobian rows per batched backward (memory bound).
@@ -194,10 +194,11 @@ class MultiTaskModule(pl.LightningModule):
             self.flat_aggregator = copy.deepcopy(self.aggregator)  # its own state, saved in checkpoints
         # a plain object, not a submodule: the aggregators stay where checkpoints have them
         self.engine = GradientEngine(
-            self.aggregator, mode=self._chosen_mode(torch.device("cpu")), batched=jacobian_batched, chunk_size=jacobian_chunk_size, fmtl=fmtl,
+            self.aggregator, mode="parameter" if gradient_mode == "auto" else gradient_mode, batched=jacobian_batched, chunk_size=jacobian_chunk_size, fmtl=fmtl,
             flat_aggregator=getattr(self, "flat_aggregator", None), encoder=self.encoder,
             heads=[self.heads[name] for name in self.task_names],
         )  # fmt: skip
+        self._mode_chosen = False  # gradient_mode="auto": set at the first training step
         self._finite_host: Tensor | None = None
         self._pending_check: _PendingCheck | None = None
         # label range checks of this batch, read at its end: (event, [k, 3] stats, tasks, (step, epoch), stage)
@@ -231,16 +232,16 @@ class MultiTaskModule(pl.LightningModule):
                         f"its metrics are: {', '.join(known)}"
                     )
 
-    def _chosen_mode(self, device: torch.device) -> GradientMode:
-        """The level the engine runs at: ``gradient_mode`` itself, or for ``"auto"`` the rule of
-        :func:`~lightning_mtl.multitask.auto_mode.choose_gradient_mode` on ``device``."""
-        if self.gradient_mode != "auto":
-            return self.gradient_mode
+    def _choose_mode(self, rows: int) -> None:
+        """``gradient_mode="auto"``: set the engine's level by the rule of
+        :func:`~lightning_mtl.multitask.auto_mode.choose_gradient_mode`, once per fit (the first
+        batch's size and the device it trains on; a smaller last batch does not switch it)."""
         gramian_ok = isinstance(self.aggregator, GramianWeighting) and self.fmtl is None
-        return choose_gradient_mode(self.encoder, len(self.task_names), gramian_ok, device)
+        self.engine.mode = choose_gradient_mode(self.encoder, len(self.task_names), gramian_ok, self.device, rows)
+        self._mode_chosen = True
 
     def on_fit_start(self) -> None:
-        self.engine.mode = self._chosen_mode(self.device)  # "auto" on the device it trains on
+        self._mode_chosen = False  # each fit chooses on its own device and batch
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None and stage == "fit" and self.uses_gradients:
@@ -383,6 +384,8 @@ class MultiTaskModule(pl.LightningModule):
         engine = self.engine
         engine.start_step()
         inputs, targets = self.unpack_batch(batch)
+        if self.gradient_mode == "auto" and not self._mode_chosen:
+            self._choose_mode(len(inputs))
         layers = None
         if engine.mode == "gramian" and engine.uses_gradients:
             # the Gramian level contracts the encoder's layer inputs with their per-task output gradients
