@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from lightning_mtl._distributed import gather_rows, mean_over_ranks_
+from lightning_mtl._distributed import gather_rows, max_over_ranks, mean_over_ranks_
 
 
 @dataclass
@@ -180,18 +180,25 @@ def gathers_rows(row_numel: int, parameters: int, m: int, world_size: int) -> bo
     return world_size * row_numel < m * parameters
 
 
-def _cross_rank_gramian(calls: LayerCalls, grads: Sequence[Tensor], bias: bool, world_size: int) -> Tensor:
+def _row_numel(calls: LayerCalls, grads: Sequence[Tensor]) -> int:
+    """The numbers one rank sends to gather a layer's rows: its inputs and per-task output gradients."""
+    return sum(x.numel() + d.numel() for x, d in zip(calls.inputs, grads))
+
+
+def _cross_rank_gramian(
+    calls: LayerCalls, grads: Sequence[Tensor], bias: bool, world_size: int, row_numel: int
+) -> Tensor:
     """One layer's Gramian block of the losses averaged over the ranks.
 
     The gradient of the mean loss is ``(1 / W) sum_r g_i^r``, so the block holds the cross-rank terms
     ``<g_i^r, g_j^s>``. Either every rank gathers every rank's rows (the output gradients divided by
     ``W``) and contracts them as one process would the concatenated batch, or the per-task parameter
-    gradients of this layer are averaged over the ranks; :func:`gathers_rows` picks the cheaper.
+    gradients of this layer are averaged over the ranks; :func:`gathers_rows` picks the cheaper from
+    ``row_numel``, which must be the same on every rank (the largest rank's).
     """
     m = grads[0].shape[0]
     module = calls.module
     parameters = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-    row_numel = sum(x.numel() + d.numel() for x, d in zip(calls.inputs, grads))
     if gathers_rows(row_numel, parameters, m, world_size):
         inputs = [gather_rows(x) for x in calls.inputs]
         outputs = [gather_rows(d.transpose(0, 1)).transpose(0, 1) / world_size for d in grads]
@@ -239,17 +246,22 @@ def gramian_and_gradients(
     pieces, k = [], 0
     for calls in used:
         count = len(calls.outputs)
-        grads = [v.view(m, *y.shape) for v, y in zip(views[k : k + count], calls.outputs)]
+        pieces.append([v.view(m, *y.shape) for v, y in zip(views[k : k + count], calls.outputs)])
         k += count
+    row_numels: list[int] = []
+    if world_size > 1 and used:  # every rank must take the same scheme per layer: the largest rank's rows decide
+        numels = torch.tensor([_row_numel(calls, grads) for calls, grads in zip(used, pieces)], dtype=torch.float64)
+        row_numels = [int(n) for n in max_over_ranks(numels.to(jac.device)).tolist()]
+    for i, (calls, grads) in enumerate(zip(used, pieces)):
         bias = getattr(calls.module, "bias", None)
         has_bias = isinstance(bias, Tensor) and bias.requires_grad
         if world_size > 1:
-            gramian += _cross_rank_gramian(calls, grads, has_bias, world_size)
+            gramian += _cross_rank_gramian(calls, grads, has_bias, world_size, row_numels[i])
         else:
             gramian += _calls_gramian(calls, grads, has_bias)
-        pieces.append(grads)
     direct_jac = torch.cat(views[k:], dim=1) if direct else jac.new_zeros(m, 0)
-    direct_mean = mean_over_ranks_(direct_jac.float()) if world_size > 1 else direct_jac.float()
+    # a copy: the rows returned stay this rank's (the weighted gradient is averaged later)
+    direct_mean = mean_over_ranks_(direct_jac.float().clone()) if world_size > 1 else direct_jac.float()
     gramian += direct_mean @ direct_mean.T
     return gramian, pieces, direct_jac, other_grads
 
