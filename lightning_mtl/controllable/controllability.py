@@ -39,7 +39,8 @@ def controllability(preferences: Sequence[Sequence[float]], performance: Sequenc
     For each task, Kendall's tau between its preference share and its performance (higher is better) across
     the preference vectors evaluated at one budget; the mean over the tasks whose preference varies. 1 means
     that raising a task's preference never lowered its performance and always raised it when the preference
-    rose; 0 that performance ignores the preference.
+    rose; 0 that performance ignores the preference. This definition is ours: the paper (Aich et al., ICCV 2023)
+    reports controllability without its definition in the text reachable here (see docs/controllable.md).
 
     Args:
         preferences: ``[P][T]`` preference vectors.

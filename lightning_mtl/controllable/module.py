@@ -37,7 +37,7 @@ class ControllableMultiTaskModule(MultiTaskModule):
     Loss weightings of the aggregator registry (``ls``, ``uw``, ``dwa``, ``rlw``, ``famo``, ...) compute their
     weights once per step, from the widest configuration's task losses; the other configurations' losses are
     weighted by the same (detached) weights. Gradient aggregators (PCGrad, MGDA, ...) are refused: they would
-    need one Jacobian per configuration, and the paper trains with a weighted sum.
+    need one Jacobian per configuration (the paper's abstract and pipeline figure describe none).
 
     Validation, test and ``forward`` use :attr:`configuration` (the widest unless :meth:`set_configuration`
     chose another). Under DDP every rank draws the same configurations (the sampler's state is the same on
