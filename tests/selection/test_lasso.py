@@ -207,3 +207,44 @@ def test_fit_resumed_mid_epoch_continues_with_the_budgets_of_that_epoch(tmp_path
     assert len(full) == 20
     resumed, resumed_budgets = run(tmp_path / "step=12.ckpt", seed=5)  # epoch 1, after the first re-budgeting
     assert resumed == full[12:] and resumed_budgets == budgets
+
+
+def test_nu1_and_nu2_are_the_minimum_l1_and_l2_combinations():
+    # Wang et al. (2023, abstract): nu^1 is the L1-regularised relevance, nu^2 (Chen et al., 2022) the
+    # L2-regularised one. With fewer head entries than sources (k=2, M=3) every nu = (1 - 1.6 t, t, t)
+    # fits w_0 exactly; the L1 norm 1 + 0.4 t is least at t = 0, the L2 norm at t = 3.2 / 9.12.
+    heads, target = np.array([[1.0, 0.8, 0.8], [0.0, 0.5, -0.5]]), np.array([1.0, 0.0])
+    for reg in (0.01, 0.1, 0.5):
+        # by hand (KKT at nu = (a, 0, 0)): (1/k)(1 - a) = reg * lam_max = reg / 2, so a = 1 - reg
+        np.testing.assert_allclose(estimate_relevance(heads, target, "nu1", reg), [1 - reg, 0, 0], atol=1e-8)
+    t = 3.2 / 9.12
+    np.testing.assert_allclose(estimate_relevance(heads, target, "nu2", reg=0.0), [1 - 1.6 * t, t, t], atol=1e-12)
+    # the sparse relevance selects one source; the L2 one spreads the budget over all three
+    assert allocate_budgets(estimate_relevance(heads, target, "nu1"), 1000, "nu1").tolist() == [1000, 0, 0]
+    assert allocate_budgets(estimate_relevance(heads, target, "nu2", 0.0), 1000, "nu2").tolist() == [438, 281, 281]
+
+
+def test_nu1_budgets_minimise_the_variance_of_the_composed_head():
+    # if source head m is estimated from n_m samples with error variance s / n_m, the target head
+    # W nu has variance s * sum nu_m^2 / n_m. For a fixed total N, Cauchy-Schwarz gives the minimum
+    # ||nu||_1^2 / N at n_m ∝ |nu_m| (the nu1 rule); n_m ∝ nu_m^2 gives (#nonzero) * ||nu||_2^2 / N.
+    rng = np.random.default_rng(0)
+    total = 100_000_000  # every non-zero budget > 1e5, so rounding moves each term by < 1e-5 relative
+    for _ in range(10):
+        nu = rng.choice([-1.0, 1.0], size=6) * rng.uniform(0.2, 2.0, size=6) * (rng.random(6) < 0.7)
+        nu[0] = 2.5  # at least one non-zero entry, and |nu| not constant on the support
+        support = nu != 0
+
+        def variance(budgets, support=support, nu=nu):
+            return float((nu[support] ** 2 / budgets[support]).sum())
+
+        best = np.abs(nu).sum() ** 2 / total
+        np.testing.assert_allclose(variance(allocate_budgets(nu, total, "nu1")), best, rtol=1e-4)
+        squared = variance(allocate_budgets(nu, total, "nu2"))
+        np.testing.assert_allclose(squared, support.sum() * (nu**2).sum() / total, rtol=1e-4)
+        if np.ptp(np.abs(nu[support])) > 1e-3:
+            assert squared > best * (1 + 1e-3)  # nu2 is strictly worse unless |nu| is flat on the support
+        for shares in rng.dirichlet(np.ones(int(support.sum())), size=20):  # any other split of N
+            other = np.zeros(6)
+            other[support] = shares * total
+            assert variance(other) >= best * (1 - 1e-9)
