@@ -91,6 +91,7 @@ class TaskHintingTransformer(pl.LightningModule):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size(num_values))
         self.positional, self.lr, self.weight_decay = positional, float(lr), float(weight_decay)
+        self.metric_directions: dict[str, bool] = {}  # {logged key: higher is better}, filled as buckets are logged
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Next-token logits ``[B, T, V]`` of right-padded tokens ``[B, T]``."""
@@ -122,8 +123,9 @@ class TaskHintingTransformer(pl.LightningModule):
     def _evaluate(self, stage: str, batch: tuple[Tensor, Tensor, Tensor], dataloader_idx: int) -> None:
         tokens, targets, _ = batch
         exact = exact_sequence_match(self(tokens), targets).float().mean()
-        self.log(f"{stage}/sort/exact_{self._bucket(stage, dataloader_idx)}", exact, batch_size=len(tokens),
-                 add_dataloader_idx=False)  # fmt: skip
+        key = f"{stage}/sort/exact_{self._bucket(stage, dataloader_idx)}"
+        self.metric_directions[key] = True  # accuracies: BestMetricsSummary keeps the highest
+        self.log(key, exact, batch_size=len(tokens), add_dataloader_idx=False)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, dataloader_idx)

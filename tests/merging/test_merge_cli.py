@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from lightning_mtl.cli import main
-from lightning_mtl.merging import TIES, TaskVector
+from lightning_mtl.merging import TIES, TaskVector, list_merges
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs/merging").glob("*.yaml"))
+# the training-free merges' configs (one per registered merge); the folder's other recipes are `fit` configs
+CONFIGS = [ROOT / "configs/merging" / f"{name}.yaml" for name in list_merges()]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 VALIDATE = '{"accelerator": "cpu", "devices": 1, "limit_val_batches": 1}'
 
