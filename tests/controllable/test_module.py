@@ -21,6 +21,7 @@ from lightning_mtl.controllable import (
     SlimmableDigitsCNN,
     set_width,
 )
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import one_thread, tiny_multidigits, tiny_trainer  # noqa: F401  # one_thread: autouse
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
@@ -194,6 +195,6 @@ class _ConfigurationsAgree(pl.Callback):
 @pytest.mark.slow
 def test_ddp_ranks_draw_the_same_configurations_and_stay_identical():
     module = _module(num_random=2)
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, max_steps=4, limit_val_batches=1,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, max_steps=4, limit_val_batches=1,
                            callbacks=[_ConfigurationsAgree()])  # fmt: skip
     trainer.fit(module, datamodule=tiny_multidigits(batch_size=8))

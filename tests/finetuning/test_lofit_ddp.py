@@ -11,6 +11,7 @@ import torch
 
 from lightning_mtl.finetuning import LoFiT, PreferencePairs
 from tests.finetuning._models import GPT2, VOCAB
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.trainers import tiny_trainer
 
 
@@ -40,7 +41,7 @@ def test_a_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp
     about a minute on a loaded machine): SFT's token mean differs from DPO's pair mean only in the loss."""
     stage, loss = "tune", "dpo"
     single = _run(tmp_path, stage, loss).trained.detach().clone()
-    _run(tmp_path, stage, loss, strategy="ddp_spawn", devices=2)
+    _run(tmp_path, stage, loss, strategy=SpawnDDP(), devices=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert torch.equal(ranks[0], ranks[1]), "the ranks hold different interventions"
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from lightning_mtl import MISSING_LABEL
 from lightning_mtl.datamodules import DigitsTasks
 from lightning_mtl.merging import ATLAS
 from lightning_mtl.merging.atlas import parse_granularity
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.merging_learned import expert_state, head, pretrained, task_vector
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401  (one torch thread for this module)
 
@@ -266,7 +267,7 @@ class _SaveBatch(pl.Callback):
 def test_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp_path):
     module, _, _ = _atlas("partition:2")
     start = copy.deepcopy(module)
-    trainer = tiny_trainer(strategy="ddp_spawn", devices=2, limit_train_batches=1, limit_val_batches=0,
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, limit_train_batches=1, limit_val_batches=0,
                            num_sanity_val_steps=0, callbacks=[_SaveBatch(tmp_path)])  # fmt: skip
     trainer.fit(module, datamodule=_data())
     ranks = [torch.load(tmp_path / f"coef_rank{r}.pt") for r in (0, 1)]

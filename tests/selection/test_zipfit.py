@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.selection import ByteLM, CompressionSelected, CompressionSelector, StdlibCorpus, _compress, ncd
 from lightning_mtl.selection._compress import COPY_THRESHOLD, pair_sizes
+from tests.fixtures.ddp import SpawnDDP
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE = "def add(a, b):\n    total = a + b\n    return total\n"
@@ -289,7 +290,7 @@ def test_ddp_ranks_select_the_same_subset_and_split_it(tmp_path):
     target = ["def g(y):\n    return y * 2\n"]
     reference = CompressionSelected(_Pool(), k=6, target=target, num_workers=0)
     reference.setup("fit")
-    trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, max_epochs=1, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", strategy=SpawnDDP(), devices=2, max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[_SeenTexts(tmp_path)])  # fmt: skip
     trainer.fit(_Constant(), datamodule=CompressionSelected(_Pool(), k=6, target=target, num_workers=0))
