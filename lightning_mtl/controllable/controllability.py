@@ -50,9 +50,12 @@ def controllability(preferences: Sequence[Sequence[float]], performance: Sequenc
         raise ValueError("preferences and performance must both be [P][T] with the same P and T")
     taus = []
     for t in range(len(preferences[0]) if preferences else 0):
-        tau = kendall_tau([p[t] for p in preferences], [q[t] for q in performance])
-        if not math.isnan(tau):
-            taus.append(tau)
+        shares, achieved = [p[t] for p in preferences], [q[t] for q in performance]
+        if len(set(shares)) < 2:
+            continue  # this task's preference never moves: nothing to agree with
+        tau = kendall_tau(shares, achieved)
+        # the preference moves but the performance does not: it ignores the preference, 0 as stated above
+        taus.append(0.0 if math.isnan(tau) else tau)
     if not taus:
         raise ValueError("controllability needs at least one task whose preference varies")
     return sum(taus) / len(taus)

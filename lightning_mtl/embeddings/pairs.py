@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_mtl.datamodules import EpochShuffleSampler
 from lightning_mtl.datamodules.text import load_records
 from lightning_mtl.embeddings.embedded import DOMAINS, embedded_pairs
 
@@ -223,9 +224,11 @@ class PairsDataModule(pl.LightningDataModule):
         return self.rows(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams["seed"]) if shuffle else None
-        return DataLoader(self.loader_rows(split), batch_size=self.hparams["batch_size"], shuffle=shuffle,  # type: ignore[arg-type]
-                          num_workers=self.hparams["num_workers"], generator=generator,
+        rows = self.loader_rows(split)
+        # the order depends on (seed, epoch) only, so a run resumed at an epoch sees the uninterrupted order
+        sampler = EpochShuffleSampler(len(rows), seed=self.hparams["seed"]) if shuffle else None
+        return DataLoader(rows, batch_size=self.hparams["batch_size"], sampler=sampler,  # type: ignore[arg-type]
+                          num_workers=self.hparams["num_workers"],
                           collate_fn=PairCollate(self.tokenizer, self.hparams["max_length"]))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:

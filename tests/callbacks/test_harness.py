@@ -170,7 +170,101 @@ def _callbacks(name):
     return getattr(importlib.import_module("lightning_mtl.callbacks"), name)
 
 
+def _digits_sources():
+    from lightning_mtl.selection import DigitsSources
+
+    return DigitsSources(total_budget=200, batch_size=20, seed=0)
+
+
+def _digits_multitask():
+    from lightning_mtl import ClassificationTask, MultiTaskModule
+    from lightning_mtl.selection import DigitsMLP
+
+    names = _digits_sources().source_names
+    return MultiTaskModule(DigitsMLP(), {name: ClassificationTask(2) for name in names})
+
+
+def _budgets_follow_the_relevance(callback, trainer):
+    # accumulation changes nothing at the epoch's end: one estimate, budgets summing to the total, in the data
+    data = trainer.datamodule
+    assert callback.budgets is not None and int(callback.budgets.sum()) == data.total_budget
+    assert data.budgets.tolist() == callback.budgets.tolist()
+
+
+def _controllable_module():
+    from tests.controllable.test_module import _module
+
+    return _module()
+
+
+def _controllability():
+    from lightning_mtl.controllable import ControllabilityEvaluation
+
+    return ControllabilityEvaluation(budgets=(0.25, 0.5))
+
+
+def _grid_after_the_last_step(callback, trainer):
+    # the grid is computed once, after fit, from the weights of the 1 optimizer step of 2 batches
+    assert trainer.num_training_batches == 2 and trainer.global_step == 1 and callback.results is not None
+    assert sorted(callback.results["controllability"]) == [0.25, 0.5]
+
+
+@functools.cache
+def _pairs_tokenizer():
+    from lightning_mtl.embeddings import PairsDataModule
+
+    data = PairsDataModule(per_domain=40, val_fraction=0.25, batch_size=16, vocab_size=400)
+    data.setup("fit")
+    return data.tokenizer
+
+
+def _pairs_data():
+    from lightning_mtl.embeddings import PairsDataModule
+
+    data = PairsDataModule(per_domain=40, val_fraction=0.25, batch_size=16, vocab_size=400)
+    # one vocabulary for every run, as a resumed run loads its saved tokenizer: two WordPiece trainings on
+    # the same texts can break ties differently, and the resumed weights would then read other tokens
+    data.tokenizer = _pairs_tokenizer()
+    return data
+
+
+def _bi_encoder():
+    from lightning_mtl.embeddings import BiEncoder
+
+    config = dict(model_type="bert", vocab_size=400, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=128,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    return BiEncoder(config=config, num_experts=3)
+
+
+def _logged(prefix):
+    def observe(callback, trainer):
+        return {k: v for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+
+    return observe
+
+
+def _logged_after_the_last_step(prefix):
+    def check(callback, trainer):
+        assert trainer.global_step == 2  # 4 batches, 2 optimizer steps
+        assert any(k.startswith(prefix) for k in trainer.callback_metrics)
+
+    return check
+
+
+def _embeddings(name):
+    return getattr(importlib.import_module("lightning_mtl.embeddings"), name)
+
+
 ENTRIES: dict[str, Entry] = {
+    "ActiveSourceSelection": Entry(
+        make=lambda: importlib.import_module("lightning_mtl.selection").ActiveSourceSelection(),
+        module=_digits_multitask,
+        data=_digits_sources,
+        check_accumulate=_budgets_follow_the_relevance,
+        trainer=dict(use_distributed_sampler=False),  # the data module's sampler shards by rank itself
+        ddp="harness",  # rank 0's budgets are broadcast to every rank's sampler
+    ),
     "AnytimeEvaluation": Entry(
         make=lambda: _callbacks("AnytimeEvaluation")(eval_period=4, log_images=False, verbose=False),
         module=_anytime_module,
@@ -184,6 +278,13 @@ ENTRIES: dict[str, Entry] = {
     "BestMetricsSummary": Entry(make=lambda: _callbacks("BestMetricsSummary")(), epochs=3),
     "ConfigHyperparameters": Entry(
         make=lambda: importlib.import_module("lightning_mtl.cli").ConfigHyperparameters({"lr": 0.1}, ["val/acc"])
+    ),
+    "ControllabilityEvaluation": Entry(
+        make=_controllability,
+        module=_controllable_module,
+        data=lambda: tiny_multidigits(num_train=64, num_val=64, batch_size=32),
+        observe=lambda callback, trainer: callback.results,
+        check_accumulate=_grid_after_the_last_step,
     ),
     "EMATeacher": Entry(
         make=_ema,
@@ -214,6 +315,19 @@ ENTRIES: dict[str, Entry] = {
         module=FixedFeatureModule,
         data=lambda: ToyData(n_train=32, n_val=16, batch_size=8),
         ddp="test::tests.callbacks.test_linear_probe::test_probe_copies_stay_identical_under_ddp",
+    ),
+    "PairClassificationEvaluation": Entry(
+        make=lambda: _embeddings("PairClassificationEvaluation")(),
+        module=_bi_encoder,
+        data=_pairs_data,
+        check_accumulate=_logged_after_the_last_step("val/pair/"),
+    ),
+    "RetrievalEvaluation": Entry(
+        make=lambda: _embeddings("RetrievalEvaluation")(ks=(1, 5)),
+        module=_bi_encoder,
+        data=_pairs_data,
+        observe=_logged("val/retrieval/"),
+        check_accumulate=_logged_after_the_last_step("val/retrieval/"),
     ),
     "RunSummary": Entry(make=lambda: _callbacks("RunSummary")(), observe=lambda callback, trainer: callback.metrics),
     "SharpnessAwareMinimization": Entry(

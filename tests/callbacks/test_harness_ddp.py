@@ -24,11 +24,13 @@ def _worker(rank, folder):
             torch.manual_seed(0)
             callback, module, data = entry.make(), entry.module(), entry.data()
             trainer = tiny_trainer(strategy="ddp", devices=WORLD, max_epochs=1, limit_val_batches=2,
-                                   num_sanity_val_steps=0, default_root_dir=f"{folder}/{name}", callbacks=[callback])  # fmt: skip
+                                   num_sanity_val_steps=0, default_root_dir=f"{folder}/{name}", callbacks=[callback],
+                                   **entry.trainer)  # fmt: skip
             trainer.fit(module, datamodule=data)
             if entry.after is not None:
                 entry.after(trainer, module, data)
-            saved = {"module": module.state_dict(), "cosines": getattr(callback, "last_cosines", None)}
+            saved = {"module": module.state_dict(), "cosines": getattr(callback, "last_cosines", None),
+                     "budgets": getattr(data, "budgets", None), "callback": callback.state_dict()}  # fmt: skip
             torch.save(saved, f"{folder}/{name}_rank{rank}.pt")
         except Exception:
             with open(f"{folder}/{name}_rank{rank}.err", "w") as file:
@@ -63,7 +65,18 @@ def _saved(ranks, name):
 
 
 def test_every_harness_ddp_entry_is_checked():
-    assert NAMES == ["GradientConflictMonitor", "TaskPredictionWriter"]
+    assert NAMES == ["ActiveSourceSelection", "GradientConflictMonitor", "TaskPredictionWriter"]
+
+
+@pytest.mark.slow
+def test_source_selection_ranks_sample_by_rank_zeros_budgets(ranks):
+    first, second, _ = _saved(ranks, "ActiveSourceSelection")
+    # one estimate on rank 0, broadcast: the same relevance and budgets in both callbacks and both data modules
+    assert first["callback"]["budgets"] is not None and sum(first["callback"]["budgets"]) == 200
+    assert first["callback"] == second["callback"]
+    assert first["budgets"].tolist() == second["budgets"].tolist() == first["callback"]["budgets"]
+    for key, value in first["module"].items():
+        assert torch.equal(value, second["module"][key]), key
 
 
 @pytest.mark.slow

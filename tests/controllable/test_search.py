@@ -134,6 +134,16 @@ def test_controllability_by_hand():
         controllability([[0.5, 0.5], [0.5, 0.5]], [[1, 2], [3, 4]])
 
 
+def test_controllability_is_zero_where_the_performance_ignores_a_moving_preference():
+    preferences = [[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]]
+    # every configuration ties (an untrained model): no agreement, no crash at the end of fit
+    assert controllability(preferences, [[0.5, 0.5]] * 3) == 0.0
+    # the first task follows its preference, the second ignores it: the mean of 1 and 0
+    assert controllability(preferences, [[0.9, 0.6], [0.8, 0.6], [0.7, 0.6]]) == 0.5
+    with pytest.raises(ValueError, match="at least one task whose preference varies"):
+        controllability([[0.5, 0.5], [0.5, 0.5]], [[0.1, 0.2], [0.3, 0.4]])
+
+
 def test_grid_evaluation_and_picture(tmp_path):
     module = _module()
     data = tiny_multidigits(num_val=32, batch_size=16)
