@@ -4,6 +4,7 @@ data-loader workers with dynamic padding."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,21 +29,39 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 
 
 def train_wordpiece(texts: Sequence[str], vocab_size: int = 2048) -> Any:
-    """A lower-casing WordPiece tokenizer trained on ``texts`` in a few seconds (``[PAD]`` = 0, ``[CLS]`` /
-    ``[SEP]`` around each text), as a ``transformers`` fast tokenizer; nothing is downloaded."""
+    """A lower-casing WordPiece tokenizer built from ``texts`` (``[PAD]`` = 0, ``[CLS]`` / ``[SEP]`` around each
+    text), as a ``transformers`` fast tokenizer; nothing is downloaded.
+
+    The vocabulary is the special tokens, every character seen (alone and as a ``##`` continuation), then
+    the most frequent words (ties broken alphabetically) up to ``vocab_size``: the same texts always give
+    the same vocabulary, so a resumed run that builds its tokenizer again reads its weights against the
+    same token ids (the ``tokenizers`` WordPiece trainer breaks ties differently from run to run).
+
+    Raises:
+        ValueError: ``vocab_size`` cannot hold the special tokens and the characters of ``texts``.
+    """
     try:
         import tokenizers
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
     except ImportError as error:
         raise ImportError(_INSTALL) from error
-    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(
-        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS)
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
     )
+    chars = sorted({c for word in counts for c in word})
+    alphabet = [*_SPECIALS, *chars, *(f"##{c}" for c in chars)]
+    if len(alphabet) > vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} cannot hold the {len(_SPECIALS)} special tokens and the {len(chars)} characters "
+            f"of the texts (with their ## continuations): give vocab_size >= {len(alphabet)}"
+        )
+    words = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
+    tokens = alphabet + words[: vocab_size - len(alphabet)]
+    tokenizer = tokenizers.Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

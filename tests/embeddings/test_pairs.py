@@ -91,3 +91,16 @@ def test_bad_input_gives_one_sentence(tmp_path):
         PairsDataModule(train=_write(tmp_path / "uneven", "jsonl", uneven), columns=COLUMNS).setup("fit")
     with pytest.raises(FileNotFoundError, match="tokenizer folder 'no_tokenizer' does not exist"):
         PairsDataModule(train=path, columns=COLUMNS, tokenizer="no_tokenizer").setup("fit")
+
+
+def test_the_built_tokenizer_is_the_same_every_time_so_a_resumed_run_reads_the_same_ids():
+    from lightning_mtl.embeddings.pairs import train_wordpiece
+
+    texts = ["the quick brown fox", "the lazy dog", "a quick dog", "brown foxes jump"] * 3 + ["zebra"]
+    first, second = train_wordpiece(texts, 80), train_wordpiece(list(reversed(texts)), 80)
+    assert first.get_vocab() == second.get_vocab()  # the trainer of `tokenizers` broke ties differently per run
+    assert first.convert_tokens_to_ids("[PAD]") == 0
+    ids = first("The dogs")["input_ids"]  # seen words whole, an unseen one by its longest known pieces
+    assert first.convert_ids_to_tokens(ids) == ["[CLS]", "the", "dog", "##s", "[SEP]"]
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_wordpiece(texts, 10)
