@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_f1_score
 
-from lightning_mtl.embeddings.pairs import read_rows
+from lightning_mtl.embeddings.pairs import read_rows, truncation_length
 
 __all__ = ["PairClassificationEvaluation", "f1_at_threshold", "labelled_pairs", "max_f1_threshold"]
 
@@ -70,7 +70,7 @@ class PairClassificationEvaluation(pl.Callback):
         test: the same for the test split (``None``: the data module's test pairs, when it has some).
         domain: expert id every text uses (``None``: each pair's own domain).
         batch_size: texts per forward pass.
-        max_length: truncation length in tokens.
+        max_length: truncation length in tokens (``None``: the data module's ``max_length``).
     """
 
     def __init__(
@@ -79,7 +79,7 @@ class PairClassificationEvaluation(pl.Callback):
         test: str | None = None,
         domain: int | None = None,
         batch_size: int = 64,
-        max_length: int = 128,
+        max_length: int | None = None,
     ) -> None:
         self.files = {"val": val, "test": test}
         self.domain, self.batch_size, self.max_length = domain, batch_size, max_length
@@ -100,8 +100,9 @@ class PairClassificationEvaluation(pl.Callback):
         tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
         domains = [p[3] for p in pairs] if self.domain is None else self.domain
         encode: Any = module.encode  # a BiEncoder (or any module with its encode)
-        a = encode([p[0] for p in pairs], tokenizer, domains, self.batch_size, self.max_length)
-        b = encode([p[1] for p in pairs], tokenizer, domains, self.batch_size, self.max_length)
+        length = truncation_length(trainer, self.max_length)
+        a = encode([p[0] for p in pairs], tokenizer, domains, self.batch_size, length)
+        b = encode([p[1] for p in pairs], tokenizer, domains, self.batch_size, length)
         return F.cosine_similarity(a, b, dim=-1).cpu(), torch.tensor([p[2] for p in pairs])
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

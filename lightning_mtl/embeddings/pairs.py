@@ -258,3 +258,12 @@ class PairsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def truncation_length(trainer: Any, max_length: int | None) -> int:
+    """``max_length`` where given, else the data module's own truncation length (128 without one): an evaluation
+    callback then encodes texts as the training batches were, and never past the model's positions."""
+    if max_length is not None:
+        return int(max_length)
+    hparams = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
+    return int(hparams.get("max_length", 128))

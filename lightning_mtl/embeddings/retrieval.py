@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, RetrievalRecall
 
+from lightning_mtl.embeddings.pairs import truncation_length
+
 __all__ = ["RetrievalEvaluation", "RetrievalSet", "load_beir", "retrieval_metrics"]
 
 
@@ -96,7 +98,7 @@ class RetrievalEvaluation(pl.Callback):
         domain: expert id every text uses (``None``: the validation pairs' own domains; a BEIR folder with a
             model with experts needs one).
         batch_size: texts per forward pass.
-        max_length: truncation length in tokens.
+        max_length: truncation length in tokens (``None``: the data module's ``max_length``).
         prefix: the logged keys are ``<prefix>/recall@k``, ``<prefix>/mrr``, ``<prefix>/ndcg@k``.
     """
 
@@ -107,7 +109,7 @@ class RetrievalEvaluation(pl.Callback):
         ks: tuple[int, ...] = (1, 5, 10),
         domain: int | None = None,
         batch_size: int = 64,
-        max_length: int = 128,
+        max_length: int | None = None,
         prefix: str = "val/retrieval",
     ) -> None:
         self.folder, self.split, self.ks, self.domain = folder, split, tuple(ks), domain
@@ -138,7 +140,7 @@ class RetrievalEvaluation(pl.Callback):
             return
         data = self._set(trainer)
         tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
-        kwargs = dict(batch_size=self.batch_size, max_length=self.max_length)
+        kwargs = dict(batch_size=self.batch_size, max_length=truncation_length(trainer, self.max_length))
         encode: Any = pl_module.encode  # a BiEncoder (or any module with its encode)
         # a fixed domain wins; else each text its own (the validation pairs know theirs)
         queries = encode(
