@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.callbacks.test_harness import ENTRIES
-from tests.fixtures.ddp import spawn_ranks
+from tests.fixtures.ddp import spawn_and_collect
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 WORLD = 2
@@ -42,20 +42,8 @@ def _worker(rank, folder):
 def ranks(tmp_path_factory):
     """``name -> [what rank 0 saved, what rank 1 saved]``, or the error text."""
     folder = tmp_path_factory.mktemp("harness_ddp")
-    error = "not run"
-    try:
-        spawn_ranks(_worker, (str(folder),), world=WORLD)
-    except Exception as exc:
-        error = f"the DDP processes stopped with {type(exc).__name__}: {exc}"
-    out = {}
-    for name in NAMES:
-        errors = [p.read_text() for p in sorted(folder.glob(f"{name}_rank*.err"))]
-        paths = [folder / f"{name}_rank{r}.pt" for r in range(WORLD)]
-        if errors or not all(p.exists() for p in paths):
-            out[name] = "\n".join(errors) or error
-        else:
-            out[name] = [torch.load(p, weights_only=False) for p in paths] + [folder / name]
-    return out
+    out = spawn_and_collect(_worker, (str(folder),), folder, list(NAMES), world=WORLD, weights_only=False)
+    return {name: saved if isinstance(saved, str) else [*saved, folder / name] for name, saved in out.items()}
 
 
 def _saved(ranks, name):

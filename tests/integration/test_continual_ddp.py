@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_mtl.continual import METHODS, StreamBatch
-from tests.fixtures.ddp import spawn_ranks
+from tests.fixtures.ddp import spawn_and_collect
 from tests.fixtures.trainers import (
     one_thread,  # noqa: F401
     tiny_trainer,
@@ -98,20 +98,7 @@ def ddp_states(tmp_path_factory):
     """``name -> [state of rank 0, state of rank 1]`` after the DDP steps, or the error text of a rank."""
     folder = tmp_path_factory.mktemp("continual_ddp")
     names = sorted(METHODS)
-    spawn_error = "not run: an earlier method failed under DDP"
-    try:
-        spawn_ranks(_worker, (str(folder), names), world=WORLD)
-    except Exception as error:  # a failed method left its .err file; the methods after it left nothing
-        spawn_error = f"not run: the DDP processes stopped with {type(error).__name__}: {error}"
-    out = {}
-    for name in names:
-        errors = [p.read_text() for p in sorted(folder.glob(f"{name}_rank*.err"))]
-        paths = [folder / f"{name}_rank{r}.pt" for r in range(WORLD)]
-        if errors or not all(p.exists() for p in paths):
-            out[name] = "\n".join(errors) or spawn_error
-        else:
-            out[name] = [torch.load(p) for p in paths]
-    return out
+    return spawn_and_collect(_worker, (str(folder), names), folder, names, world=WORLD)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
 from lightning_mtl.aggregators import GramianWeighting, create_aggregator, get_aggregator_class, list_aggregators
 from lightning_mtl.multitask.gramian import gathers_rows, record_layers
-from tests.fixtures.ddp import spawn_ranks
+from tests.fixtures.ddp import spawn_and_collect
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 METHODS = sorted(n for n in list_aggregators() if isinstance(create_aggregator(n), GramianWeighting))
@@ -109,20 +109,7 @@ def _worker(rank, folder):
 def ranks(tmp_path_factory):
     """``name -> [what rank 0 saved, what rank 1 saved]``, or the error text."""
     folder = tmp_path_factory.mktemp("gramian_ddp")
-    error = "not run: an earlier method failed under DDP"
-    try:
-        spawn_ranks(_worker, (str(folder),), world=WORLD)
-    except Exception as exc:
-        error = f"the DDP processes stopped with {type(exc).__name__}: {exc}"
-    out = {}
-    for name in METHODS:
-        errors = [p.read_text() for p in sorted(folder.glob(f"{name}_rank*.err"))]
-        paths = [folder / f"{name}_rank{r}.pt" for r in range(WORLD)]
-        if errors or not all(p.exists() for p in paths):
-            out[name] = "\n".join(errors) or error
-        else:
-            out[name] = [torch.load(p) for p in paths]
-    return out
+    return spawn_and_collect(_worker, (str(folder),), folder, list(METHODS), world=WORLD)
 
 
 def test_the_encoder_takes_both_cross_rank_schemes():
