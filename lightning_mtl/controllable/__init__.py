@@ -5,7 +5,12 @@ from lightning_mtl.controllable.callback import ControllabilityEvaluation
 from lightning_mtl.controllable.controllability import controllability, kendall_tau
 from lightning_mtl.controllable.decoder import SlimmableDecoder
 from lightning_mtl.controllable.digits_cnn import SlimmableDigitsCNN
-from lightning_mtl.controllable.evaluation import controllability_grid, evaluate_configuration, plot_controllability
+from lightning_mtl.controllable.evaluation import (
+    controllability_grid,
+    evaluate_configuration,
+    metric_choice,
+    plot_controllability,
+)
 from lightning_mtl.controllable.flops import configuration_flops, count_flops
 from lightning_mtl.controllable.layers import (
     SlimmableConv2d,
@@ -43,6 +48,7 @@ __all__ = [
     "count_flops",
     "evaluate_configuration",
     "kendall_tau",
+    "metric_choice",
     "normalize_preference",
     "plot_controllability",
     "scaled_channels",

@@ -33,11 +33,16 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     return (concordant - discordant) / denominator if denominator > 0 else math.nan
 
 
-def controllability(preferences: Sequence[Sequence[float]], performance: Sequence[Sequence[float]]) -> float:
+def controllability(
+    preferences: Sequence[Sequence[float]],
+    performance: Sequence[Sequence[float]],
+    higher_is_better: Sequence[bool] | None = None,
+) -> float:
     """Rank agreement between task preferences and achieved task performance, in ``[-1, 1]``.
 
-    For each task, Kendall's tau between its preference share and its performance (higher is better) across
-    the preference vectors evaluated at one budget; the mean over the tasks whose preference varies. 1 means
+    For each task, Kendall's tau between its preference share and its performance across the preference
+    vectors evaluated at one budget, with the sign flipped for a lower-is-better metric (an error that falls
+    as the preference rises agrees with it); the mean over the tasks whose preference varies. 1 means
     that raising a task's preference never lowered its performance and always raised it when the preference
     rose; 0 that performance ignores the preference. This definition is ours: the paper (Aich et al., ICCV 2023)
     reports controllability without its definition in the text reachable here (see docs/controllable.md).
@@ -45,12 +50,17 @@ def controllability(preferences: Sequence[Sequence[float]], performance: Sequenc
     Args:
         preferences: ``[P][T]`` preference vectors.
         performance: ``[P][T]`` the task metrics achieved with the configuration each preference selected.
+        higher_is_better: ``[T]`` whether each task's metric is better higher (default: all of them).
     """
     if len(preferences) != len(performance) or any(len(p) != len(q) for p, q in zip(preferences, performance)):
         raise ValueError("preferences and performance must both be [P][T] with the same P and T")
+    tasks = len(preferences[0]) if preferences else 0
+    if higher_is_better is not None and len(higher_is_better) != tasks:
+        raise ValueError(f"higher_is_better has {len(higher_is_better)} entries but there are {tasks} tasks")
     taus = []
-    for t in range(len(preferences[0]) if preferences else 0):
-        shares, achieved = [p[t] for p in preferences], [q[t] for q in performance]
+    for t in range(tasks):
+        sign = 1.0 if higher_is_better is None or higher_is_better[t] else -1.0
+        shares, achieved = [p[t] for p in preferences], [sign * q[t] for q in performance]
         if len(set(shares)) < 2:
             continue  # this task's preference never moves: nothing to agree with
         tau = kendall_tau(shares, achieved)
