@@ -3,7 +3,8 @@ against the dense model's step, same batch, same process.
 
 A small random BERT (4 layers, hidden 256, feed-forward 1024; ``--quick``: 2 layers, hidden 128), a batch of
 token pairs whose domains are spread over the 5 experts, MNR loss, fused AdamW. Sides, timed in turn for
-``--repeats`` rounds (median step time after ``--warmup`` steps, then the median over rounds):
+step by step for ``--steps`` steps (median step time after ``--warmup`` steps; on a CPU the clock is the
+process's CPU time, which other jobs on a shared machine do not inflate, on a GPU the synchronised wall time):
 
 - dense: the encoder as built;
 - moe (grouped): the pair collate's order (rows sorted by domain): each expert runs on a contiguous slice;
@@ -31,6 +32,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import emit, median, now, per_step
+from _timing import emit, median, now
 
 from lightning_mtl.embeddings import BiEncoder, EnforcedRoutingExperts
 
@@ -66,29 +68,48 @@ def _batch(n: int, length: int, vocab: int, experts: int, seed: int, sort: bool)
     return {"anchor": side(), "positive": side(), "domain": domain}
 
 
+def _clock(device: torch.device) -> float:
+    """Wall time on a GPU (synchronised); on a CPU this process's CPU time, which the other jobs of a shared
+    machine do not inflate (wall time moved by 10-20 % between runs there)."""
+    return time.process_time() if device.type == "cpu" else now(device)
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
     return batch.to(device)
 
 
-def _steps(module: Any, batch: dict[str, Any], steps: int, device: torch.device,
-           before: Callable[[], None] = lambda: None, loss_of: Callable[[Any], Any] | None = None) -> list[float]:  # fmt: skip
-    """A plain training loop (forward, loss, backward, AdamW step); one timestamp per finished step. The loss
-    is ``module.batch_loss(batch)`` (a BiEncoder's MNR) unless ``loss_of(batch)`` is given."""
+def _stepper(module: Any, batch: dict[str, Any], device: torch.device,
+             loss_of: Callable[[Any], Any] | None = None) -> Callable[[], float]:  # fmt: skip
+    """One training step per call (forward, loss, backward, AdamW step), returning its duration. The loss is
+    ``module.batch_loss(batch)`` (a BiEncoder's MNR) unless ``loss_of(batch)`` is given."""
     module = module.to(device).train()
     # fused: one kernel for all parameters on both sides; the for-each loop would charge the experts'
     # extra parameter tensors to the MoE side
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
-    stamps = []
-    for _ in range(steps):
-        before()
+
+    def step() -> float:
+        start = _clock(device)
         loss = module.batch_loss(batch) if loss_of is None else loss_of(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        stamps.append(now(device))
-    return stamps
+        return _clock(device) - start
+
+    return step
+
+
+def _interleaved(steppers: dict[str, Callable[[], float]], steps: int, warmup: int) -> dict[str, float]:
+    """Median ms per step of each side, the sides taking turns step by step (a drift of the machine hits
+    them alike); the first ``warmup`` steps of each are left out."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for index in range(steps):
+        for name, step in steppers.items():
+            seconds = step()
+            if index >= warmup:
+                times[name].append(seconds)
+    return {name: 1000 * median(values) for name, values in times.items()}
 
 
 def versus_sentence_transformers(
@@ -129,12 +150,9 @@ def versus_sentence_transformers(
     same = (ours.batch_loss(batch) - st_step(batch)).abs().item()
     print(f"bi-encoder vs sentence-transformers: |loss difference| on the first batch {same:.2e}")
 
-    times: dict[str, list[float]] = {"bi_encoder": [], "sentence_transformers": []}
-    for _ in range(args.repeats):
-        times["bi_encoder"].append(per_step(_steps(copy.deepcopy(ours), batch, args.steps, device), args.warmup))
-        times["sentence_transformers"].append(per_step(_steps(theirs, batch, args.steps, device, loss_of=st_step),
-                                                       args.warmup))  # fmt: skip
-    return {k: 1000 * median(v) for k, v in times.items()}
+    steppers = {"bi_encoder": _stepper(ours, batch, device),
+                "sentence_transformers": _stepper(theirs, batch, device, loss_of=st_step)}  # fmt: skip
+    return _interleaved(steppers, args.steps, args.warmup)
 
 
 def main() -> None:
@@ -142,7 +160,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short run (under a minute on a 2-core CPU)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--experts", type=int, default=5)
@@ -152,7 +169,7 @@ def main() -> None:
                   intermediate_size=1024, max_position_embeddings=512, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)  # fmt: skip
     if args.quick:
-        args.steps, args.warmup, args.repeats, args.length = 6, 2, 2, 32
+        args.steps, args.warmup, args.length = 10, 2, 32
         config.update(hidden_size=128, num_hidden_layers=2, intermediate_size=512)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
@@ -165,30 +182,23 @@ def main() -> None:
     moe_surgery(moe.encoder.model, args.experts)
     sorted_batch = _to(_batch(args.batch_size, args.length, 4096, args.experts, 0, sort=True), device)
     shuffled = _to(_batch(args.batch_size, args.length, 4096, args.experts, 0, sort=False), device)
-    blocks = [m for m in moe.modules() if isinstance(m, EnforcedRoutingExperts)]
-
-    def per_sample_on() -> None:
-        for block in blocks:
+    per_sample = copy.deepcopy(moe)
+    for block in per_sample.modules():
+        if isinstance(block, EnforcedRoutingExperts):
             block.bench_ids = shuffled["domain"].tolist()  # type: ignore[attr-defined]
             block.forward = _per_sample.__get__(block)  # type: ignore[method-assign]
-
-    def per_sample_off() -> None:
-        for block in blocks:
-            del block.forward
-
-    times: dict[str, list[float]] = {"dense": [], "moe_grouped": [], "moe_unsorted": [], "moe_per_sample": []}
-    for _ in range(args.repeats):  # alternate, so drifts of the machine hit all sides alike
-        times["dense"].append(per_step(_steps(copy.deepcopy(dense), sorted_batch, args.steps, device), args.warmup))
-        times["moe_grouped"].append(per_step(_steps(copy.deepcopy(moe), sorted_batch, args.steps, device), args.warmup))
-        times["moe_unsorted"].append(per_step(_steps(copy.deepcopy(moe), shuffled, args.steps, device), args.warmup))
-        per_sample_on()
-        times["moe_per_sample"].append(per_step(_steps(moe, shuffled, args.steps, device), args.warmup))
-        per_sample_off()
-    ms = {k: 1000 * median(v) for k, v in times.items()}
+    steppers = {
+        "dense": _stepper(dense, sorted_batch, device),
+        "moe_grouped": _stepper(moe, sorted_batch, device),
+        "moe_unsorted": _stepper(copy.deepcopy(moe), shuffled, device),
+        "moe_per_sample": _stepper(per_sample, shuffled, device),
+    }
+    ms = _interleaved(steppers, args.steps, args.warmup)
     ratios = {k: ms[k] / ms["dense"] for k in ms}
-    print(f"device {device.type}, batch {args.batch_size} pairs x {args.length} tokens, {args.experts} experts, "
+    clock = "process CPU time" if device.type == "cpu" else "wall time"
+    print(f"{clock}; device {device.type}, batch {args.batch_size} pairs x {args.length} tokens, {args.experts} experts, "
           f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, {args.steps} steps "
-          f"({args.warmup} warm-up), {args.repeats} rounds, torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"({args.warmup} warm-up) per side, sides in turn, torch threads {torch.get_num_threads()}")  # fmt: skip
     for name, value in ms.items():
         print(f"{name:16s}{value:9.2f} ms/step  {ratios[name]:6.3f}x dense")
     met = ratios["moe_grouped"] <= 1.15

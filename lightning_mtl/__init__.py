@@ -100,6 +100,7 @@ _LAZY = {
     "TextMultiTask": "lightning_mtl.datamodules",
     "TinyImageNet": "lightning_mtl.datamodules",
     # lightning_mtl.embeddings
+    "BeirPairsDataModule": "lightning_mtl.embeddings",
     "BiEncoder": "lightning_mtl.embeddings",
     "DistilledSentenceEmbedding": "lightning_mtl.embeddings",
     "moe_surgery": "lightning_mtl.embeddings",
@@ -175,6 +176,7 @@ __all__ = [
     "AnytimeEvaluation",
     "AutoMix",
     "BarlowTwins",
+    "BeirPairsDataModule",
     "BestMetricsSummary",
     "BiEncoder",
     "BinaryTask",

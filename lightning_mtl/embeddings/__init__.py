@@ -1,7 +1,9 @@
 """Text embeddings: bi-encoders over Hugging Face encoders, MNR / InfoNCE losses, mixture-of-experts surgery
-with enforced routing, distilled sentence embeddings, pair and retrieval data, and retrieval / pair-classification evaluation."""
+with enforced routing, distilled sentence embeddings, pair and retrieval data, BEIR-layout training data, length bucketing, and retrieval / pair-classification evaluation."""
 
+from lightning_mtl.embeddings.beir import BeirPairsDataModule, read_beir, read_jsonl, read_qrels
 from lightning_mtl.embeddings.bi_encoder import BiEncoder, pool_tokens
+from lightning_mtl.embeddings.buckets import LengthBucketSampler
 from lightning_mtl.embeddings.dse import DistilledSentenceEmbedding, PairHead, dse_loss, pair_features
 from lightning_mtl.embeddings.embedded import embedded_pairs
 from lightning_mtl.embeddings.losses import (
@@ -33,10 +35,12 @@ from lightning_mtl.embeddings.teacher_scores import (
 )
 
 __all__ = [
+    "BeirPairsDataModule",
     "BiEncoder",
     "CosineSimilarityLoss",
     "DistilledSentenceEmbedding",
     "EnforcedRoutingExperts",
+    "LengthBucketSampler",
     "MNRLoss",
     "MNRPlusLoss",
     "PairClassificationEvaluation",
@@ -63,6 +67,9 @@ __all__ = [
     "overlap_teacher",
     "pair_features",
     "pool_tokens",
+    "read_beir",
+    "read_jsonl",
+    "read_qrels",
     "read_rows",
     "register_loss",
     "retrieval_metrics",

@@ -67,10 +67,11 @@ class EnforcedRoutingExperts(nn.Module):
             return self.experts[plan.groups[0][0]](*args)
         if plan.order is not None:
             args = tuple(_rows(a, plan.batch, lambda t: t.index_select(0, plan.order)) for a in args)
-        outputs = [
-            self.experts[expert](*(_rows(a, plan.batch, lambda t, s=start, e=end: t[s:e]) for a in args))
-            for expert, start, end in plan.groups
-        ]
+        # one split per argument, not a slice per expert: a slice's backward writes its gradient into a
+        # zero tensor of the whole batch (N of them summed per block), the split's backward one concatenation
+        sizes = [end - start for _, start, end in plan.groups]
+        parts = [_rows(a, plan.batch, lambda t: t.split(sizes), lambda v: [v] * len(sizes)) for a in args]
+        outputs = [self.experts[expert](*(p[i] for p in parts)) for i, (expert, _, _) in enumerate(plan.groups)]
         joined = torch.cat(outputs)
         return joined if plan.inverse is None else joined.index_select(0, plan.inverse)
 
@@ -94,8 +95,9 @@ class _Passthrough(nn.Module):
         return layer_output
 
 
-def _rows(value: Any, batch: int, take: Any) -> Any:
-    return take(value) if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch else value
+def _rows(value: Any, batch: int, take: Any, other: Any = lambda v: v) -> Any:
+    """``take(value)`` for a tensor whose first dimension is the batch, else ``other(value)``."""
+    return take(value) if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch else other(value)
 
 
 def moe_surgery(model: nn.Module, num_experts: int) -> nn.Module:

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_mtl.datamodules import EpochShuffleSampler
+from lightning_mtl._resume import ResumableBatches
 from lightning_mtl.datamodules.text import load_records
+from lightning_mtl.embeddings.buckets import LengthBucketSampler
 from lightning_mtl.embeddings.embedded import DOMAINS, embedded_pairs
 
 __all__ = ["PairCollate", "PairsDataModule", "read_rows", "train_wordpiece"]
@@ -109,7 +110,7 @@ class PairCollate:
         return batch
 
 
-class PairsDataModule(pl.LightningDataModule):
+class PairsDataModule(ResumableBatches, pl.LightningDataModule):
     """Text pairs (anchor, positive, optional hard negatives, optional domain) for a
     :class:`~lightning_mtl.embeddings.BiEncoder`.
 
@@ -119,6 +120,12 @@ class PairsDataModule(pl.LightningDataModule):
     (the same count in every row), one text in csv. Domains: names or ints, mapped to expert ids by
     ``domains`` (default: sorted names of the training split; the embedded corpus: functions, classes,
     paraphrases).
+
+    The training order depends on ``(seed, epoch)`` only (:class:`~lightning_mtl.embeddings.LengthBucketSampler`);
+    with ``length_bucketing`` each batch gathers pairs of similar token length (less padding). Under DDP each
+    rank trains on its own share of every global batch. A run resumed from a checkpoint saved inside an epoch
+    continues with the batches the uninterrupted run saw next (the data module keeps its place in its
+    ``state_dict``).
 
     Args:
         train: training pairs file (``None``: the embedded corpus).
@@ -137,6 +144,8 @@ class PairsDataModule(pl.LightningDataModule):
         per_domain: cap per domain of the embedded corpus.
         val_fraction: share of the embedded corpus held out for validation.
         seed: shuffles the embedded corpus and the training batches.
+        length_bucketing: batch pairs of similar token length (anchor + positive + hard negatives).
+        bucket_pool: global batches per pool sorted by length (see :class:`LengthBucketSampler`).
     """
 
     def __init__(
@@ -154,9 +163,13 @@ class PairsDataModule(pl.LightningDataModule):
         per_domain: int = 300,
         val_fraction: float = 0.1,
         seed: int = 0,
+        length_bucketing: bool = False,
+        bucket_pool: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if bucket_pool < 1:
+            raise ValueError(f"bucket_pool must be at least 1 global batch, got {bucket_pool}")
         fields = ("anchor", "positive", "negative", "domain", "score", "label")
         unknown = set(columns or {}) - set(fields)
         if unknown:
@@ -170,6 +183,8 @@ class PairsDataModule(pl.LightningDataModule):
         self.domain_names: list[str] | None = list(domains) if domains is not None else None
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.tokenizer: Any = None
+        self.sampler: LengthBucketSampler | None = None
+        self._epoch, self._consumed, self._resume = 0, 0, None  # ResumableBatches' bookkeeping
 
     def _read(self) -> dict[str, list[dict[str, Any]]]:
         if self.files["train"] is None:
@@ -242,22 +257,39 @@ class PairsDataModule(pl.LightningDataModule):
         """The rows a split's loader yields (:meth:`rows`; a subclass may yield more than it evaluates on)."""
         return self.rows(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        rows = self.loader_rows(split)
-        # the order depends on (seed, epoch) only, so a run resumed at an epoch sees the uninterrupted order
-        sampler = EpochShuffleSampler(len(rows), seed=self.hparams["seed"]) if shuffle else None
-        return DataLoader(rows, batch_size=self.hparams["batch_size"], sampler=sampler,  # type: ignore[arg-type]
-                          num_workers=self.hparams["num_workers"],
+    def token_lengths(self, rows: list[dict[str, Any]]) -> list[int]:
+        """Tokens of each row (anchor + positive + hard negatives, each truncated at ``max_length``): what
+        length bucketing sorts by."""
+        texts = [[row["anchor"], row["positive"], *row.get("negative", [])] for row in rows]
+        flat = [text for row in texts for text in row]
+        ids = self.tokenizer(flat, truncation=True, max_length=self.hparams["max_length"])["input_ids"]
+        out, at = [], 0
+        for row in texts:
+            out.append(sum(len(i) for i in ids[at : at + len(row)]))
+            at += len(row)
+        return out
+
+    def _loader(self, split: str, sampler: LengthBucketSampler | None = None) -> DataLoader:
+        return DataLoader(self.loader_rows(split), batch_size=self.hparams["batch_size"],  # type: ignore[arg-type]
+                          sampler=sampler, num_workers=self.hparams["num_workers"],
                           collate_fn=PairCollate(self.tokenizer, self.hparams["max_length"]))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        rows = self.loader_rows("train")
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        lengths = self.token_lengths(rows) if self.hparams["length_bucketing"] else None
+        # the order depends on (seed, epoch) only, so a run resumed at an epoch sees the uninterrupted order
+        self.sampler = LengthBucketSampler(len(rows), self.hparams["batch_size"], lengths, self.hparams["bucket_pool"],
+                                           self.hparams["seed"], rank, world)  # fmt: skip
+        self._resume_sampler(self.sampler)
+        return self._loader("train", self.sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
 
 def truncation_length(trainer: Any, max_length: int | None) -> int:

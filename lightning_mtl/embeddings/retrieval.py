@@ -3,9 +3,6 @@ or on the validation pairs of the data module."""
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, RetrievalRecall
 
+from lightning_mtl.embeddings.beir import document_text, read_beir
 from lightning_mtl.embeddings.pairs import truncation_length
 
 __all__ = ["RetrievalEvaluation", "RetrievalSet", "load_beir", "retrieval_metrics"]
@@ -31,31 +29,19 @@ class RetrievalSet:
     corpus_domains: list[int] | None = None
 
 
-def _jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_beir(folder: str, split: str = "test") -> RetrievalSet:
     """Read a BEIR-layout folder: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
     (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id``, ``corpus-id``, ``score`` with a header).
     Only queries with a positive grade are kept; titles are prefixed to the text as BEIR does."""
-    paths = [os.path.join(folder, name) for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv")]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"BEIR folder {folder!r} has no {os.path.relpath(path, folder)} (corpus.jsonl, "
-                                    f"queries.jsonl and qrels/{split}.tsv are needed)")  # fmt: skip
-    corpus_rows, query_rows = _jsonl(paths[0]), _jsonl(paths[1])
+    corpus_rows, query_rows, judged = read_beir(folder, (split,))
     corpus_index = {str(row["_id"]): i for i, row in enumerate(corpus_rows)}
     query_text = {str(row["_id"]): row["text"] for row in query_rows}
     grades: dict[str, dict[int, int]] = {}
-    with open(paths[2], newline="") as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            grade = int(float(row["score"]))
-            if grade > 0 and row["corpus-id"] in corpus_index and row["query-id"] in query_text:
-                grades.setdefault(row["query-id"], {})[corpus_index[row["corpus-id"]]] = grade
+    for query, doc, grade in judged[split]:
+        if grade > 0 and doc in corpus_index and query in query_text:
+            grades.setdefault(query, {})[corpus_index[doc]] = grade
     ids = sorted(grades)
-    corpus = [" ".join(filter(None, (row.get("title", ""), row["text"]))) for row in corpus_rows]
+    corpus = [document_text(row) for row in corpus_rows]
     return RetrievalSet([query_text[q] for q in ids], corpus, {i: grades[q] for i, q in enumerate(ids)})
 
 

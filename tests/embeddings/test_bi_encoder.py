@@ -97,6 +97,24 @@ def test_bf16_mixed_loss_is_close_to_float32_and_float32_scored():
     assert low.item() == pytest.approx(full.item(), abs=0.25)
 
 
+def test_16_mixed_on_a_cpu_trains_as_bf16_mixed(tmp_path):
+    # Lightning runs `precision="16-mixed"` on a CPU as bf16-mixed (fp16 autocast has no CPU kernels): the
+    # module needs nothing of its own, and its loss stays float32-scored under either
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-2)
+    torch.manual_seed(0)
+    start = BiEncoder(config=tiny_config("bert"), num_experts=3, optimizer=optimizer)
+    fitted = {}
+    for precision in ("32", "bf16-mixed", "16-mixed"):
+        module = copy.deepcopy(start)
+        trainer = tiny_trainer(max_epochs=1, default_root_dir=tmp_path, limit_val_batches=0, precision=precision)
+        trainer.fit(module, DataLoader(TokenPairs(n=16, k=1), batch_size=4, shuffle=False))
+        assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["train/loss"])
+        fitted[precision] = module
+    pairs = list(zip(fitted["16-mixed"].parameters(), fitted["bf16-mixed"].parameters(), fitted["32"].parameters()))
+    assert all(torch.equal(half, bf16) for half, bf16, _ in pairs)
+    assert any(not torch.equal(half, full) for half, _, full in pairs)  # autocast did take effect
+
+
 def _fit(module, tmp_path, epochs, ckpt=None, **kwargs):
     trainer = tiny_trainer(max_epochs=epochs, default_root_dir=tmp_path, enable_checkpointing=True,
                            limit_val_batches=0, **kwargs)  # fmt: skip
