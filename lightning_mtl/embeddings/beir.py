@@ -113,7 +113,7 @@ class BeirPairsDataModule(PairsDataModule):
         qrels: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
-        given = sorted(set(kwargs) & {"train", "val", "test"})
+        given = sorted(k for k in ("train", "val", "test") if kwargs.get(k) is not None)
         if given:
             raise ValueError(f"BeirPairsDataModule reads its pairs from `folder`: drop {', '.join(given)}")
         super().__init__(**kwargs)

@@ -24,3 +24,13 @@ def test_every_embedding_recipe_runs_through_the_cli(overlays):
     assert cli.model.num_experts == (3 if "methods/moe.yaml" in overlays else 0)
     assert cli.model.loss_fn.registry_name == ("mnr_plus" if "methods/mnr_plus.yaml" in overlays else "mnr")
     assert "val/retrieval/mrr" in cli.trainer.callback_metrics and "val/pair/max_f1" in cli.trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_the_beir_data_overlay_runs_through_the_cli():
+    folder = Path(__file__).with_name("beir_tiny")
+    args = [a for path in ("quick.yaml", "data/beir.yaml") for a in ("--config", str(CONFIGS / path))]
+    cli = main(["fit", *args, f"--data.init_args.folder={folder}", "--trainer.callbacks=[]", *FAST])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert type(cli.datamodule).__name__ == "BeirPairsDataModule" and cli.datamodule.hparams["length_bucketing"]
+    assert len(cli.datamodule.rows("train")) == 5 and len(cli.datamodule.rows("train")[0]["negative"]) == 1
