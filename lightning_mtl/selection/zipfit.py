@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from lightning_mtl.selection._compress import check_backend, keep_heap_mapped, pair_sizes, size_function
+from lightning_mtl.selection._forked import fork_available, forked_map
 
 __all__ = ["CompressionSelected", "CompressionSelector", "ncd"]
 
@@ -76,8 +77,10 @@ class CompressionSelector:
         backend: ``"gzip"`` (the paper's), ``"zlib"``, ``"lz4"`` or ``"zstd"`` (the last two need the
             ``selection`` extra).
         level: compression level; gzip/zlib need 1..9 (level 0 stores, compressing nothing).
-        num_workers: processes over sources (``None``: every CPU; ``0`` or ``1``: in this process).
-        chunks_per_worker: source chunks per process (load balance against per-task overhead).
+        num_workers: processes over sources, this one included (``None``: every CPU; ``0`` or ``1``: this
+            process only). On Linux the others are forked and every process, this one too, claims chunks of
+            sources from a shared counter; elsewhere a process pool takes the chunks.
+        chunks_per_worker: source chunks per process (load balance against per-chunk overhead).
 
     Example:
         >>> selector = CompressionSelector(num_workers=0)
@@ -88,7 +91,7 @@ class CompressionSelector:
     """
 
     def __init__(self, backend: str = "gzip", level: int = 9, num_workers: int | None = None,
-                 chunks_per_worker: int = 4) -> None:  # fmt: skip
+                 chunks_per_worker: int = 8) -> None:  # fmt: skip
         check_backend(backend, level)
         self.backend, self.level = backend, level
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
@@ -113,14 +116,21 @@ class CompressionSelector:
         target_bytes = [t.encode("utf-8") for t in targets]
         target_sizes = [self.size(t) for t in target_bytes]
         source_bytes = [s.encode("utf-8") for s in sources]
+        sizes = np.asarray(target_sizes, dtype=np.int64)
         if self.num_workers <= 1 or len(source_bytes) < 2:
-            return _alignments(source_bytes, target_bytes, np.asarray(target_sizes), self.backend, self.level)
-        pieces = min(len(source_bytes), self.num_workers * self.chunks_per_worker)
-        bounds = np.linspace(0, len(source_bytes), pieces + 1).astype(int)
-        jobs = [(int(a), source_bytes[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            return _alignments(source_bytes, target_bytes, sizes, self.backend, self.level)
+        processes = min(self.num_workers, len(source_bytes))
+        chunk = -(-len(source_bytes) // (processes * self.chunks_per_worker))
+        if fork_available():
+
+            def chunk_scores(start: int, stop: int) -> np.ndarray:
+                return _alignments(source_bytes[start:stop], target_bytes, sizes, self.backend, self.level)
+
+            return forked_map(chunk_scores, len(source_bytes), processes, chunk)
+        jobs = [(start, source_bytes[start : start + chunk]) for start in range(0, len(source_bytes), chunk)]
         out = np.empty(len(source_bytes))
         init = (target_bytes, target_sizes, self.backend, self.level)
-        with multiprocessing.get_context().Pool(self.num_workers, _init_worker, init) as pool:
+        with multiprocessing.get_context().Pool(processes, _init_worker, init) as pool:
             for start, values in pool.imap_unordered(_align_chunk, jobs):
                 out[start : start + len(values)] = values
         return out

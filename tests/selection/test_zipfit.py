@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import os
 import random
 import sys
+import time
 import types
 import zlib
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mtl.selection import ByteLM, CompressionSelected, CompressionSelector, StdlibCorpus, _compress, ncd
+from lightning_mtl.selection import ByteLM, CompressionSelected, CompressionSelector, StdlibCorpus, _compress, _forked, ncd, zipfit
 from lightning_mtl.selection._compress import COPY_THRESHOLD, pair_sizes
 from tests.fixtures.ddp import SpawnDDP
 
@@ -125,6 +127,44 @@ def test_worker_processes_give_the_single_process_scores(corpus):
     alone = CompressionSelector(num_workers=0).score(sources, targets)
     pooled = CompressionSelector(num_workers=2, chunks_per_worker=3).score(sources, targets)
     assert np.array_equal(alone, pooled)
+
+
+def test_the_process_pool_fallback_gives_the_single_process_scores(corpus, monkeypatch):
+    # where fork is not used (macOS, Windows) a process pool takes the chunks
+    sources, targets = corpus.train_texts[:40], corpus.target_texts[:4]
+    alone = CompressionSelector(num_workers=0).score(sources, targets)
+    monkeypatch.setattr(zipfit, "fork_available", lambda: False)
+    assert np.array_equal(CompressionSelector(num_workers=2, chunks_per_worker=2).score(sources, targets), alone)
+
+
+@pytest.mark.skipif(not _forked.fork_available(), reason="the forked scorer runs on Linux only")
+def test_forked_map_fills_every_index_once_in_order():
+    calls = []
+
+    def chunk(start: int, stop: int) -> np.ndarray:
+        calls.append((start, stop))  # the parent's own chunks only (children have their own copy)
+        return np.arange(start, stop, dtype=np.float64) ** 2
+
+    values = _forked.forked_map(chunk, 103, processes=3, chunk=7)  # 103 = 14 chunks of 7 and one of 5
+    assert np.array_equal(values, np.arange(103, dtype=np.float64) ** 2)
+    assert all(stop - start in (7, 5) and start % 7 == 0 for start, stop in calls)
+
+
+@pytest.mark.skipif(not _forked.fork_available(), reason="the forked scorer runs on Linux only")
+def test_a_dead_scoring_process_is_an_error_not_missing_scores(tmp_path):
+    parent, claimed = os.getpid(), tmp_path / "child-claimed"
+
+    def chunk(start: int, stop: int) -> np.ndarray:
+        if os.getpid() != parent:
+            claimed.touch()
+            os._exit(3)  # a child dies holding its chunk
+        deadline = time.monotonic() + 60
+        while not claimed.exists() and time.monotonic() < deadline:  # leave the child a chunk to die with
+            time.sleep(0.01)
+        return np.zeros(stop - start)
+
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        _forked.forked_map(chunk, 50, processes=2, chunk=1)
 
 
 def test_ranking_equals_the_official_package(corpus, monkeypatch):
