@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_mtl.selection.samplers import EpochForward, ResumableBatches
+
 __all__ = ["HINT_TASKS", "SORTING_TASKS", "SortingTasks", "make_example", "vocab_size"]
 
 # the main task first; every task owns a task-id token whatever the run trains on, so one vocabulary (and one
@@ -109,11 +111,17 @@ class _Mixture(Dataset):
 
 class _TaskBatches(Sampler[list[int]]):
     """Batches of one task each, shuffled across tasks with a seed that changes every epoch; under DDP each
-    rank takes every ``world``-th batch of the same permutation (the same count on every rank)."""
+    rank takes every ``world``-th batch of the same permutation (the same count on every rank).
+
+    The order of an epoch depends only on ``(seed, epoch)``; Lightning sets the epoch (``set_epoch``, reached
+    through the ``sampler`` attribute) and :meth:`skip` starts a resumed epoch where its checkpoint left it.
+    """
 
     def __init__(self, offsets: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.offsets, self.batch_size, self.seed = offsets, int(batch_size), int(seed)
         self.rank, self.world, self.epoch = int(rank), int(world), 0
+        self.sampler = EpochForward(self)  # where Lightning looks for set_epoch
+        self.resume: tuple[int, int] | None = None  # (epoch, batches of it already trained on)
 
     def _batches(self) -> list[list[int]]:
         rng = np.random.default_rng((self.seed, self.epoch))
@@ -125,17 +133,26 @@ class _TaskBatches(Sampler[list[int]]):
         usable = len(shuffled) // self.world * self.world
         return shuffled[self.rank : usable : self.world]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every training epoch."""
+        self.epoch = int(epoch)
+
+    def skip(self, epoch: int, batches: int) -> None:
+        """Start the next iteration of ``epoch`` after its first ``batches`` batches (a resumed run); an
+        iteration of another epoch starts at its beginning."""
+        self.epoch, self.resume = int(epoch), (int(epoch), int(batches))
+
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()
-        self.epoch += 1
-        return iter(batches)
+        start = self.resume[1] if self.resume is not None and self.resume[0] == self.epoch else 0
+        self.resume = None
+        return iter(self._batches()[start:])
 
     def __len__(self) -> int:
         total = sum(-(-int(b - a) // self.batch_size) for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True))
         return total // self.world
 
 
-class SortingTasks(pl.LightningDataModule):
+class SortingTasks(ResumableBatches, pl.LightningDataModule):
     """Sorting as the main task plus hint tasks, for task hinting (Awasthi & Gupta, 2023).
 
     Training sequences have lengths ``min_length .. train_length`` (uniform) with values drawn uniformly from
@@ -145,6 +162,10 @@ class SortingTasks(pl.LightningDataModule):
     (``test_lengths``, up to 5x the training length by default), drawn from separate streams. A batch is
     ``(tokens [B, T], targets [B, T], task [B])``: right-padded tokens, next-token targets with ``-100``
     where the loss ignores them, and the index of each row's task in :data:`SORTING_TASKS`.
+
+    The batch order of an epoch depends only on ``(seed, epoch)``; the batches consumed in the current epoch
+    are saved in checkpoints, so a fit resumed mid-epoch continues with the uninterrupted run's batches. Under
+    DDP (``use_distributed_sampler=False``) rank ``r`` takes batches ``r, r + world, ...`` of that order.
 
     Args:
         num_values: size of the value alphabet.
@@ -203,6 +224,7 @@ class SortingTasks(pl.LightningDataModule):
                 f"distinct=True needs num_values >= the longest sequence ({max(self.test_lengths)}), got {num_values}"
             )
         self._train: _Mixture | None = None
+        self._epoch, self._consumed, self._resume = 0, 0, None  # ResumableBatches' bookkeeping
         self._val: list[_Examples] = []
         self._test: list[_Examples] = []
 
@@ -261,6 +283,7 @@ class SortingTasks(pl.LightningDataModule):
         assert self._train is not None, "call setup() first"
         rank, world = self._rank_world()
         sampler = _TaskBatches(self._train.offsets, self.batch_size, self.seed, rank, world)
+        self._resume_sampler(sampler)
         return DataLoader(self._train, batch_sampler=sampler, collate_fn=self.collate)
 
     def _eval_loaders(self, parts: list[_Examples]) -> list[DataLoader]:

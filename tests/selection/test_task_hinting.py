@@ -259,3 +259,118 @@ def test_the_recipes_run_through_the_cli(recipe, tmp_path, monkeypatch):
                 "--trainer.enable_model_summary=false", "--trainer.logger=false", "--data.init_args.num_train=200"])  # fmt: skip
     assert cli.trainer.global_step == 1
     assert cli.datamodule.hints == ([] if recipe.endswith("no_hint") else ["successor"])
+
+
+# --- resume and DDP -----------------------------------------------------------------------------------------
+def _small_data() -> SortingTasks:
+    # 96 sorting + 96 successor examples in batches of 16: 12 batches per epoch, several of each task
+    return SortingTasks(num_values=V, train_length=5, num_train=96, num_val=8, num_test=8, batch_size=16,
+                        test_lengths=[5], seed=2)  # fmt: skip
+
+
+def _small_model() -> TaskHintingTransformer:
+    torch.manual_seed(0)
+    return TaskHintingTransformer(num_values=V, d_model=16, nhead=2, num_layers=1, dim_feedforward=32, lr=1e-2)
+
+
+class _Batches(pl.Callback):
+    """What each training step saw: its epoch, its task and its token rows."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, list[list[int]]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        tokens, _, task = batch
+        self.seen.append((trainer.current_epoch, int(task[0]), tokens.tolist()))
+
+
+def test_sampler_epochs_come_from_set_epoch_and_skip_resumes_inside_one():
+    from lightning_mtl.selection.sorting_tasks import _TaskBatches
+
+    offsets = _data(hints=["successor"])._train.offsets
+    sampler = _TaskBatches(offsets, 16, 3)
+    first, again = list(sampler), list(sampler)
+    assert first == again  # iterating does not move the epoch: Lightning's set_epoch does
+    sampler.sampler.set_epoch(1)  # the attribute Lightning calls
+    second = list(sampler)
+    flat = sorted(i for batch in first for i in batch)
+    assert second != first and sorted(i for batch in second for i in batch) == flat  # reshuffled, every row once
+    sampler.skip(1, 5)
+    assert list(sampler) == second[5:]
+    assert list(sampler) == second  # the skip holds for one iteration only
+    sampler.skip(0, 5)
+    sampler.set_epoch(1)  # another epoch than the skipped one starts at its beginning
+    assert list(sampler) == second
+
+
+def _resume_run(folder, ckpt_path=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(7)
+    model, record = _small_model(), _Batches()
+    saver = ModelCheckpoint(dirpath=folder, every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[record, saver])  # fmt: skip
+    trainer.fit(model, datamodule=_small_data(), ckpt_path=ckpt_path)
+    return record.seen, model, trainer
+
+
+def test_a_fit_resumed_mid_epoch_sees_the_uninterrupted_batches_and_ends_with_its_weights(tmp_path):
+    full, model, _ = _resume_run(tmp_path)
+    assert len(full) == 24 and {epoch for epoch, _, _ in full} == {0, 1}
+    assert [t for _, t, _ in full[:12]] != [t for _, t, _ in full[12:]]  # the epochs differ in order
+    for step in (5, 20):  # inside the first epoch, inside the second
+        resumed, again, trainer = _resume_run(tmp_path / "again", tmp_path / f"step={step}.ckpt")
+        assert resumed == full[step:], step
+        assert trainer.global_step == 24
+        for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+WORLD, DDP_STEPS = 2, 4
+
+
+def _ddp_worker(rank, folder):
+    import traceback
+
+    try:
+        model, record = _small_model(), _Batches()
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=WORLD, max_steps=DDP_STEPS, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                             callbacks=[record])  # fmt: skip
+        trainer.fit(model, datamodule=_small_data())
+        torch.save({"seen": record.seen, "state": model.state_dict()}, f"{folder}/hinting_rank{rank}.pt")
+    except Exception:
+        with open(f"{folder}/hinting_rank{rank}.err", "w") as file:
+            file.write(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_ddp_takes_alternate_batches_and_steps_like_one_process_averaging_the_pair(tmp_path):
+    from lightning_mtl.selection.sorting_tasks import _TaskBatches
+    from tests.fixtures.ddp import spawn_and_collect
+
+    saved = spawn_and_collect(_ddp_worker, (str(tmp_path),), tmp_path, ["hinting"], world=WORLD)["hinting"]
+    assert not isinstance(saved, str), saved
+    data = _small_data()
+    data.setup("fit")
+    single = _TaskBatches(data._train.offsets, data.batch_size, data.seed)  # one process, the same epoch
+    batches = [data.collate([data._train[i] for i in indices]) for indices in single]
+    # rank r trains on batches r, r + 2, r + 4, ... of the one-process order: disjoint, nothing left out
+    for rank in range(WORLD):
+        assert [rows for _, _, rows in saved[rank]["seen"]] == [b[0].tolist() for b in batches[rank::WORLD][:DDP_STEPS]]
+    # the same step by hand in one process: AdamW on the mean of the two ranks' losses
+    model = _small_model()
+    optimizer = model.configure_optimizers()
+    for step in range(DDP_STEPS):
+        pair = batches[WORLD * step : WORLD * step + WORLD]
+        optimizer.zero_grad()
+        loss = sum(model.loss(model(tokens), targets) for tokens, targets, _ in pair) / WORLD
+        loss.backward()
+        optimizer.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(saved[0]["state"][name], saved[1]["state"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(saved[0]["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
