@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mtl.selection import ByteLM, CompressionSelected, CompressionSelector, StdlibCorpus, _compress, _forked, ncd, zipfit
+from lightning_mtl.selection import (
+    ByteLM,
+    CompressionSelected,
+    CompressionSelector,
+    StdlibCorpus,
+    _compress,
+    _forked,
+    ncd,
+    zipfit,
+)
 from lightning_mtl.selection._compress import COPY_THRESHOLD, pair_sizes
 from tests.fixtures.ddp import SpawnDDP
 
