@@ -10,8 +10,10 @@ Three workloads, all against the docs recipe's 30 target functions (200-1500 cha
 documents of 16 KB and of 4 KB (consecutive chunks of stdlib modules: the paper's shape, long source
 documents against short target examples) and the recipe's own pool (functions, docstrings and random
 text of 200-1500 characters). The saving is the source's compression, done once per source instead of
-once per pair, so it grows with the source's length: the target (>= 3x) is read on the 16 KB documents,
-and the other two ratios are printed beside it.
+once per pair, so it grows with the source's length; on short texts the gain is the per-pair overhead (one
+forked process per core, the calling one included, nothing pickled). The >= 3x target is checked on every
+workload; the closing JSON line also gives the 1-minute load average, since other jobs on the machine
+slow both sides.
 
     python benchmarks/selection.py            # full run
     python benchmarks/selection.py --quick    # under a minute on a 2-core CPU
@@ -133,9 +135,11 @@ def main() -> None:
         "documents_4k": compare("docs 4K", documents(4096, 2 * docs), targets, repeats),
         "recipe": compare("recipe", corpus.train_texts, targets, repeats),
     }
-    met = rows["documents_16k"]["speedup"] >= 3.0
-    emit({"benchmark": "selection", "quick": args.quick, "cpus": os.cpu_count(), "workloads": rows,
-          "targets": {"16 KB documents: speedup >= 3x with identical scores": "met" if met else "missed"}})  # fmt: skip
+    labels = {"documents_16k": "16 KB documents", "documents_4k": "4 KB documents", "recipe": "~620-char texts"}
+    targets = {f"{label}: speedup >= 3x with identical scores": "met" if rows[key]["speedup"] >= 3.0 else "missed"
+               for key, label in labels.items()}  # fmt: skip
+    emit({"benchmark": "selection", "quick": args.quick, "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
+          "workloads": rows, "targets": targets})  # fmt: skip
 
 
 if __name__ == "__main__":
