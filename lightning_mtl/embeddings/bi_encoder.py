@@ -76,6 +76,8 @@ class BiEncoder(pl.LightningModule):
             batches must then carry ``domain``.
         gather_across_ranks: under DDP, use the other ranks' samples as negatives too.
         optimizer: optimizer factory, called with the parameters (AdamW; the official MoE recipe uses lr 1e-4).
+        init_from: a Lightning checkpoint of a ``BiEncoder`` of the same architecture whose weights this one
+            starts from (fine-tuning experts from one pre-trained run); its optimizer state and epoch are not read.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class BiEncoder(pl.LightningModule):
         num_experts: int = 0,
         gather_across_ranks: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         save_init_hyperparameters(self, ["optimizer"])
@@ -112,6 +115,18 @@ class BiEncoder(pl.LightningModule):
         self.optimizer_factory = optimizer
         # {logged key: higher is better}, for BestMetricsSummary; the evaluation callbacks add theirs
         self.metric_directions: dict[str, bool] = {"train/loss": False, "val/loss": False, "test/loss": False}
+        if init_from is not None:
+            self._load_weights(init_from)
+
+    def _load_weights(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from checkpoint {path!r} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which this model has not"
+            raise ValueError(f"init_from checkpoint {path!r} does not fit this BiEncoder: it {what}")
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)  # type: ignore[attr-defined]

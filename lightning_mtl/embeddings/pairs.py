@@ -146,6 +146,11 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
         seed: shuffles the embedded corpus and the training batches.
         length_bucketing: batch pairs of similar token length (anchor + positive + hard negatives).
         bucket_pool: global batches per pool sorted by length (see :class:`LengthBucketSampler`).
+        train_domains: the training loader yields only these domains' pairs (one expert per domain, to be
+            merged); the vocabulary is still trained on every training text, so experts share token ids.
+        probe_per_domain: the training loader yields the first this many pairs of each domain (of the
+            training split's seeded order): a task-balanced probe set (Self Positioning); a domain with fewer
+            pairs is an error.
     """
 
     def __init__(
@@ -165,11 +170,15 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
         seed: int = 0,
         length_bucketing: bool = False,
         bucket_pool: int = 32,
+        train_domains: list[str] | None = None,
+        probe_per_domain: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if bucket_pool < 1:
             raise ValueError(f"bucket_pool must be at least 1 global batch, got {bucket_pool}")
+        if probe_per_domain is not None and probe_per_domain < 1:
+            raise ValueError(f"probe_per_domain must be a positive number of pairs, got {probe_per_domain}")
         fields = ("anchor", "positive", "negative", "domain", "score", "label")
         unknown = set(columns or {}) - set(fields)
         if unknown:
@@ -257,6 +266,30 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
         """The rows a split's loader yields (:meth:`rows`; a subclass may yield more than it evaluates on)."""
         return self.rows(split)
 
+    def _train_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The training rows after ``train_domains`` and ``probe_per_domain``."""
+        wanted, per_domain = self.hparams.get("train_domains"), self.hparams.get("probe_per_domain")
+        if wanted is None and per_domain is None:
+            return rows
+        names = self.domain_names or []
+        if any("domain" not in row for row in rows):
+            raise ValueError("train_domains / probe_per_domain need a domain per training pair: give a domain column")
+        unknown = [name for name in wanted or [] if name not in names]
+        if unknown:
+            raise ValueError(f"train_domains names {unknown[0]!r}, which is not among the domains {names}")
+        keep = [names.index(name) for name in wanted] if wanted is not None else list(range(len(names)))
+        picked: dict[int, list[dict[str, Any]]] = {d: [] for d in keep}
+        for row in rows:
+            if row["domain"] in picked:
+                picked[row["domain"]].append(row)
+        if per_domain is not None:
+            short = [names[d] for d, found in picked.items() if len(found) < per_domain]
+            if short:
+                raise ValueError(f"domain {short[0]!r} has fewer than probe_per_domain={per_domain} training pairs")
+            picked = {d: found[:per_domain] for d, found in picked.items()}
+        chosen = {id(row) for found in picked.values() for row in found}
+        return [row for row in rows if id(row) in chosen]  # the split's own order, shuffled by the sampler
+
     def token_lengths(self, rows: list[dict[str, Any]]) -> list[int]:
         """Tokens of each row (anchor + positive + hard negatives, each truncated at ``max_length``): what
         length bucketing sorts by."""
@@ -269,13 +302,16 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
             at += len(row)
         return out
 
-    def _loader(self, split: str, sampler: LengthBucketSampler | None = None) -> DataLoader:
-        return DataLoader(self.loader_rows(split), batch_size=self.hparams["batch_size"],  # type: ignore[arg-type]
+    def _loader(
+        self, split: str, sampler: LengthBucketSampler | None = None, rows: list[dict[str, Any]] | None = None
+    ) -> DataLoader:
+        rows = self.loader_rows(split) if rows is None else rows
+        return DataLoader(rows, batch_size=self.hparams["batch_size"],  # type: ignore[arg-type]
                           sampler=sampler, num_workers=self.hparams["num_workers"],
                           collate_fn=PairCollate(self.tokenizer, self.hparams["max_length"]))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        rows = self.loader_rows("train")
+        rows = self._train_rows(self.loader_rows("train"))
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         lengths = self.token_lengths(rows) if self.hparams["length_bucketing"] else None
@@ -283,7 +319,7 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
         self.sampler = LengthBucketSampler(len(rows), self.hparams["batch_size"], lengths, self.hparams["bucket_pool"],
                                            self.hparams["seed"], rank, world)  # fmt: skip
         self._resume_sampler(self.sampler)
-        return self._loader("train", self.sampler)
+        return self._loader("train", self.sampler, rows)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
