@@ -11,8 +11,9 @@ Every run goes through the command line's entry point (``lightning_mtl.cli.main`
    coefficients on the task-balanced probe set (Self Positioning, scores of its last epoch).
 
 The tiny run adds "joint": theta_0 trained on all domains for as many steps as the three experts together.
-Scores are on the held-out validation pairs of all domains (the embedded corpus has no test split; nothing
-here is selected on them: every task-arithmetic lambda tried is listed).
+Scores are on the held-out validation pairs of all domains, and MRR within each domain (its anchors against its
+positives); the embedded corpus has no test split, and nothing here is selected on these scores (every
+task-arithmetic lambda tried is listed; Self Positioning reports its last epoch).
 
     python examples/embeddings_merging_pipeline.py                # tiny random BERT, a few minutes on a CPU
     python examples/embeddings_merging_pipeline.py --minilm       # all-MiniLM-L6-v2 (the `minilm` extra)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -53,9 +55,30 @@ def train(args: list[str], output: str, reuse: bool) -> None:
         raise SystemExit(f"the run did not write {output}")
 
 
-def scores(trainer: Any) -> dict[str, float]:
-    metrics = trainer.callback_metrics
-    return {name: round(float(metrics[key]), 4) for name, key in KEYS.items() if key in metrics}
+def per_domain_mrr(run: Any) -> dict[str, float]:
+    """MRR of each domain's validation anchors against that domain's validation positives (the merged model's
+    ``encode`` for a ``SelfPositioning``): whether a merge keeps each expert's specialisation."""
+    import torch.nn.functional as F
+
+    from lightning_mtl.embeddings import retrieval_metrics
+
+    rows, tokenizer = run.datamodule.rows("val"), run.datamodule.tokenizer
+    length = run.datamodule.hparams["max_length"]
+    out = {}
+    for d, domain in enumerate(DOMAINS):
+        mine = [row for row in rows if row["domain"] == d]
+        corpus = sorted({row["positive"] for row in mine})
+        qrels = {i: {corpus.index(row["positive"]): 1} for i, row in enumerate(mine)}
+        queries = F.normalize(run.model.encode([row["anchor"] for row in mine], tokenizer, max_length=length), dim=-1)
+        documents = F.normalize(run.model.encode(corpus, tokenizer, max_length=length), dim=-1)
+        out[f"MRR {domain}"] = round(float(retrieval_metrics(queries @ documents.T, qrels)["mrr"]), 4)
+    return out
+
+
+def scores(run: Any) -> dict[str, float]:
+    metrics = run.trainer.callback_metrics
+    found = {name: round(float(metrics[key]), 4) for name, key in KEYS.items() if key in metrics}
+    return {**found, **per_domain_mrr(run)}
 
 
 def main() -> None:
@@ -88,18 +111,22 @@ def main() -> None:
              "averaging (1/3 each)": 1.0 / 3.0, "task arithmetic (lambda 0.5)": 0.5,
              "task arithmetic (lambda 1.0)": 1.0}  # fmt: skip
     for name, init in fixed.items():
-        run = cli(["validate", *merged, "--model.init_args.init", json.dumps(init), "--trainer.logger", "false", *QUIET])
-        rows[name] = scores(run.trainer)
+        run = cli(
+            ["validate", *merged, "--model.init_args.init", json.dumps(init), "--trainer.logger", "false", *QUIET]
+        )
+        rows[name] = scores(run)
     run = cli(["fit", *merged, *QUIET])
-    rows["Self Positioning"] = {**scores(run.trainer), "coefficients": run.model.coefficient_dict()}
+    rows["Self Positioning"] = {**scores(run), "coefficients": run.model.coefficient_dict()}
     if not options.minilm:  # joint training on all domains from theta_0, the same number of steps as the experts
+        shutil.rmtree(f"{experts_dir}/joint", ignore_errors=True)  # the command line never overwrites a run folder
         run = cli(["fit", *expert_base, "--trainer.logger.init_args.version", "joint", *QUIET])
-        rows["joint (all domains)"] = scores(run.trainer)
+        rows["joint (all domains)"] = scores(run)
 
-    print("| Model | " + " | ".join(KEYS) + " |")
-    print("|---|" + "---|" * len(KEYS))
+    columns = [*KEYS, *(f"MRR {d}" for d in DOMAINS)]
+    print("| Model | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in KEYS) + " |")
+        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in columns) + " |")
     total = time.perf_counter() - start
     mrr = {name: row.get("MRR") for name, row in rows.items()}
     best_fixed = max(v for k, v in mrr.items() if k.startswith(("averaging", "task arithmetic")) and v is not None)

@@ -123,6 +123,11 @@ class BiEncoder(pl.LightningModule):
             raise FileNotFoundError(f"init_from checkpoint {path!r} does not exist")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
+        own = self.state_dict()
+        for key, value in state.items():
+            if key in own and tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"init_from checkpoint {path!r} does not fit this BiEncoder: {key!r} has shape "
+                                 f"{tuple(value.shape)}, this model's is {tuple(own[key].shape)}")  # fmt: skip
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which this model has not"

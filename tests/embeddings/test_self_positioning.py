@@ -113,6 +113,21 @@ def test_the_coefficient_gradient_under_the_mnr_loss_is_the_inner_product_with_e
     assert all(abs(g) > 1e-3 for g in expected)
 
 
+def test_init_from_starts_a_bi_encoder_from_another_runs_weights(tmp_path):
+    source = _bi_encoder(seed=1)
+    path = tmp_path / "theta0.ckpt"
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
+    torch.manual_seed(2)
+    started = BiEncoder(config=tiny_config("bert"), init_from=str(path))
+    for (name, mine), theirs in zip(started.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    wider = {**tiny_config("bert"), "hidden_size": 32, "intermediate_size": 64}
+    with pytest.raises(ValueError, match="does not fit this BiEncoder: 'encoder.model.embeddings.word_embeddings"):
+        BiEncoder(config=wider, init_from=str(path))
+    with pytest.raises(FileNotFoundError, match="init_from checkpoint 'nowhere.ckpt' does not exist"):
+        BiEncoder(config=tiny_config("bert"), init_from="nowhere.ckpt")
+
+
 @pytest.mark.slow
 def test_the_merging_recipes_run_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the recipes write under runs/
