@@ -70,8 +70,9 @@ class SelfPositioning(pl.LightningModule):
     Logged while training: ``train/loss`` and ``train/coef/<task>``.
 
     Trainer flags: ``32-true``, ``bf16-mixed`` / ``16-mixed`` (weights merged in float32), gradient clipping,
-    accumulation and DDP (the coefficients' gradients are averaged by Lightning; a ``BiEncoder`` objective
-    gathers every rank's embeddings, so the update is the single-process one on the concatenated batch).
+    accumulation and DDP (the coefficients' gradients are averaged over ranks: for a mean loss over equal
+    shares the single-process update on the concatenated batch, tested with 2 gloo processes; a ``BiEncoder``
+    objective gathers every rank's embeddings first, as in its own training).
     The checkpoint holds ``theta_0`` and the coefficients; the task vectors are rebuilt from ``experts``
     when the module is built again (give the same ones to resume). :meth:`merged_state_dict` is the merged
     model's state dict, for ``model.load_state_dict``.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mtl import MISSING_LABEL
 from lightning_mtl.datamodules import DigitsTasks
 from lightning_mtl.merging import SelfPositioning
+from tests.fixtures.ddp import SpawnDDP
 from tests.fixtures.merging_learned import expert_state, head, pretrained
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401  (one torch thread for this module)
 
@@ -163,3 +165,35 @@ def test_true_half_precision_is_refused_at_fit_start():
     module = SelfPositioning(LinearRegression(), experts)
     with pytest.raises(ValueError, match="use precision='16-mixed' or 'bf16-mixed' instead of precision='bf16-true'"):
         tiny_trainer(precision="bf16-true").fit(module, loader)
+
+
+class _SaveBatch(pl.Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.save(batch, self.folder / f"batch_rank{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.coefficients.detach(), self.folder / f"coef_rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp_path):
+    loader, experts = _regression_probe(("a", "b"), n=8)
+    loader = DataLoader(loader.dataset, batch_size=8, shuffle=False)  # 16 pairs: 8 on each rank
+    sgd = functools.partial(torch.optim.SGD, lr=0.05)
+    module = SelfPositioning(LinearRegression(), experts, init={"a": 0.2, "b": 0.9}, optimizer=sgd)
+    start = SelfPositioning(LinearRegression(), experts, init={"a": 0.2, "b": 0.9})
+    trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, limit_train_batches=1, callbacks=[_SaveBatch(tmp_path)])
+    trainer.fit(module, loader)
+    ranks = [torch.load(tmp_path / f"coef_rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0], ranks[1]), "coefficients differ between ranks"
+    parts = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]
+    batch = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    assert len(batch[0]) == 16 and not torch.equal(parts[0][0], parts[1][0])
+    optimizer = torch.optim.SGD([start.coefficients], lr=0.05)
+    start.call("batch_loss", batch).backward()
+    optimizer.step()
+    torch.testing.assert_close(ranks[0], start.coefficients.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ranks[0], torch.tensor([0.2, 0.9]))  # the step moved them
