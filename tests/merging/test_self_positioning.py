@@ -197,3 +197,22 @@ def test_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp_p
     optimizer.step()
     torch.testing.assert_close(ranks[0], start.coefficients.detach(), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(ranks[0], torch.tensor([0.2, 0.9]))  # the step moved them
+
+
+def test_a_resumed_fit_ends_where_the_uninterrupted_one_does(tmp_path):
+    loader, experts = _regression_probe(("a", "b"), n=16)
+    loader = DataLoader(loader.dataset, batch_size=8, shuffle=False)
+    adam = functools.partial(torch.optim.Adam, lr=0.05)  # optimizer state that must survive the restart too
+
+    def fresh():
+        return SelfPositioning(LinearRegression(), experts, optimizer=adam)
+
+    whole = fresh()
+    tiny_trainer(max_epochs=2).fit(whole, loader)
+    first = tiny_trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    first.fit(fresh(), loader)
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    resumed = fresh()
+    tiny_trainer(max_epochs=2).fit(resumed, loader, ckpt_path=str(checkpoint))
+    assert torch.equal(resumed.coefficients, whole.coefficients)
+    assert not torch.equal(whole.coefficients, torch.full((2,), 0.5))
