@@ -24,8 +24,20 @@ _INSTALL = "PairsDataModule needs the optional `transformers` package: pip insta
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl`` / ``.json`` (list of objects) / ``.csv`` file, or ``.parquet`` through ``datasets``."""
+def read_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` / ``.json`` (list of objects) / ``.csv`` file, ``.parquet`` through ``datasets``, or a
+    folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose ``split`` is read)."""
+    if os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError as error:
+            raise ImportError(f"reading the saved datasets folder {path!r} needs `pip install datasets`") from error
+        saved = datasets.load_from_disk(path)
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise ValueError(f"the saved DatasetDict {path!r} has no split {split!r}; it has {sorted(saved)}")
+            saved = saved[split]
+        return saved.to_list()
     return load_records({"rows": path}, "datasets" if path.endswith(".parquet") else "python")["rows"]
 
 
@@ -114,7 +126,8 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
     """Text pairs (anchor, positive, optional hard negatives, optional domain) for a
     :class:`~lightning_mtl.embeddings.BiEncoder`.
 
-    Files are ``.jsonl`` / ``.json`` / ``.csv`` (or ``.parquet`` through ``datasets``). Without ``train``, the
+    Files are ``.jsonl`` / ``.json`` / ``.csv`` (or ``.parquet`` through ``datasets``), or folders written by
+    ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` read at the split's name). Without ``train``, the
     embedded corpus of :func:`~lightning_mtl.embeddings.embedded_pairs` (three domains built from Python's own
     docstrings and templates) is split into train / val. Hard negatives: a list of texts per row in json
     (the same count in every row), one text in csv. Domains: names or ints, mapped to expert ids by
@@ -187,8 +200,8 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
         self.columns.update(columns or {})
         self.files = {"train": train, "val": val, "test": test}
         for split, path in self.files.items():
-            if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(f"{split} pairs file {path!r} does not exist")
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"{split} pairs file or saved datasets folder {path!r} does not exist")
         self.domain_names: list[str] | None = list(domains) if domains is not None else None
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.tokenizer: Any = None
@@ -202,7 +215,7 @@ class PairsDataModule(ResumableBatches, pl.LightningDataModule):
             if self.domain_names is None:
                 self.domain_names = list(DOMAINS)
             return {"train": rows[cut:], "val": rows[:cut]}
-        return {split: [self._row(raw, path) for raw in read_rows(path)]
+        return {split: [self._row(raw, path) for raw in read_rows(path, split)]
                 for split, path in self.files.items() if path is not None}  # fmt: skip
 
     def _row(self, raw: dict[str, Any], path: str) -> dict[str, Any]:

@@ -79,7 +79,9 @@ def test_bad_input_gives_one_sentence(tmp_path):
     path = _write(tmp_path, "jsonl")
     with pytest.raises(ValueError, match=r"pairs file .* has no column 'positive' \(columns: q, d, neg, dom\)"):
         PairsDataModule(train=path, columns={"anchor": "q"}).setup("fit")
-    with pytest.raises(FileNotFoundError, match="train pairs file 'nowhere.jsonl' does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match="train pairs file or saved datasets folder 'nowhere.jsonl' does not exist"
+    ):
         PairsDataModule(train="nowhere.jsonl")
     with pytest.raises(ValueError, match=r"unknown pair field\(s\) \['query'\]"):
         PairsDataModule(columns={"query": "q"})
@@ -104,3 +106,27 @@ def test_the_built_tokenizer_is_the_same_every_time_so_a_resumed_run_reads_the_s
     assert first.convert_ids_to_tokens(ids) == ["[CLS]", "the", "dog", "##s", "[SEP]"]
     with pytest.raises(ValueError, match="vocab_size"):
         train_wordpiece(texts, 10)
+
+
+def test_a_saved_datasets_folder_reads_as_its_file_would(tmp_path):
+    """`save_to_disk` folders: a Dataset is read whole, a DatasetDict at the split's name; a missing split is
+    one sentence."""
+    import datasets  # in the dev extra
+
+    path = _write(tmp_path, "jsonl")
+    single, both = tmp_path / "single", tmp_path / "dict"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(single))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:3]), "val": datasets.Dataset.from_list(ROWS[3:])}
+    ).save_to_disk(str(both))
+    from_file = PairsDataModule(train=path, val=path, columns=COLUMNS, batch_size=4, vocab_size=200)
+    from_folder = PairsDataModule(train=str(single), val=str(single), columns=COLUMNS, batch_size=4, vocab_size=200)
+    for data in (from_file, from_folder):
+        data.setup("fit")
+    assert from_folder.splits == from_file.splits
+    split = PairsDataModule(train=str(both), val=str(both), columns=COLUMNS, batch_size=4, vocab_size=200)
+    split.setup("fit")
+    assert [r["anchor"] for r in split.splits["train"]] == [r["q"] for r in ROWS[:3]]
+    assert [r["anchor"] for r in split.splits["val"]] == [ROWS[3]["q"]]
+    with pytest.raises(ValueError, match="no split 'test'"):
+        PairsDataModule(train=str(both), test=str(both), columns=COLUMNS, vocab_size=200).setup("test")
