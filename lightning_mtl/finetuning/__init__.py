@@ -1,5 +1,6 @@
 """Fine-tuning a pre-trained model by touching very little of it: LoFiT head interventions on any Hugging
-Face decoder (with its preference-pair data and SFT / DPO losses) and the supervised contrastive loss."""
+Face decoder (with its preference-pair data and SFT / DPO losses), the supervised contrastive loss, and
+prompt tuned embedding classification (soft prompts + a multi-label head) with its multi-label text data."""
 
 from lightning_mtl.finetuning.hf_models import build_causal_lm
 from lightning_mtl.finetuning.intervention import (
@@ -12,6 +13,10 @@ from lightning_mtl.finetuning.lofit import LoFiT
 from lightning_mtl.finetuning.losses import answer_token_accuracy, dpo_loss, sequence_log_probs, sft_loss
 from lightning_mtl.finetuning.preference_data import PreferencePairs, collate_pairs, encode_pair, synthetic_pairs
 from lightning_mtl.finetuning.supcon import SupConLoss, supervised_contrastive_loss
+
+# prompt tuned embedding classification
+from lightning_mtl.finetuning.multilabel_data import EMBEDDED_LABELS, MultiLabelText, embedded_docstrings
+from lightning_mtl.finetuning.prompt_tuning import PromptTunedClassifier, choose_thresholds
 
 __all__ = [
     "AttentionLayout",
@@ -30,4 +35,10 @@ __all__ = [
     "sft_loss",
     "supervised_contrastive_loss",
     "synthetic_pairs",
+    # prompt tuned embedding classification
+    "EMBEDDED_LABELS",
+    "MultiLabelText",
+    "PromptTunedClassifier",
+    "choose_thresholds",
+    "embedded_docstrings",
 ]
