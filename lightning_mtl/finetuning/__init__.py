@@ -11,12 +11,10 @@ from lightning_mtl.finetuning.intervention import (
 )
 from lightning_mtl.finetuning.lofit import LoFiT
 from lightning_mtl.finetuning.losses import answer_token_accuracy, dpo_loss, sequence_log_probs, sft_loss
-from lightning_mtl.finetuning.preference_data import PreferencePairs, collate_pairs, encode_pair, synthetic_pairs
-from lightning_mtl.finetuning.supcon import SupConLoss, supervised_contrastive_loss
-
-# prompt tuned embedding classification
 from lightning_mtl.finetuning.multilabel_data import EMBEDDED_LABELS, MultiLabelText, embedded_docstrings
+from lightning_mtl.finetuning.preference_data import PreferencePairs, collate_pairs, encode_pair, synthetic_pairs
 from lightning_mtl.finetuning.prompt_tuning import PromptTunedClassifier, choose_thresholds
+from lightning_mtl.finetuning.supcon import SupConLoss, supervised_contrastive_loss
 
 __all__ = [
     "AttentionLayout",

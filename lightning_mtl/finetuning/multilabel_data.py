@@ -21,7 +21,9 @@ from lightning_mtl.datamodules.text import WordVocabulary, load_records
 
 __all__ = ["EMBEDDED_LABELS", "MultiLabelText", "embedded_docstrings"]
 
-_INSTALL = "MultiLabelText(tokenizer=...) needs the optional `transformers` package: pip install 'lightning-mtl[transformers]'"
+_INSTALL = (
+    "MultiLabelText(tokenizer=...) needs the optional `transformers` package: pip install 'lightning-mtl[transformers]'"
+)
 
 # a docstring carries a label when it uses one of the label's words: several labels per text, as a company
 # description touches several industry sectors

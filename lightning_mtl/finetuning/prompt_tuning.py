@@ -147,21 +147,26 @@ class PromptTunedClassifier(pl.LightningModule):
         if lr_decay is not None and not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1] or None, got {lr_decay}")
         save_init_hyperparameters(self, ["encoder", "optimizer"], logger=False)
-        self.encoder = self._build(path, config, encoder, model_seed).requires_grad_(False)
-        embeddings = self.encoder.get_input_embeddings()
-        cfg = self.encoder.config
+        model: Any = self._build(path, config, encoder, model_seed)  # a transformers model
+        self.encoder = model.requires_grad_(False)
+        embeddings, cfg = model.get_input_embeddings(), model.config
         self.pad_token_id = int(pad_token_id if pad_token_id is not None else (getattr(cfg, "pad_token_id", 0) or 0))
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.prompt_init, self.prompt_seed = prompt_init, prompt_seed
-        self.prompt = nn.Parameter(embeddings(self._vocab_ids(prompt_length, embeddings.num_embeddings)).detach().clone())
+        self.prompt = nn.Parameter(
+            embeddings(self._vocab_ids(prompt_length, embeddings.num_embeddings)).detach().clone()
+        )
         self.head = nn.Linear(int(cfg.hidden_size), num_labels)
         self.pooling = pooling
         self.pos_weight_rule = pos_weight
+        self.pos_weight: Tensor
         self.register_buffer("pos_weight", torch.ones(num_labels))
         fixed = None if isinstance(thresholds, str) else float(thresholds)
         self.fixed_threshold = fixed
+        self.thresholds: Tensor
         self.register_buffer("thresholds", torch.full((num_labels,), 0.5 if fixed is None else fixed))
         # set once the prompt holds its initial (or trained) values: a loaded checkpoint is never re-initialised
+        self.prompt_ready: Tensor
         self.register_buffer("prompt_ready", torch.tensor(prompt_init == "vocab"))
         self.lr, self.head_lr, self.weight_decay, self.lr_decay = lr, head_lr, weight_decay, lr_decay
         self.optimizer_factory = optimizer
@@ -169,7 +174,9 @@ class PromptTunedClassifier(pl.LightningModule):
         self._targets: list[Tensor] = []
         self._losses: list[Tensor] = []
         self.metric_directions: dict[str, bool] = {
-            f"{stage}/{key}": key != "loss" for stage in ("val", "test") for key in ("loss", "map", "f1_micro", "f1_macro")
+            f"{stage}/{key}": key != "loss"
+            for stage in ("val", "test")
+            for key in ("loss", "map", "f1_micro", "f1_macro")
         }
 
     @staticmethod
@@ -214,7 +221,7 @@ class PromptTunedClassifier(pl.LightningModule):
             self._init_from_labels(list(datamodule.label_token_ids()))  # type: ignore[union-attr]
 
     def _init_from_labels(self, token_ids: list[int]) -> None:
-        count, embeddings = self.prompt.shape[0], self.encoder.get_input_embeddings()
+        count, embeddings = self.prompt.shape[0], self.word_embeddings
         ids = torch.tensor(token_ids, dtype=torch.long)
         generator = torch.Generator().manual_seed(self.prompt_seed)
         if len(ids) > count:  # a random subset, as the official code
@@ -227,6 +234,11 @@ class PromptTunedClassifier(pl.LightningModule):
             self.prompt.copy_(embeddings(ids.to(self.prompt.device)))
             self.prompt_ready.fill_(True)
 
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        """The frozen encoder's token embedding table (the space the prompt lives in)."""
+        return self.encoder.get_input_embeddings()
+
     # -- forward -----------------------------------------------------------------------------------------
     def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Pooled ``[B, hidden]`` embedding of the texts read after the soft prompt."""
@@ -238,7 +250,7 @@ class PromptTunedClassifier(pl.LightningModule):
                 f"{length} prompt tokens + {width} text tokens exceed the encoder's {self.max_positions} positions: "
                 "shorten the prompt or the data's max_length"
             )
-        words = self.encoder.get_input_embeddings()(input_ids)
+        words = self.word_embeddings(input_ids)
         prompt = self.prompt.to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
         mask = torch.cat([attention_mask.new_ones(batch, length), attention_mask], 1)
         hidden = self.encoder(inputs_embeds=torch.cat([prompt, words], 1), attention_mask=mask).last_hidden_state
