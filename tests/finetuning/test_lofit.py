@@ -227,3 +227,28 @@ def test_two_accumulated_half_batches_make_the_step_of_the_whole_batch():
     torch.manual_seed(0)
     assert not torch.allclose(ends[0], LoFiT(config=GPT2).intervention.scale, atol=1e-4)  # the step moved A
     torch.testing.assert_close(ends[0], ends[1], rtol=1e-5, atol=1e-7)
+
+
+def test_lofit_refuses_a_model_without_the_attention_layout_in_one_sentence():
+    """Through the module, as a user meets it: an encoder-only BERT (its attention output sits in
+    ``attention.output.dense``, not inside the attention module) and a model whose config lacks the heads."""
+    bert = dict(model_type="bert", num_hidden_layers=1, num_attention_heads=2, hidden_size=8, intermediate_size=8,
+                vocab_size=VOCAB, is_decoder=True)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"^LoFiT needs an attention output projection \(.*\), and BertLMHeadModel has none$"
+    ):
+        LoFiT(config=bert)
+
+    class _Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = torch.nn.Linear(8, 8)
+
+    class _NoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = _Attention()
+            self.config = type("Config", (), {})()
+
+    with pytest.raises(ValueError, match=r"^LoFiT needs a `num_attention_heads` in its config, and _NoHeads has none$"):
+        LoFiT(model=_NoHeads())
