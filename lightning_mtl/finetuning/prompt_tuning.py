@@ -148,6 +148,11 @@ class PromptTunedClassifier(pl.LightningModule):
             raise ValueError(f"lr_decay must be in (0, 1] or None, got {lr_decay}")
         save_init_hyperparameters(self, ["encoder", "optimizer"], logger=False)
         model: Any = self._build(path, config, encoder, model_seed)  # a transformers model
+        if not (hasattr(model, "get_input_embeddings") and hasattr(model, "config")):
+            raise ValueError(
+                "PromptTunedClassifier needs a transformers model (with get_input_embeddings() and a config), "
+                f"and {type(model).__name__} is not one"
+            )
         self.encoder = model.requires_grad_(False)
         embeddings, cfg = model.get_input_embeddings(), model.config
         self.pad_token_id = int(pad_token_id if pad_token_id is not None else (getattr(cfg, "pad_token_id", 0) or 0))

@@ -240,6 +240,11 @@ def test_bad_input_gets_one_sentence(tmp_path):
         _module(pooling="max")
     with pytest.raises(ValueError, match="thresholds must be 'validation' or a number"):
         _module(thresholds="test")
+    with pytest.raises(
+        ValueError,
+        match=r"needs a transformers model \(with get_input_embeddings\(\) and a config\), and Linear is not one",
+    ):
+        PromptTunedClassifier(num_labels=3, encoder=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="exactly one of `path`"):
         PromptTunedClassifier(num_labels=3)
     with pytest.raises(ValueError, match="the data have 3 labels and the classifier num_labels=4: set num_labels: 3"):
