@@ -142,7 +142,7 @@ class PromptTunedClassifier(pl.LightningModule):
             raise ValueError(f"pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
         if pos_weight not in ("balanced", "none"):
             raise ValueError(f"pos_weight must be 'balanced' or 'none', got {pos_weight!r}")
-        if isinstance(thresholds, str) and thresholds != "validation":
+        if thresholds != "validation" and (isinstance(thresholds, str) or not 0 < float(thresholds) < 1):
             raise ValueError(f"thresholds must be 'validation' or a number in (0, 1), got {thresholds!r}")
         if lr_decay is not None and not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1] or None, got {lr_decay}")

@@ -240,6 +240,8 @@ def test_bad_input_gets_one_sentence(tmp_path):
         _module(pooling="max")
     with pytest.raises(ValueError, match="thresholds must be 'validation' or a number"):
         _module(thresholds="test")
+    with pytest.raises(ValueError, match="thresholds must be 'validation' or a number in \\(0, 1\\), got 1.5"):
+        _module(thresholds=1.5)
     with pytest.raises(
         ValueError,
         match=r"needs a transformers model \(with get_input_embeddings\(\) and a config\), and Linear is not one",
