@@ -17,7 +17,12 @@ the shortest trailing path that tells it apart from the other rows. Runs without
 Single-task runs given with ``--baselines`` provide ``B_tk`` for Delta m % (Maninis et al., CVPR 2019; see
 :func:`lightning_mtl.multitask.delta_m.delta_m`; lower is better). Whether higher is better is known for
 the metrics of this package's tasks (``acc``, ``f1``, ``miou``, ``pixel_acc``, ``within_*`` higher; errors
-and angles lower); ``--higher NAME`` marks further metric names as higher-is-better.
+and angles lower); ``--higher NAME`` marks further metric names as higher-is-better. ``--normalised`` adds,
+per run, each task's metric normalised by its baseline in % (``<task>/<metric>_norm``: value ÷ baseline
+for a higher-is-better metric, baseline ÷ value for a lower-is-better one, so 100 is the baseline and
+higher is better) and ``mean_norm``, their mean over tasks (as Delta m %, the metrics of a task averaged
+first); with higher-is-better metrics only, ``mean_norm = 100 - Delta m %``. ``--metrics NAME ...``
+keeps only those metric names (e.g. ``acc`` when runs log more).
 
 Writes ``report.md``, ``report.csv`` and ``report.png`` (Delta m % per run, then one panel per metric: a
 dot per run on an axis spanning the values, with the value beside it; the chart needs matplotlib and is
@@ -183,12 +188,44 @@ def _baseline_values(baselines: Sequence[Run], stage: str) -> dict[str, dict[str
     return out
 
 
+def _normalised(
+    metrics: dict[str, dict[str, float]], base: dict[str, dict[str, float]], directions: dict[str, dict[str, bool]]
+) -> dict[str, float]:
+    """``{task/metric_norm: %, ..., mean_norm: %}``: each value over its baseline (inverted where lower is
+    better), 100 = the baseline; the mean averages a task's metrics first, then the tasks."""
+    out: dict[str, float] = {}
+    per_task = []
+    for task, values in base.items():
+        ratios = []
+        for metric, b in values.items():
+            m = metrics[task][metric]
+            ratio = m / b if directions[task][metric] else b / m
+            out[f"{task}/{metric}_norm"] = 100.0 * ratio
+            ratios.append(100.0 * ratio)
+        per_task.append(sum(ratios) / len(ratios))
+    out["mean_norm"] = sum(per_task) / len(per_task)
+    return out
+
+
 def build_rows(
-    runs: Sequence[Run], baselines: Sequence[Run] = (), stage: str = "test", extra_higher: Iterable[str] = ()
+    runs: Sequence[Run],
+    baselines: Sequence[Run] = (),
+    stage: str = "test",
+    extra_higher: Iterable[str] = (),
+    normalised: bool = False,
+    metrics: Iterable[str] | None = None,
 ) -> tuple[list[str], list[dict[str, object]]]:
-    """The table: column names (``task/metric``..., ``delta_m``) and one row per run (baselines first)."""
+    """The table: column names (``task/metric``..., with ``normalised`` the ``task/metric_norm`` and
+    ``mean_norm``, then ``delta_m``) and one row per run (baselines first); ``metrics`` keeps only those
+    metric names."""
     extra = set(extra_higher)
+    kept = None if metrics is None else set(metrics)
+    if normalised and not baselines:
+        raise ValueError("normalised values divide by the baselines: give --baselines (one single-task run per task)")
     base = _baseline_values(baselines, stage)
+    if kept is not None:
+        base = {t: {m: v for m, v in ms.items() if m in kept} for t, ms in base.items()}
+    norm_columns: list[str] = []
     rows: list[dict[str, object]] = []
     columns: list[str] = []
     names = dict(zip(map(id, [*baselines, *runs]), _distinct_names([*baselines, *runs])))
@@ -196,6 +233,9 @@ def build_rows(
         for run in group:
             used = run.stage(stage)
             metrics = run.task_metrics(used)
+            if kept is not None:
+                metrics = {t: {m: v for m, v in ms.items() if m in kept} for t, ms in metrics.items()}
+                metrics = {t: ms for t, ms in metrics.items() if ms}
             row: dict[str, object] = {"run": names[id(run)], "kind": kind, "stage": used}
             for task in sorted(metrics):
                 for metric in sorted(metrics[task]):
@@ -209,7 +249,12 @@ def build_rows(
                 if shared:
                     directions = {t: {m: higher_is_better(m, extra) for m in ms} for t, ms in shared.items()}
                     row["delta_m"] = delta_m(metrics, shared, directions)
+                    if normalised:
+                        ratios = _normalised(metrics, shared, directions)
+                        row.update(ratios)
+                        norm_columns += [c for c in ratios if c not in norm_columns]
             rows.append(row)
+    columns += [c for c in norm_columns if c != "mean_norm"] + (["mean_norm"] if norm_columns else [])
     if base and any("delta_m" in r for r in rows):
         columns.append("delta_m")
     return columns, rows
@@ -233,7 +278,7 @@ def write_report(columns: list[str], rows: list[dict[str, object]], out: str | o
         writer.writerow(header)
         for row in rows:
             writer.writerow([row.get(c, "") for c in header])
-    titles = [c.replace("delta_m", "Delta m % (lower is better)") for c in header]
+    titles = [{"delta_m": "Delta m % (lower is better)", "mean_norm": "mean normalised %"}.get(c, c) for c in header]
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in header) + " |" for row in rows]
     paths["md"].write_text("\n".join(lines) + "\n")
@@ -270,7 +315,8 @@ def _figure(columns: list[str], rows: list[dict[str, object]]) -> Any:  # a matp
             stacklevel=3,
         )
         return None
-    panels = (["delta_m"] if "delta_m" in columns else []) + [c for c in columns if c != "delta_m"][:11]
+    first = [c for c in ("delta_m", "mean_norm") if c in columns]  # the summaries lead the chart
+    panels = first + [c for c in columns if c not in first][: 12 - len(first)]
     cols = min(3, max(1, len(panels)))
     nrows = math.ceil(len(panels) / cols) or 1
     height = max(2.4, 0.8 + 0.32 * len(rows))
@@ -321,6 +367,8 @@ def _figure(columns: list[str], rows: list[dict[str, object]]) -> Any:  # a matp
 
 
 def _direction(metric: str) -> bool | None:
+    if metric.endswith("_norm"):  # normalised by the baseline, inverted where lower is better
+        return True
     try:
         return higher_is_better(metric)
     except ValueError:
@@ -339,12 +387,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m lightning_mtl
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--stage", choices=("test", "val"), default="test", help="which logged metrics to report")
     parser.add_argument("--higher", nargs="*", default=[], help="further metric names where higher is better")
+    parser.add_argument("--normalised", action="store_true",
+                        help="add each task's metric in %% of its baseline and their mean (needs --baselines)")  # fmt: skip
+    parser.add_argument("--metrics", nargs="+", default=None, help="report only these metric names (e.g. acc)")
     args = parser.parse_args(argv)
+    if args.normalised and not args.baselines:
+        parser.error("--normalised divides by the baselines: give --baselines (one single-task run per task)")
     runs = _with_metrics([run for path in args.runs for run in find_runs(path)], args.stage)
     baselines = _with_metrics([run for path in args.baselines for run in find_runs(path)], args.stage)
     if not runs:
         raise SystemExit(f"no run under {' '.join(args.runs)} has {args.stage} or val metrics to report")
-    columns, rows = build_rows(runs, baselines, stage=args.stage, extra_higher=args.higher)
+    columns, rows = build_rows(runs, baselines, stage=args.stage, extra_higher=args.higher,
+                               normalised=args.normalised, metrics=args.metrics)  # fmt: skip
     paths = write_report(columns, rows, args.out)
     print(paths["md"].read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -171,3 +171,37 @@ def test_without_matplotlib_the_tables_are_written_and_one_warning_says_why(tmp_
         paths = main([str(tmp_path / "pcgrad"), "--out", str(tmp_path / "out")])
     assert len([w for w in record if "matplotlib" in str(w.message)]) == 1
     assert paths["md"].is_file() and paths["csv"].is_file() and "png" not in paths
+
+
+def test_normalised_values_and_their_mean_by_hand(tmp_path, capsys):
+    """--normalised: each task's metric in % of its baseline (baseline ÷ value where lower is better), the mean
+    over tasks of each task's mean; with higher-is-better metrics only it is 100 - Delta m %."""
+    _fixture(tmp_path)
+    runs = find_runs(tmp_path / "pcgrad") + find_runs(tmp_path / "mgda")
+    baselines = find_runs(tmp_path / "single_seg") + find_runs(tmp_path / "single_depth")
+    columns, rows = build_rows(runs, baselines, normalised=True)
+    assert columns == ["seg/miou", "seg/pixel_acc", "depth/abs_err", "seg/miou_norm", "depth/abs_err_norm",
+                       "seg/pixel_acc_norm", "mean_norm", "delta_m"]  # fmt: skip
+    pcgrad, mgda = rows[2], rows[3]
+    assert pcgrad["seg/miou_norm"] == pytest.approx(100 * 0.40 / 0.38)
+    assert pcgrad["depth/abs_err_norm"] == pytest.approx(100 * 0.60 / 0.55)  # lower is better: inverted
+    assert "seg/pixel_acc_norm" not in pcgrad  # pcgrad logged no pixel_acc
+    assert pcgrad["mean_norm"] == pytest.approx((100 * 0.40 / 0.38 + 100 * 0.60 / 0.55) / 2)
+    seg = (100 * 0.35 / 0.38 + 100 * 0.6 / 0.7) / 2
+    assert mgda["mean_norm"] == pytest.approx((seg + 100 * 0.60 / 0.50) / 2)
+    assert "mean_norm" not in rows[0]  # a baseline is not normalised by itself
+    # --metrics keeps the named metrics; accuracies only: mean_norm = 100 - Delta m %
+    _csv_run(tmp_path / "merged", [{"test/a/acc": 0.45, "test/b/acc": 0.8, "test/b/f1": 0.1, "test/a/norm_acc": 9.0}])
+    _csv_run(tmp_path / "expert_a", [{"test/a/acc": 0.9, "test/a/f1": 0.2}])
+    _csv_run(tmp_path / "expert_b", [{"test/b/acc": 0.5}])
+    paths = main([str(tmp_path / "merged"), "--baselines", str(tmp_path / "expert_a"), str(tmp_path / "expert_b"),
+                  "--normalised", "--metrics", "acc", "--out", str(tmp_path / "out")])  # fmt: skip
+    with open(paths["csv"]) as f:
+        merged = list(csv.DictReader(f))[-1]
+    assert [c for c in merged if "/" in c] == ["a/acc", "b/acc", "a/acc_norm", "b/acc_norm"]
+    assert float(merged["a/acc_norm"]) == pytest.approx(50.0) and float(merged["b/acc_norm"]) == pytest.approx(160.0)
+    assert float(merged["mean_norm"]) == pytest.approx(105.0) == 100 - float(merged["delta_m"])
+    assert "mean normalised %" in paths["md"].read_text().splitlines()[0]
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "merged"), "--normalised", "--out", str(tmp_path / "none")])
+    assert "--normalised divides by the baselines" in capsys.readouterr().err

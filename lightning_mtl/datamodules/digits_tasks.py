@@ -114,6 +114,11 @@ class DigitsTasks(_TensorDataModule):
     batch holds ``batch_size // T`` samples of each task, the epoch has ``train images // (batch_size // T)``
     batches, shuffled per epoch. Under DDP every rank's batch is balanced (ranks draw whole groups).
 
+    ``train_split="val"`` makes the training loader draw from the validation images instead (same
+    balancing and shuffling): the aTLAS recipe learns its merge coefficients on the validation splits, as the
+    official code does, not on the data the experts were fine-tuned on. The validation loader is unchanged,
+    so its metrics then measure the fit, not held-out data; the test split stays untouched.
+
     Args:
         tasks: a task name or a list of them (from :data:`DIGITS_TASKS`).
         permutation_seed: seed of the ``permute`` task's pixel permutation (independent of ``seed``).
@@ -124,6 +129,7 @@ class DigitsTasks(_TensorDataModule):
         num_workers: DataLoader workers.
         seed: seed of the split and of the training order.
         pin_memory: forwarded to the DataLoaders.
+        train_split: the split the training loader draws from: ``"train"`` or ``"val"``.
     """
 
     def __init__(
@@ -136,8 +142,12 @@ class DigitsTasks(_TensorDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        train_split: str = "train",
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        if train_split not in ("train", "val"):
+            raise ValueError(f"train_split must be 'train' or 'val', got {train_split!r}")
+        self.train_split = train_split
         names = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         if not names:
             raise ValueError("DigitsTasks needs at least one task")
@@ -199,10 +209,11 @@ class DigitsTasks(_TensorDataModule):
         self.train_set, self.val_set, self.test_set = datasets["train"], datasets["val"], datasets["test"]
 
     def train_dataloader(self) -> DataLoader:
-        if len(self.tasks) == 1:
-            return super().train_dataloader()
         self.setup()
-        groups = TaskGroups(self.train_set, self.task_sizes["train"], seed=self.seed)  # type: ignore[arg-type]  # built by setup above
+        dataset = self.train_set if self.train_split == "train" else self.val_set
+        if len(self.tasks) == 1:
+            return self._loader(dataset, train=True)
+        groups = TaskGroups(dataset, self.task_sizes[self.train_split], seed=self.seed)  # type: ignore[arg-type]  # built by setup above
         return DataLoader(
             groups,
             batch_size=self.batch_size // len(self.tasks),

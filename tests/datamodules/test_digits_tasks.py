@@ -97,3 +97,28 @@ def test_every_registered_task_builds():
     dm.setup()
     x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (64, 1, 8, 8) and set(y) == set(DIGITS_TASKS)
+
+
+def _rows(x):
+    return sorted(tuple(r.tolist()) for r in x.flatten(1))
+
+
+@pytest.mark.parametrize("tasks", ["parity", ["rotate90", "parity", "mod3"]])
+def test_train_split_val_trains_on_exactly_the_validation_samples(tasks):
+    """aTLAS's recipe learns on the validation split: every training sample (image and labels) of an epoch
+    is a validation sample, each once, and the validation loader is unchanged."""
+    dm = DigitsTasks(tasks, batch_size=30, train_split="val")
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    x = torch.cat([b[0] for b in batches])
+    names = dm.task_names
+    y = torch.stack([torch.cat([b[1][t] for b in batches]) for t in names], 1).float()
+    val_x, val_y = zip(*[(vx, torch.stack([vy[t] for t in names], 1)) for vx, vy in dm.val_dataloader()])
+    val = _rows(torch.cat([torch.cat(val_x).flatten(1), torch.cat(val_y).float()], 1))
+    trained = _rows(torch.cat([x.flatten(1), y], 1))
+    assert len(trained) == len(val) == 270 * len(names)  # 30 // T per task divides 270: nothing dropped
+    assert trained == val
+    train_x = torch.cat([b[0] for b in DigitsTasks(tasks, batch_size=30).train_dataloader()])
+    assert len(train_x) > len(x) and not set(_rows(train_x)) & set(_rows(x))  # the default stays the train split
+    with pytest.raises(ValueError, match="train_split must be 'train' or 'val', got 'test'"):
+        DigitsTasks(tasks, train_split="test")
