@@ -318,3 +318,40 @@ def test_the_merging_recipes_run_through_the_cli(tmp_path):
     cli = main(["fit", "--config", str(recipes / "grafting.yaml"), *short])
     assert Path("runs/merging/grafting/rotate90.mask").is_file()
     assert load_mask("runs/merging/grafting/rotate90.mask").keys() == cli.model.best_mask.keys()
+
+
+def _fp16_mixed():
+    """Lightning's 16-mixed (float16 autocast and a GradScaler) on the CPU: the flag alone becomes bf16-mixed
+    there, so the plugin is built by hand; 2**10 is the scaler's factor on the loss."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+
+
+def _clipped_step(precision_plugin=None, clip=1e-3):
+    module, _, _ = _atlas("block", optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+    start = module.coefficients.detach().clone()
+    plugins = [precision_plugin] if precision_plugin is not None else None
+    trainer = _fit(module, max_steps=1, gradient_clip_val=clip, plugins=plugins)
+    return module, start, trainer
+
+
+def test_16_mixed_clips_the_unscaled_gradient():
+    """The official code clips the *scaled* gradients (a threshold of clip / scale); here Lightning unscales
+    first, so one SGD step under 16-mixed moves the coefficients by lr * clip along -g / |g|, as in float32;
+    clipping the scaled gradients would move them 2**10 times less."""
+    reference, start, _ = _clipped_step()
+    module, _, trainer = _clipped_step(_fp16_mixed())
+    assert str(trainer.precision) == "16-mixed"
+    step32 = reference.coefficients.detach() - start
+    step16 = module.coefficients.detach() - start
+    assert float(step32.norm()) == pytest.approx(1e-3, rel=1e-4)  # the clip binds: |g| >> 1e-3
+    assert float(step16.norm()) == pytest.approx(1e-3, rel=1e-2)
+    cosine = F.cosine_similarity(step16.flatten(), step32.flatten(), dim=0)
+    assert float(cosine) > 0.999  # the same direction to float16 rounding
+
+
+def test_16_mixed_with_clipping_refuses_an_optimizer_that_unscales_itself():
+    module, _, _ = _atlas("block", optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, fused=True))
+    with pytest.raises(ValueError, match="unscales in its step \\(fused\\): use fused=False"):
+        _fit(module, max_steps=1, gradient_clip_val=1.0, plugins=[_fp16_mixed()])

@@ -170,3 +170,23 @@ def test_bf16_mixed_trains():
     module, _, _ = _graft(sparsity=0.05)
     _fit(module, precision="bf16-mixed")
     assert all(p.dtype == torch.float32 and bool(p.isfinite().all()) for p in module.logits)
+
+
+def test_16_mixed_step_equals_the_float32_step():
+    """16-mixed (float16 autocast, a GradScaler: built by hand, the flag alone turns into bf16-mixed on the CPU):
+    the mask is built in float32 and the scaled gradient is unscaled before the step, so one step moves the
+    logits as in float32, to float16 rounding (the gradients through the relaxed mask are ~1e-5 of the weight
+    gradients: unscaled float16 would flush many of them to zero)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    steps = []
+    for plugins in (None, [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))]):
+        module, _, _ = _graft(sparsity=0.05)
+        start = [p.detach().clone() for p in module.logits]
+        trainer = _fit(module, max_steps=1, plugins=plugins)
+        steps.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(module.logits, start)]))
+    assert str(trainer.precision) == "16-mixed" and all(p.dtype == torch.float32 for p in module.logits)
+    step32, step16 = steps
+    assert float(step32.norm()) > 0
+    assert float(step16.norm()) == pytest.approx(float(step32.norm()), rel=2e-2)
+    assert float(F.cosine_similarity(step16, step32, dim=0)) > 0.999
