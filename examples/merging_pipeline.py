@@ -1,19 +1,26 @@
-"""The DigitsTasks merging pipeline: pre-train, fine-tune T experts, merge, one table.
+"""The DigitsTasks merging pipeline: pre-train, fine-tune T experts, merge by each method, one report.
 
-Every training runs through the command line's entry point (``lightning_mtl.cli.main``, what
-``python -m lightning_mtl fit --config ...`` calls) with the recipes of ``configs/merging/``:
+Every step runs through the command line's entry point (``lightning_mtl.cli.main``, what
+``python -m lightning_mtl ...`` calls) with the recipes of ``configs/merging/``:
 
-1. ``pretrain.yaml``: theta_0, a DigitsCNN on the plain digits;
-2. ``finetune.yaml`` + ``tasks/<task>.yaml``: one expert per task;
-3. ``atlas.yaml`` (granularity ``task`` and ``block``) and ``grafting.yaml`` (one mask per task).
+1. ``fit pretrain.yaml``: theta_0, a DigitsCNN on the plain digits;
+2. ``fit finetune.yaml + tasks/<task>.yaml``: one expert per task, tested after fit (the report's
+   baselines: runs/merging/experts/<task>/run_summary.json);
+3. ``runs/merging/base.ckpt`` is written here: theta_0 with every expert's head, the experts' validation
+   accuracies as its baselines (so it logs val/delta_m = 100 - mean normalised accuracy), the data all
+   tasks: the base the merge recipes read;
+4. ``merge averaging.yaml / task_arithmetic.yaml / ties.yaml``: the training-free merges, lambda chosen on
+   the validation split by ``trainer.validate`` over each recipe's grid (``search_coefficient``), each
+   merged checkpoint then tested (``test --ckpt_path``), and theta_0 itself;
+5. ``fit atlas.yaml`` at granularity ``task`` and ``block`` (coefficients learned on the validation split,
+   as the official aTLAS code; tested after fit) and ``fit grafting.yaml`` once per task;
+6. ``report``: per-task test accuracy, normalised accuracy (÷ the expert's) and the mean, Markdown + PNG in
+   runs/merging/report/.
 
-Weight averaging (every coefficient 1/T) and task arithmetic (one coefficient for all, chosen on the
-validation split from 0.1 .. 1.0) are computed here. The table gives each method's test accuracy per
-task, normalised by the expert's test accuracy, and the mean; grafting is not a merge (one grafted
-model per task) and is listed for its localisation: the share of the task vector it keeps and how much
-of the expert's accuracy that share holds, with the masks' IoU between tasks.
+Grafting is not a merge (one grafted model per task): its row gathers the six grafted models' test
+accuracies, listed for its localisation (the share of each task vector kept, the masks' IoU printed).
 
-    python examples/merging_pipeline.py            # about 9 minutes on 2 shared CPU cores
+    python examples/merging_pipeline.py            # about 10 minutes on 2 shared CPU cores
     python examples/merging_pipeline.py --reuse    # keep checkpoints that exist already
 """
 
@@ -24,18 +31,21 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_mtl.architectures import DigitsCNN
 from lightning_mtl.cli import main as cli
-from lightning_mtl.datamodules import DigitsTasks
-from lightning_mtl.merging import ATLAS, PretrainedEncoder, load_mask, mask_iou
+from lightning_mtl.merging import load_mask, mask_iou
 
 TASKS = ["rotate90", "invert", "permute", "parity", "mod3", "hflip"]
 ROOT = "runs/merging"
 PRETRAIN = f"{ROOT}/pretrain/best.ckpt"
+BASE = f"{ROOT}/base.ckpt"
+TABLE = f"{ROOT}/table"  # one run folder (run_summary.json) per row of the report
+QUIET = ["--trainer.enable_model_summary", "false"]
 
 
 def expert_path(task: str) -> str:
@@ -43,27 +53,42 @@ def expert_path(task: str) -> str:
 
 
 def run(args: list[str], reuse: bool, output: str) -> None:
+    """``fit ...`` unless ``output`` exists and ``reuse`` is set."""
     if reuse and os.path.exists(output):
         return
     if os.path.exists(output):
         os.remove(output)
-    cli(["fit", *args, "--trainer.enable_model_summary", "false"])
+    cli(["fit", *args, *QUIET])
 
 
-def evaluator() -> ATLAS:
-    """Every expert's vector and head on theta_0; its coefficients pick the merge to evaluate."""
-    encoder = PretrainedEncoder(DigitsCNN(in_channels=1, out_features=128), PRETRAIN)
-    return ATLAS(encoder, experts={t: expert_path(t) for t in TASKS}, granularity="task", targets=TASKS)
+def summary_metrics(folder: str) -> dict[str, float]:
+    with open(Path(folder) / "run_summary.json") as f:
+        summary: dict[str, Any] = json.load(f)
+    return {**summary["metrics"], **summary.get("best", {})}
 
 
-def accuracies(module: ATLAS, coefficients: torch.Tensor, split: str) -> dict[str, float]:
-    with torch.no_grad():
-        module.coefficients.copy_(coefficients.view_as(module.coefficients))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    data = DigitsTasks(TASKS, batch_size=270)
-    run_eval = trainer.validate if split == "val" else trainer.test
-    metrics = run_eval(module, datamodule=data, verbose=False)[0]
-    return {t: float(metrics[f"{split}/{t}/acc"]) for t in TASKS}
+def table_logger(label: str) -> list[str]:
+    """A CSV logger whose run folder is runs/merging/table/<label>/ (the report's row label)."""
+    logger = {"class_path": "CSVLogger", "init_args": {"save_dir": TABLE, "name": label, "version": ""}}
+    return ["--trainer.logger", json.dumps(logger)]
+
+
+def write_base(expert_val: dict[str, float]) -> None:
+    """theta_0's encoder with every expert's head, as a CLI checkpoint of a MultiTaskModule over all tasks."""
+    pretrain = torch.load(PRETRAIN, map_location="cpu", weights_only=True)
+    experts = {t: torch.load(expert_path(t), map_location="cpu", weights_only=True) for t in TASKS}
+    first = experts[TASKS[0]]
+    state = {k: v for k, v in pretrain["state_dict"].items() if not k.startswith("heads.")}
+    for task, checkpoint in experts.items():
+        state.update({k: v for k, v in checkpoint["state_dict"].items() if k.startswith(f"heads.{task}.")})
+    hparams = dict(first["hyper_parameters"])
+    hparams["tasks"] = {t: experts[t]["hyper_parameters"]["tasks"][t] for t in TASKS}
+    hparams["baselines"] = {t: {"acc": expert_val[t]} for t in TASKS}
+    data = {**first["datamodule_hyper_parameters"], "tasks": TASKS, "batch_size": 270}
+    base = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": pl.__version__, "state_dict": state,
+            "hparams_name": first["hparams_name"], "hyper_parameters": hparams,
+            "datamodule_hparams_name": first["datamodule_hparams_name"], "datamodule_hyper_parameters": data}  # fmt: skip
+    torch.save(base, BASE)
 
 
 def main() -> None:
@@ -73,6 +98,7 @@ def main() -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     if not options.reuse and os.path.isdir(ROOT):
         shutil.rmtree(ROOT)  # the recipes' log folders have fixed names, which the command line never overwrites
+    shutil.rmtree(TABLE, ignore_errors=True)
     start = time.perf_counter()
     timings = {}
 
@@ -83,39 +109,32 @@ def main() -> None:
             options.reuse, expert_path(task))  # fmt: skip
     timings["experts"] = time.perf_counter() - start - timings["pretrain"]
 
-    module = evaluator()
-    n = len(TASKS)
-    eye = torch.eye(n)
-    expert_val = {t: accuracies(module, eye[i], "val")[t] for i, t in enumerate(TASKS)}
-    expert_test = {t: accuracies(module, eye[i], "test")[t] for i, t in enumerate(TASKS)}
-    rows: dict[str, dict[str, float]] = {"zero-shot (theta_0)": accuracies(module, torch.zeros(n), "test")}
-    rows["weight averaging"] = accuracies(module, torch.full((n,), 1.0 / n), "test")
+    t0 = time.perf_counter()
+    expert_val = {t: summary_metrics(f"{ROOT}/experts/{t}")[f"best/val/{t}/acc"] for t in TASKS}
+    write_base(expert_val)
+    rows = ["theta_0"]
+    cli(["test", "--ckpt_path", BASE, *table_logger("theta_0"), *QUIET])
+    lambdas = {}
+    for method in ("averaging", "task_arithmetic", "ties"):
+        merged = cli(["merge", "--config", f"configs/merging/{method}.yaml"])
+        lambdas[method] = merged["coef"]
+        label = method if method == "averaging" else f"{method}_lambda={merged['coef']:g}"
+        cli(["test", "--ckpt_path", merged["output"], *table_logger(label), *QUIET])
+        rows.append(label)
+    timings["merges"] = time.perf_counter() - t0
 
-    def mean_norm(acc: dict[str, float], ref: dict[str, float]) -> float:
-        return sum(acc[t] / ref[t] for t in TASKS) / n
-
-    grid = [round(0.1 * k, 1) for k in range(1, 11)]
-    scores = {lam: mean_norm(accuracies(module, torch.full((n,), lam), "val"), expert_val) for lam in grid}
-    best_lam = max(scores, key=scores.__getitem__)
-    rows[f"task arithmetic (lambda={best_lam})"] = accuracies(module, torch.full((n,), best_lam), "test")
-
-    accuracy_args = ["--model.init_args.expert_accuracy", json.dumps(expert_val)]
     for granularity in ("task", "block"):
         t0 = time.perf_counter()
-        out = f"{ROOT}/atlas_{granularity}/best.ckpt"
+        label = f"atlas_{granularity}"
         checkpoint = {"class_path": "ModelCheckpoint", "init_args": {
-            "dirpath": f"{ROOT}/atlas_{granularity}", "filename": "best", "monitor": "val/mean/norm_acc",
-            "mode": "max", "enable_version_counter": False}}  # fmt: skip
-        run(["--config", "configs/merging/atlas.yaml", "--model.init_args.granularity", granularity, *accuracy_args,
-             "--trainer.callbacks", json.dumps([checkpoint]), "--trainer.logger.init_args.name", f"atlas_{granularity}"],
-            options.reuse, out)  # fmt: skip
-        learned = ATLAS(
-            PretrainedEncoder(DigitsCNN(in_channels=1, out_features=128), PRETRAIN),
-            experts={t: expert_path(t) for t in TASKS}, granularity=granularity, targets=TASKS,
-        )  # fmt: skip
-        learned.load_state_dict(torch.load(out, map_location="cpu", weights_only=True)["state_dict"])
-        rows[f"aTLAS ({granularity})"] = accuracies(learned, learned.coefficients.detach(), "test")
-        timings[f"atlas_{granularity}"] = time.perf_counter() - t0
+            "dirpath": f"{ROOT}/{label}", "filename": "best", "monitor": "val/mean/norm_acc", "mode": "max",
+            "enable_version_counter": False}}  # fmt: skip
+        run(["--config", "configs/merging/atlas.yaml", "--model.init_args.granularity", granularity,
+             "--model.init_args.expert_accuracy", json.dumps(expert_val), "--trainer.callbacks", json.dumps([checkpoint]),
+             "--test_after_fit", "true", *table_logger(label)],
+            options.reuse, f"{ROOT}/{label}/best.ckpt")  # fmt: skip
+        rows.append(label)
+        timings[label] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     graft_acc, kept, masks = {}, {}, {}
@@ -123,48 +142,30 @@ def main() -> None:
         mask_file = f"{ROOT}/grafting/{task}.mask"
         run(["--config", "configs/merging/grafting.yaml", "--data.init_args.tasks", task,
              "--model.init_args.task", task, "--model.init_args.expert", expert_path(task),
-             "--model.init_args.mask_path", mask_file, "--trainer.logger.init_args.version", task],
+             "--model.init_args.mask_path", mask_file, "--trainer.logger.init_args.version", task,
+             "--test_after_fit", "true"],
             options.reuse, mask_file)  # fmt: skip
         masks[task] = load_mask(mask_file)
         kept[task] = sum(int(m.sum()) for m in masks[task].values()) / sum(m.numel() for m in masks[task].values())
-        graft_acc[task] = graft_test_accuracy(task, masks[task])
-    rows["grafting (one model per task)"] = graft_acc
+        graft_acc[f"test/{task}/acc"] = summary_metrics(f"{ROOT}/grafting/{task}")[f"test/{task}/acc"]
+    label = "grafting_one_model_per_task"
+    os.makedirs(f"{TABLE}/{label}", exist_ok=True)
+    with open(f"{TABLE}/{label}/run_summary.json", "w") as f:  # the six grafted models' test accuracies, one row
+        json.dump({"metrics": graft_acc, "config": {"runs": [f"{ROOT}/grafting/{t}" for t in TASKS]}}, f, indent=1)
+    rows.append(label)
     timings["grafting"] = time.perf_counter() - t0
+
+    cli(["report", *[f"{TABLE}/{row}" for row in rows], "--baselines", *[f"{ROOT}/experts/{t}" for t in TASKS],
+         "--normalised", "--metrics", "acc", "--out", f"{ROOT}/report"])  # fmt: skip
     timings["total"] = time.perf_counter() - start
 
-    print(table(rows, expert_test))
     print("\ngrafted share of each task vector: " + ", ".join(f"{t} {100 * kept[t]:.2f} %" for t in TASKS))
     print("mask IoU between tasks:")
-    print("| | " + " | ".join(TASKS) + " |\n|---|" + "---|" * n)
+    print("| | " + " | ".join(TASKS) + " |\n|---|" + "---|" * len(TASKS))
     for a in TASKS:
         print(f"| {a} | " + " | ".join(f"{mask_iou(masks[a], masks[b]):.3f}" for b in TASKS) + " |")
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    print(json.dumps({"expert_test": expert_test, "rows": rows, "grafted_share": kept, "lambda_ta": best_lam,
-                      "timings_s": timings}))  # fmt: skip
-
-
-def graft_test_accuracy(task: str, mask: dict[str, torch.Tensor]) -> float:
-    """Test accuracy of theta_0 + mask * tau with the expert's head."""
-    from lightning_mtl.merging import Grafting
-
-    encoder = PretrainedEncoder(DigitsCNN(in_channels=1, out_features=128), PRETRAIN)
-    module = Grafting(encoder, expert=expert_path(task), task=task)
-    for i, name in enumerate(module.entry_names):
-        getattr(module, f"best_mask{i}").copy_(mask[name])
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return float(
-        trainer.test(module, datamodule=DigitsTasks(task, batch_size=270), verbose=False)[0][f"test/{task}/acc"]
-    )
-
-
-def table(rows: dict[str, dict[str, float]], expert: dict[str, float]) -> str:
-    lines = ["| method | " + " | ".join(TASKS) + " | mean acc | mean norm. acc |", "|---|" + "---|" * (len(TASKS) + 2)]
-    for name, acc in {"experts (fine-tuned)": expert, **rows}.items():
-        cells = [f"{100 * acc[t]:.1f} ({100 * acc[t] / expert[t]:.0f})" for t in TASKS]
-        mean = sum(acc.values()) / len(TASKS)
-        norm = sum(acc[t] / expert[t] for t in TASKS) / len(TASKS)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {100 * norm:.1f} |")
-    return "\n".join(lines)
+    print(json.dumps({"expert_val": expert_val, "lambdas": lambdas, "grafted_share": kept, "timings_s": timings}))
 
 
 if __name__ == "__main__":

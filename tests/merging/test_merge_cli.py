@@ -1,5 +1,6 @@
 """`python -m lightning_mtl merge`: every config in configs/merging on tiny checkpoints made here, the merged
-checkpoint against a hand computation, loaded back by the module class and by `test --ckpt_path`, errors."""
+checkpoint against a hand computation, loaded back by the module class and by `test --ckpt_path`, errors; the
+configs' paths are the merging pipeline's outputs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [ROOT / "configs/merging" / f"{name}.yaml" for name in list_merges()]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 VALIDATE = '{"accelerator": "cpu", "devices": 1, "limit_val_batches": 1}'
+# the configs merge the DigitsTasks pipeline's experts; the quickstart checkpoints here are MultiDigits models
+QUICKSTART_DATA = ["--data", '{"class_path": "MultiDigits", "init_args": {"batch_size": 256, "seed": 0}}',
+                   "--metric", "val/mean/acc", "--mode", "max"]  # fmt: skip
 
 pytestmark = pytest.mark.slow  # fits a model through the CLI first
 
@@ -47,7 +51,8 @@ def test_every_merge_config_writes_a_loadable_checkpoint_of_the_hand_merged_mode
     base, experts, _ = checkpoints
     output = tmp_path / "merged.ckpt"
     summary = main(["merge", "--config", str(config), "--base", base, "--experts", str(experts), "--output", str(output),
-                    "--grid", "[0.5, 1.0]" if "grid:" in config.read_text() else "null", "--trainer", VALIDATE])  # fmt: skip
+                    "--grid", "[0.5, 1.0]" if "grid:" in config.read_text() else "null", "--trainer", VALIDATE,
+                    *(QUICKSTART_DATA if "grid:" in config.read_text() else [])])  # fmt: skip
     assert output.is_file()
     base_state = torch.load(base, weights_only=True)["state_dict"]
     vectors = [TaskVector.from_checkpoints(base, path, include="encoder.") for path in experts]
@@ -105,3 +110,25 @@ def test_a_short_model_name_and_coef_zero_write_the_base_bit_for_bit(checkpoints
     assert written.keys() == original.keys()
     for key, value in original.items():
         assert torch.equal(written[key], value), key
+
+
+def test_the_merge_configs_read_what_the_pipeline_writes():
+    """After examples/merging_pipeline.py the merge commands run as written: every path a merge config names is
+    one the pipeline or the recipes it runs write, and the experts are the pipeline's tasks in its order."""
+    import ast
+
+    import yaml
+
+    pipeline = (ROOT / "examples" / "merging_pipeline.py").read_text()
+    tasks = next(ast.literal_eval(node.value) for node in ast.parse(pipeline).body
+                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "TASKS")  # fmt: skip
+    for config in CONFIGS:
+        values = yaml.safe_load(config.read_text())
+        assert values["base"] == "runs/merging/base.ckpt" and 'BASE = f"{ROOT}/base.ckpt"' in pipeline
+        assert values["experts"] == [f"runs/merging/experts/{t}/best.ckpt" for t in tasks]
+        for task in tasks:  # each expert is written by its task fragment's checkpoint callback
+            fragment = yaml.safe_load((ROOT / "configs/merging/tasks" / f"{task}.yaml").read_text())
+            assert fragment["trainer"]["callbacks"][0]["init_args"]["dirpath"] == f"runs/merging/experts/{task}"
+        assert values["output"] == f"runs/merging/merged/{config.stem}.ckpt"
+        if "grid" in values:
+            assert values["data"]["init_args"]["tasks"] == tasks and values["metric"] == "val/delta_m"
