@@ -17,7 +17,7 @@ from lightning_mtl.datamodules import DigitsTasks
 from lightning_mtl.merging import ATLAS
 from lightning_mtl.merging.atlas import parse_granularity
 from tests.fixtures.ddp import SpawnDDP
-from tests.fixtures.merging_learned import expert_state, head, pretrained, task_vector
+from tests.fixtures.merging_learned import SaveRankStep, expert_state, head, pretrained, task_vector
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401  (one torch thread for this module)
 
 TASKS = ("rotate90", "parity")
@@ -252,25 +252,14 @@ def test_bf16_mixed_trains_and_true_half_is_refused():
         _fit(_atlas("block")[0], precision="bf16-true")
 
 
-class _SaveBatch(pl.Callback):
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.save(batch, self.folder / f"batch_rank{trainer.global_rank}.pt")
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save(pl_module.coefficients.detach(), self.folder / f"coef_rank{trainer.global_rank}.pt")
-
-
 @pytest.mark.slow
 def test_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp_path):
     module, _, _ = _atlas("partition:2")
     start = copy.deepcopy(module)
     trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, limit_train_batches=1, limit_val_batches=0,
-                           num_sanity_val_steps=0, callbacks=[_SaveBatch(tmp_path)])  # fmt: skip
+                           num_sanity_val_steps=0, callbacks=[SaveRankStep(tmp_path)])  # fmt: skip
     trainer.fit(module, datamodule=_data())
-    ranks = [torch.load(tmp_path / f"coef_rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"params_rank{r}.pt")[0] for r in (0, 1)]  # the coefficients
     assert torch.equal(ranks[0], ranks[1]), "coefficients differ between ranks"
 
     parts = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]

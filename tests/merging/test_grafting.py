@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import functools
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ from lightning_mtl.datamodules import DigitsTasks
 from lightning_mtl.merging import Grafting, apply_graft, load_mask, mask_iou, save_mask
 from lightning_mtl.merging.grafting import _top_fraction
 from tests.fixtures.ddp import SpawnDDP
-from tests.fixtures.merging_learned import expert_state, head, pretrained, task_vector
+from tests.fixtures.merging_learned import SaveRankStep, expert_state, head, pretrained, task_vector
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401  (one torch thread for this module)
 
 
@@ -194,18 +193,6 @@ def test_16_mixed_step_equals_the_float32_step():
     assert float(F.cosine_similarity(step16, step32, dim=0)) > 0.999
 
 
-class _SaveBatch(pl.Callback):
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.save(batch, self.folder / f"batch_rank{trainer.global_rank}.pt")
-
-    def on_train_end(self, trainer, pl_module):
-        logits = [p.detach() for p in pl_module.logits]
-        torch.save(logits, self.folder / f"logits_rank{trainer.global_rank}.pt")
-
-
 @pytest.mark.slow
 def test_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp_path):
     """Two gloo ranks of 32 samples each: DDP averages the mask logits' gradients, so one SGD step equals the
@@ -213,9 +200,9 @@ def test_ddp_step_equals_the_single_process_step_on_the_concatenated_batch(tmp_p
     module, _, _ = _graft(sparsity=0.05)
     start = copy.deepcopy(module)
     trainer = tiny_trainer(strategy=SpawnDDP(), devices=2, limit_train_batches=1, limit_val_batches=0,
-                           num_sanity_val_steps=0, callbacks=[_SaveBatch(tmp_path)])  # fmt: skip
+                           num_sanity_val_steps=0, callbacks=[SaveRankStep(tmp_path)])  # fmt: skip
     trainer.fit(module, datamodule=DigitsTasks("rotate90", batch_size=32))
-    ranks = [torch.load(tmp_path / f"logits_rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"params_rank{r}.pt") for r in (0, 1)]  # the mask logits
     assert all(torch.equal(a, b) for a, b in zip(*ranks)), "mask logits differ between ranks"
     parts = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]
     assert all(len(part[0]) == 32 for part in parts)
