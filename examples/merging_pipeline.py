@@ -20,7 +20,7 @@ Every step runs through the command line's entry point (``lightning_mtl.cli.main
 Grafting is not a merge (one grafted model per task): its row gathers the six grafted models' test
 accuracies, listed for its localisation (the share of each task vector kept, the masks' IoU printed).
 
-    python examples/merging_pipeline.py            # about 10 minutes on 2 shared CPU cores
+    python examples/merging_pipeline.py            # about 10 minutes on 2 idle CPU cores (58 under heavy load)
     python examples/merging_pipeline.py --reuse    # keep checkpoints that exist already
 """
 
