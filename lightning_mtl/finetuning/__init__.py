@@ -1,6 +1,8 @@
 """Fine-tuning a pre-trained model by touching very little of it: LoFiT head interventions on any Hugging
-Face decoder (with its preference-pair data and SFT / DPO losses), the supervised contrastive loss, and
-prompt tuned embedding classification (soft prompts + a multi-label head) with its multi-label text data."""
+Face decoder (with its preference-pair data and SFT / DPO losses), the supervised contrastive loss, prompt
+tuned embedding classification (soft prompts + a multi-label head) with its multi-label text data, and LoRA
+and prefix tuning through ``peft`` with EDA augmentation, embedding mixup and CE + SupCon on few labelled
+sentences."""
 
 from lightning_mtl.finetuning.hf_models import build_causal_lm
 from lightning_mtl.finetuning.intervention import (
@@ -15,6 +17,15 @@ from lightning_mtl.finetuning.multilabel_data import EMBEDDED_LABELS, MultiLabel
 from lightning_mtl.finetuning.preference_data import PreferencePairs, collate_pairs, encode_pair, synthetic_pairs
 from lightning_mtl.finetuning.prompt_tuning import PromptTunedClassifier, choose_thresholds
 from lightning_mtl.finetuning.supcon import SupConLoss, supervised_contrastive_loss
+
+# PEFT with augmentation and SupCon (LoRA / prefix tuning through `peft`, EDA, limited-data text)
+from lightning_mtl.finetuning.adapters import create_adapter, list_adapters, register_adapter
+from lightning_mtl.finetuning.docstring_topics import docstring_topics
+from lightning_mtl.finetuning.eda import EDA, random_deletion, random_insertion, random_swap, synonym_replacement
+from lightning_mtl.finetuning.few_shot_text import FewShotText
+from lightning_mtl.finetuning.lora import lora
+from lightning_mtl.finetuning.peft_classifier import PEFTClassifier
+from lightning_mtl.finetuning.prefix_tuning import prefix_tuning
 
 __all__ = [
     "AttentionLayout",
@@ -39,4 +50,18 @@ __all__ = [
     "PromptTunedClassifier",
     "choose_thresholds",
     "embedded_docstrings",
+    # PEFT with augmentation and SupCon
+    "EDA",
+    "FewShotText",
+    "PEFTClassifier",
+    "create_adapter",
+    "docstring_topics",
+    "list_adapters",
+    "lora",
+    "prefix_tuning",
+    "random_deletion",
+    "random_insertion",
+    "random_swap",
+    "register_adapter",
+    "synonym_replacement",
 ]
