@@ -18,6 +18,7 @@ from lightning_mtl.finetuning.preference_data import PreferencePairs, collate_pa
 from lightning_mtl.finetuning.prompt_tuning import PromptTunedClassifier, choose_thresholds
 from lightning_mtl.finetuning.supcon import SupConLoss, supervised_contrastive_loss
 
+# isort: split
 # PEFT with augmentation and SupCon (LoRA / prefix tuning through `peft`, EDA, limited-data text)
 from lightning_mtl.finetuning.adapters import create_adapter, list_adapters, register_adapter
 from lightning_mtl.finetuning.docstring_topics import docstring_topics

@@ -36,9 +36,7 @@ def synonym_replacement(
     return out
 
 
-def random_insertion(
-    words: Sequence[str], n: int, table: Mapping[str, Sequence[str]], rng: random.Random
-) -> list[str]:
+def random_insertion(words: Sequence[str], n: int, table: Mapping[str, Sequence[str]], rng: random.Random) -> list[str]:
     """Insert ``n`` times, at a random position, a synonym (from ``table``) of a random word of the sentence.
 
     EDA draws the synonym from WordNet; here it comes from the table, and a sentence none of whose words

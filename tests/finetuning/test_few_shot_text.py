@@ -52,13 +52,19 @@ def test_a_training_batch_holds_the_originals_then_their_augmented_copies():
 
 
 def test_files_and_their_errors(tmp_path):
-    rows = [{"sentence": f"item {i} is {'good' if i % 2 else 'bad'}", "y": "pos" if i % 2 else "neg"} for i in range(12)]
+    rows = [
+        {"sentence": f"item {i} is {'good' if i % 2 else 'bad'}", "y": "pos" if i % 2 else "neg"} for i in range(12)
+    ]
     (tmp_path / "pool.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "test.jsonl").write_text(json.dumps({"sentence": "item x is good", "y": "pos"}))
     data = FewShotText(str(tmp_path / "pool.jsonl"), str(tmp_path / "test.jsonl"), "sentence", "y", per_class=3,
                        val_per_class=2)  # fmt: skip
     data.setup()
-    assert data.classes == ["neg", "pos"] and len(data.splits["train"]) == 6 and data.splits["test"] == [("item x is good", 1)]
+    assert (
+        data.classes == ["neg", "pos"]
+        and len(data.splits["train"]) == 6
+        and data.splits["test"] == [("item x is good", 1)]
+    )
     with pytest.raises(ValueError, match="fewer than per_class"):
         FewShotText(str(tmp_path / "pool.jsonl"), None, "sentence", "y", per_class=5, val_per_class=2).setup()
     with pytest.raises(ValueError, match="no column"):

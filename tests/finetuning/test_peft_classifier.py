@@ -44,7 +44,9 @@ def test_a_step_changes_only_the_adapter_and_the_head_bit_for_bit(adapter):
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == module.saved_keys and any(n.startswith("head.") for n in trainable)
-    assert all(n.startswith("head.") or ("lora_" in n if adapter == "lora" else "prompt_encoder" in n) for n in trainable)
+    assert all(
+        n.startswith("head.") or ("lora_" in n if adapter == "lora" else "prompt_encoder" in n) for n in trainable
+    )
     tiny_trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=_augmented())
     after = module.state_dict()
     for key, value in before.items():
@@ -155,7 +157,9 @@ def test_bf16_mixed_trains_and_keeps_the_base_frozen():
         module = _module("lora", supcon_weight=0.5)
         before = module.state_dict()["encoder.model.base_model.model.embeddings.word_embeddings.weight"].clone()
         tiny_trainer(max_steps=1, limit_val_batches=0, precision=precision).fit(module, datamodule=_augmented())
-        assert torch.equal(before, module.state_dict()["encoder.model.base_model.model.embeddings.word_embeddings.weight"])
+        assert torch.equal(
+            before, module.state_dict()["encoder.model.base_model.model.embeddings.word_embeddings.weight"]
+        )
         steps[precision] = module.head.weight.detach().clone()
     start = _module("lora").head.weight.detach()
     update = steps["32-true"] - start
