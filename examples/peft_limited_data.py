@@ -66,9 +66,11 @@ def main_table() -> None:
             for row, row_fragments in ROWS.items():
                 base = ["minilm"] if args.encoder == "minilm" else []
                 fragments = [*base, *adapter_fragments, *row_fragments]
-                accuracies = [run(fragments, seed, epochs, extra) for seed in seeds]
+                accuracies = []
+                for seed in seeds:
+                    accuracies.append(run(fragments, seed, epochs, extra))
+                    print(f"{adapter:14s} {row:18s} seed {seed}: {accuracies[-1]:.4f}", flush=True)
                 figures.setdefault(adapter, {})[row] = accuracies
-                print(f"{adapter:14s} {row:18s} " + " ".join(f"{a:.3f}" for a in accuracies), flush=True)
     print(f"\n| {args.encoder} encoder, test accuracy (mean ± std over seeds {seeds}) | " + " | ".join(ADAPTERS) + " |")
     print("|---|" + "---|" * len(ADAPTERS))
     for row in ROWS:
