@@ -120,6 +120,8 @@ _LAZY = {
     "EDA": "lightning_mtl.finetuning",
     "FewShotText": "lightning_mtl.finetuning",
     "PEFTClassifier": "lightning_mtl.finetuning",
+    "LEVI": "lightning_mtl.finetuning",
+    "LEVIFeatureCache": "lightning_mtl.finetuning",
     # lightning_mtl.merging
     "create_merge": "lightning_mtl.merging",
     "list_merges": "lightning_mtl.merging",
@@ -218,6 +220,8 @@ __all__ = [
     "ImageNetR",
     "KNNMonitor",
     "L2P",
+    "LEVI",
+    "LEVIFeatureCache",
     "LinearBaseline",
     "LinearEvaluation",
     "LoFiT",

@@ -17,6 +17,7 @@ from lightning_mtl.datamodules.multidigits import MultiDigits
 from lightning_mtl.datamodules.multimnist import MultiMNIST
 from lightning_mtl.datamodules.npz import NpzMultiTaskDataModule
 from lightning_mtl.datamodules.nyuv2 import NYUv2
+from lightning_mtl.datamodules.spurious_digits import SpuriousDigits
 from lightning_mtl.datamodules.stl10 import STL10
 from lightning_mtl.datamodules.tabular import TabularMultiTask
 from lightning_mtl.datamodules.text import TextMultiTask
@@ -27,6 +28,7 @@ __all__ = [
     "CIFAR100",
     "NYUv2",
     "STL10",
+    "SpuriousDigits",
     "CelebA",
     "Cityscapes",
     "DataLayoutError",
