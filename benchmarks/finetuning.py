@@ -14,6 +14,10 @@ Each side runs ``--steps`` steps of which the first ``--warmup`` are not timed; 
 ``--repeats`` rounds; a side's time is the median step, then the median over rounds. Targets: LoFiT <= 1.10x
 LoRA; LoFiT <= 1.0x the per-head loop. The last line is one JSON object with the figures.
 
+LEVI (its own block at the end): one training step of LEVI with every backbone feature cached (the store
+filled by one pass, as after the first epoch) against full fine-tuning of the same DigitsCNN backbone with a
+linear head, same batches, plain PyTorch; target LEVI <= 0.5x full fine-tuning.
+
     python benchmarks/finetuning.py            # full run
     python benchmarks/finetuning.py --quick    # under a minute on a 2-core CPU
 """
@@ -115,6 +119,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--levi-image-size", type=int, default=8, help="LEVI: side of the digit inputs")
+    parser.add_argument("--levi-batch-size", type=int, default=64)
+    parser.add_argument("--levi-width", type=int, default=32, help="LEVI: the DigitsCNN backbone's first width")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.warmup, args.repeats, args.seq_len = 8, 2, 2, 64
@@ -154,11 +161,75 @@ def main() -> None:
     targets = {f"{device.type}_vs_lora_le_1.10": "met" if vs_lora <= 1.10 else "missed",
                f"{device.type}_vs_per_head_loop_le_1.00": "met" if vs_loop <= 1.0 else "missed"}  # fmt: skip
     print(f"targets: {targets}")
-    emit({"benchmark": "finetuning", "device": device.type, "layers": args.layers, "heads": args.heads,
+    levi = levi_figures(args, device)
+    emit({**levi, "benchmark": "finetuning", "device": device.type, "layers": args.layers, "heads": args.heads,
           "hidden": args.hidden, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
           **{f"{name}_ms": round(value, 3) for name, value in ms.items()},
           **{f"{name}_params": value for name, value in counts.items()},
           "lofit_vs_lora": round(vs_lora, 4), "lofit_vs_per_head_loop": round(vs_loop, 4), "targets": targets})  # fmt: skip
+
+
+# --- LEVI: cached features against full fine-tuning of the backbone ---------------------------------------
+
+
+def levi_side(name: str, image_size: int, width: int) -> nn.Module:
+    """``levi``: the recipe's LEVI (frozen DigitsCNN, three views, small CNN, MLP adapting layers); ``full``: the
+    same DigitsCNN fine-tuned with a linear head on its last layer (no small model)."""
+    from lightning_mtl.architectures import DigitsCNN
+    from lightning_mtl.finetuning import LEVI
+
+    torch.manual_seed(0)
+    backbone = DigitsCNN(channels=(width, 2 * width), out_features=128)
+    if name == "full":
+        return LEVI(10, backbone=backbone, layers=["project"], input_shape=[1, image_size, image_size],
+                    use_small_model=False, adapter_hidden=0, freeze_backbone=False)  # fmt: skip
+    return LEVI(10, backbone=backbone, layers=["features.5", "features.12", "project"],
+                input_shape=[1, image_size, image_size], small_width=16, adapter_hidden=128)  # fmt: skip
+
+
+def levi_run(module: nn.Module, batches: list, device: torch.device) -> list[float]:
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    stamps = []
+    for x, y in batches:
+        loss = F.cross_entropy(module(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stamps.append(now(device))
+    return stamps
+
+
+def levi_figures(args: argparse.Namespace, device: torch.device) -> dict:
+    """Median step of LEVI with every feature cached (its store filled by one pass over the batches, as after
+    the first epoch) against full fine-tuning, same batches; target <= 0.5x."""
+    from lightning_mtl.finetuning import LEVIFeatureCache
+
+    generator = torch.Generator().manual_seed(0)
+    size = args.levi_image_size
+    batches = [(torch.randn(args.levi_batch_size, 1, size, size, generator=generator).to(device),
+                torch.randint(0, 10, (args.levi_batch_size,), generator=generator).to(device))
+               for _ in range(args.steps)]  # fmt: skip
+    times: dict[str, list[float]] = {"levi_cached": [], "full_finetune": []}
+    for _ in range(args.repeats):
+        full = levi_side("full", size, args.levi_width).to(device).train()
+        times["full_finetune"].append(per_step(levi_run(full, batches, device), args.warmup))
+        levi = levi_side("levi", size, args.levi_width).to(device).train()
+        store = LEVIFeatureCache().store
+        with torch.no_grad():
+            for x, _ in batches:  # the first epoch: every batch computed once and stored
+                store.lookup(x, levi.backbone_features)
+        levi.feature_cache = store
+        times["levi_cached"].append(per_step(levi_run(levi, batches, device), args.warmup))
+    ms = {name: 1000 * median(values) for name, values in times.items()}
+    ratio = ms["levi_cached"] / ms["full_finetune"]
+    print(f"LEVI: DigitsCNN ({args.levi_width}, {2 * args.levi_width}) on {size}x{size} inputs, batch "
+          f"{args.levi_batch_size}: full fine-tuning {ms['full_finetune']:.2f} ms/step, LEVI with cached features "
+          f"{ms['levi_cached']:.2f} ms/step, ratio {ratio:.3f} (target <= 0.50)")  # fmt: skip
+    return {"levi_cached_ms": round(ms["levi_cached"], 3), "levi_full_finetune_ms": round(ms["full_finetune"], 3),
+            "levi_vs_full_finetune": round(ratio, 4),
+            "levi_target": {f"{device.type}_levi_vs_full_finetune_le_0.50": "met" if ratio <= 0.5 else "missed"}}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -194,7 +194,9 @@ class LEVI(pl.LightningModule):
         self.backbone = _build_backbone(backbone, timm_name, timm_kwargs, hf_path, hf_config, model_seed,
                                         backbone_weights)  # fmt: skip
         self.layers = [layer if isinstance(layer, str) else int(layer) for layer in layers]
-        self.kind = "timm" if hasattr(self.backbone, "forward_intermediates") else "hf" if _is_hf(self.backbone) else "module"
+        self.kind = (
+            "timm" if hasattr(self.backbone, "forward_intermediates") else "hf" if _is_hf(self.backbone) else "module"
+        )
         self._check_layers()
         self.freeze_backbone = bool(freeze_backbone)
         if self.freeze_backbone:
@@ -231,14 +233,20 @@ class LEVI(pl.LightningModule):
 
     def _example(self) -> Inputs:
         if self.kind == "hf":
-            return {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+            return {
+                "input_ids": torch.zeros(2, 4, dtype=torch.long),
+                "attention_mask": torch.ones(2, 4, dtype=torch.long),
+            }
         if self.input_shape is None:
-            raise ValueError("LEVI needs input_shape (the shape of one input, e.g. [1, 8, 8]) to size its adapting layers")
+            raise ValueError(
+                "LEVI needs input_shape (the shape of one input, e.g. [1, 8, 8]) to size its adapting layers"
+            )
         return torch.zeros(2, *self.input_shape)
 
     def _default_small_model(self, width: int) -> nn.Module:
         if self.kind == "hf":
-            return _BagOfTokens(int(self.backbone.config.vocab_size), width)
+            backbone: Any = self.backbone
+            return _BagOfTokens(int(backbone.config.vocab_size), width)
         shape = self._example().shape  # type: ignore[union-attr]
         if len(shape) == 4:
             return _SmallCNN(shape[1], width)
@@ -265,20 +273,22 @@ class LEVI(pl.LightningModule):
         return self
 
     def _raw_views(self, inputs: Inputs) -> list[Tensor]:
+        backbone: Any = self.backbone
         if self.kind == "timm":
-            return list(self.backbone.forward_intermediates(inputs, indices=self.layers, intermediates_only=True))
-        if self.kind == "hf":
-            hidden = self.backbone(**inputs, output_hidden_states=True).hidden_states
-            return [hidden[i] for i in self.layers]
+            return list(backbone.forward_intermediates(inputs, indices=self.layers, intermediates_only=True))
+        if self.kind == "hf" and isinstance(inputs, Mapping):
+            hidden = backbone(**inputs, output_hidden_states=True).hidden_states
+            return [hidden[int(i)] for i in self.layers]
         captured: dict[str, Tensor] = {}
-        modules = dict(self.backbone.named_modules())
-        hooks = [modules[name].register_forward_hook(self._capture(captured, name)) for name in self.layers]  # type: ignore[index]
+        modules = dict(backbone.named_modules())
+        names = [str(name) for name in self.layers]  # submodule names (checked at construction)
+        hooks = [modules[name].register_forward_hook(self._capture(captured, name)) for name in names]
         try:
-            self.backbone(inputs)
+            backbone(inputs)
         finally:
             for hook in hooks:
                 hook.remove()
-        return [captured[name] for name in self.layers]  # type: ignore[index]
+        return [captured[name] for name in names]
 
     @staticmethod
     def _capture(store: dict[str, Tensor], name: str) -> Callable[..., None]:

@@ -8,7 +8,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_mtl.architectures import DigitsCNN
@@ -141,19 +140,25 @@ def _small_train():
 def test_the_cache_is_keyed_by_backbone_and_data(tmp_path):
     module = _levi()
     cache = LEVIFeatureCache(directory=str(tmp_path))
-    tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[cache]).fit(module, datamodule=_data())
+    tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[cache]).fit(
+        module, datamodule=_data()
+    )
     files = list(tmp_path.glob("levi_features_*.pt"))
     assert len(files) == 1
     # the same backbone in a new run reads the file: no training sample is computed again
     again = LEVIFeatureCache(directory=str(tmp_path))
-    tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[again]).fit(_levi(), datamodule=_data())
+    tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[again]).fit(
+        _levi(), datamodule=_data()
+    )
     assert again.store.misses == 0 and again.store.hits == 64
     # another backbone: another fingerprint, an empty store
     other = _levi(seed=5)
     assert backbone_fingerprint(other, "32-true") != backbone_fingerprint(module, "32-true")
     assert backbone_fingerprint(module, "bf16-mixed") != backbone_fingerprint(module, "32-true")
     fresh = LEVIFeatureCache(directory=str(tmp_path))
-    tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[fresh]).fit(other, datamodule=_data())
+    tiny_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[fresh]).fit(
+        other, datamodule=_data()
+    )
     assert fresh.store.hits == 0 and fresh.store.misses == 64
     # changed data: a sample differing in one value misses
     store = LEVIFeatureCache().store
@@ -171,7 +176,9 @@ def test_augmented_inputs_switch_the_cache_off():
     module = _levi()
     data = _data(train_transform=lambda img: img + 0.05 * torch.randn_like(img))
     with pytest.warns(UserWarning, match="switched off"):
-        tiny_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[cache]).fit(module, datamodule=data)
+        tiny_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[cache]).fit(
+            module, datamodule=data
+        )
     assert not cache.enabled and module.feature_cache is None
 
 
