@@ -418,7 +418,8 @@ class LEVIFeatureCache(pl.Callback):
     store as a whole belongs to a fingerprint of the backbone (its weights, the chosen layers, the pooling
     and the Trainer's precision), so a changed backbone starts empty. With ``directory`` the store is written
     there at the end of fitting (one file per fingerprint and rank) and read back by a later run with the same
-    fingerprint. Only for a frozen backbone and inputs that do not change between epochs: a second epoch
+    fingerprint. Keys are hashed on the CPU (a GPU batch is copied there first) and stored features stay
+    on the module's device. Only for a frozen backbone and inputs that do not change between epochs: a second epoch
     that finds nothing cached (augmented inputs) switches the cache off with a warning, and
     ``freeze_backbone=False`` is refused at setup. A cached step and an uncached step are the same step:
     a batch with any new sample runs the backbone on the whole batch.
