@@ -256,6 +256,21 @@ def _embeddings(name):
     return getattr(importlib.import_module("lightning_mtl.embeddings"), name)
 
 
+def _levi_module():
+    from lightning_mtl.architectures import DigitsCNN
+    from lightning_mtl.finetuning import LEVI
+
+    torch.manual_seed(0)
+    return LEVI(10, backbone=DigitsCNN(channels=(4, 8), out_features=16), layers=["features.5", "project"],
+                input_shape=[1, 8, 8], small_width=4, adapter_hidden=8)  # fmt: skip
+
+
+def _levi_digits():
+    from lightning_mtl.datamodules import Digits
+
+    return Digits(batch_size=32, split_fractions=(0.1, 0.05, 0.85), seed=0)
+
+
 ENTRIES: dict[str, Entry] = {
     "ActiveSourceSelection": Entry(
         make=lambda: importlib.import_module("lightning_mtl.selection").ActiveSourceSelection(),
@@ -305,6 +320,12 @@ ENTRIES: dict[str, Entry] = {
         data=lambda: ToyData(n_train=32, n_val=16, batch_size=8),
         observe=lambda callback, trainer: float(trainer.callback_metrics["val/knn/acc"]),
         ddp="test::tests.callbacks.test_knn::test_monitor_gathers_the_bank_across_ranks",
+    ),
+    "LEVIFeatureCache": Entry(
+        make=lambda: importlib.import_module("lightning_mtl.finetuning").LEVIFeatureCache(),
+        module=_levi_module,
+        data=_levi_digits,
+        ddp="test::tests.finetuning.test_levi_ddp::test_a_ddp_step_equals_the_single_process_step_on_the_concatenated_batch",
     ),
     "LoggerSaveConfigCallback": Entry(make=_save_config_callback),
     "MixBatch": Entry(
