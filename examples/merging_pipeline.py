@@ -129,10 +129,14 @@ def main() -> None:
         checkpoint = {"class_path": "ModelCheckpoint", "init_args": {
             "dirpath": f"{ROOT}/{label}", "filename": "best", "monitor": "val/mean/norm_acc", "mode": "max",
             "enable_version_counter": False}}  # fmt: skip
-        run(["--config", "configs/merging/atlas.yaml", "--model.init_args.granularity", granularity,
-             "--model.init_args.expert_accuracy", json.dumps(expert_val), "--trainer.callbacks", json.dumps([checkpoint]),
-             "--test_after_fit", "true", *table_logger(label)],
-            options.reuse, f"{ROOT}/{label}/best.ckpt")  # fmt: skip
+        recipe = ["--config", "configs/merging/atlas.yaml", "--model.init_args.granularity", granularity,
+                  "--model.init_args.expert_accuracy", json.dumps(expert_val)]  # fmt: skip
+        best = f"{ROOT}/{label}/best.ckpt"
+        if options.reuse and os.path.exists(best):  # the table was cleared above: test the kept coefficients again
+            cli(["test", *recipe, "--ckpt_path", best, *table_logger(label), *QUIET])
+        else:
+            run([*recipe, "--trainer.callbacks", json.dumps([checkpoint]), "--test_after_fit", "true",
+                 *table_logger(label)], options.reuse, best)  # fmt: skip
         rows.append(label)
         timings[label] = time.perf_counter() - t0
 
