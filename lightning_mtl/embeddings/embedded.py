@@ -12,10 +12,11 @@ one version they are fixed (sorted, then shuffled with the given seed).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import random
 import re
+
+from lightning_mtl._stdlib_docs import public_members
 
 __all__ = ["DOMAINS", "embedded_pairs"]
 
@@ -64,21 +65,14 @@ def _spoken(name: str) -> str:
 
 def _docstring_pairs(want_class: bool) -> list[tuple[str, str]]:
     pairs, seen = [], set()
-    for module_name in _MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # a stripped-down Python
+    for module_name, name, obj in public_members(_MODULES):
+        if inspect.isclass(obj) != want_class:
             continue
-        for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or inspect.isclass(obj) != want_class:
-                continue
-            if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                continue
-            sentence = _first_sentence(inspect.getdoc(obj) if want_class else obj.__doc__)
-            if sentence is None or sentence in seen:  # re-exports share one docstring
-                continue
-            seen.add(sentence)
-            pairs.append((_spoken(f"{module_name}.{name}"), sentence))
+        sentence = _first_sentence(inspect.getdoc(obj) if want_class else obj.__doc__)
+        if sentence is None or sentence in seen:  # re-exports share one docstring
+            continue
+        seen.add(sentence)
+        pairs.append((_spoken(f"{module_name}.{name}"), sentence))
     return pairs
 
 

@@ -3,7 +3,6 @@ or ``.jsonl`` / ``.json`` / ``.csv`` files with a text column and a labels colum
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import random
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_mtl._stdlib_docs import public_members
 from lightning_mtl.datamodules import EpochShuffleSampler
 from lightning_mtl.datamodules.text import WordVocabulary, load_records
 
@@ -55,22 +55,14 @@ def embedded_docstrings(max_words: int = 64, seed: int = 0) -> list[dict[str, An
     """
     patterns = {name: re.compile(rf"\b(?:{words})\b", re.IGNORECASE) for name, words in EMBEDDED_LABELS.items()}
     rows, seen = [], set()
-    for module_name in _MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # a stripped-down Python
+    for _, _, obj in public_members(_MODULES):
+        text = " ".join((inspect.getdoc(obj) or "").split()[:max_words])
+        if len(text.split()) < 5 or text in seen:  # re-exports share one docstring
             continue
-        for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            text = " ".join((doc or "").split()[:max_words])
-            if len(text.split()) < 5 or text in seen:  # re-exports share one docstring
-                continue
-            seen.add(text)
-            labels = [label for label, pattern in patterns.items() if pattern.search(text)]
-            if labels:
-                rows.append({"text": text, "labels": labels})
+        seen.add(text)
+        labels = [label for label, pattern in patterns.items() if pattern.search(text)]
+        if labels:
+            rows.append({"text": text, "labels": labels})
     random.Random(seed).shuffle(rows)
     return rows
 
