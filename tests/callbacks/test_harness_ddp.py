@@ -4,13 +4,11 @@ all of them. What each promises under DDP is checked against what the ranks save
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
 
 from tests.callbacks.test_harness import ENTRIES
-from tests.fixtures.ddp import spawn_and_collect
+from tests.fixtures.ddp import rank_case, spawn_and_collect
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 WORLD = 2
@@ -19,7 +17,7 @@ NAMES = sorted(name for name, entry in ENTRIES.items() if entry.ddp == "harness"
 
 def _worker(rank, folder):
     for name in NAMES:
-        try:
+        with rank_case(folder, name, rank):
             entry = ENTRIES[name]
             torch.manual_seed(0)
             callback, module, data = entry.make(), entry.module(), entry.data()
@@ -32,10 +30,6 @@ def _worker(rank, folder):
             saved = {"module": module.state_dict(), "cosines": getattr(callback, "last_cosines", None),
                      "budgets": getattr(data, "budgets", None), "callback": callback.state_dict()}  # fmt: skip
             torch.save(saved, f"{folder}/{name}_rank{rank}.pt")
-        except Exception:
-            with open(f"{folder}/{name}_rank{rank}.err", "w") as file:
-                file.write(traceback.format_exc())
-            raise  # the other rank would wait in the next collective: stop both
 
 
 @pytest.fixture(scope="module")

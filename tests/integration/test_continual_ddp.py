@@ -11,7 +11,6 @@ group, and saves each rank's final state; the tests compare those states with si
 from __future__ import annotations
 
 import functools
-import traceback
 
 import lightning.pytorch as pl
 import pytest
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_mtl.continual import METHODS, StreamBatch
-from tests.fixtures.ddp import spawn_and_collect
+from tests.fixtures.ddp import rank_case, spawn_and_collect
 from tests.fixtures.trainers import (
     one_thread,  # noqa: F401
     tiny_trainer,
@@ -82,15 +81,11 @@ def _fit(module, **trainer_kwargs):
 def _worker(rank, folder, names):
     """One of the two processes: every method in turn under ``strategy="ddp"``, its final state saved."""
     for name in names:
-        try:
+        with rank_case(folder, name, rank):  # reported by that method's test (the methods after it do not run)
             module = _module(name)
             _fit(module, strategy="ddp", devices=WORLD)
             state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             torch.save(state, f"{folder}/{name}_rank{rank}.pt")
-        except Exception:  # reported by that method's test (the methods after it do not run)
-            with open(f"{folder}/{name}_rank{rank}.err", "w") as file:
-                file.write(traceback.format_exc())
-            raise  # the other rank would wait forever in the next collective: stop both
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import traceback
 
 import lightning.pytorch as pl
 import pytest
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 from lightning_mtl import ClassificationTask, MultiTaskModule, RegressionTask
 from lightning_mtl.aggregators import GramianWeighting, create_aggregator, get_aggregator_class, list_aggregators
 from lightning_mtl.multitask.gramian import gathers_rows, record_layers
-from tests.fixtures.ddp import spawn_and_collect
+from tests.fixtures.ddp import rank_case, spawn_and_collect
 from tests.fixtures.trainers import one_thread, tiny_trainer  # noqa: F401
 
 METHODS = sorted(n for n in list_aggregators() if isinstance(create_aggregator(n), GramianWeighting))
@@ -94,15 +93,11 @@ def _fit(module, **trainer_kwargs):
 
 def _worker(rank, folder):
     for name in METHODS:
-        try:
+        with rank_case(folder, name, rank):
             module = _module(name)
             _fit(module, strategy="ddp", devices=WORLD)
             saved = {"state": module.state_dict(), "gramian": module.engine.last_gramian}
             torch.save(saved, f"{folder}/{name}_rank{rank}.pt")
-        except Exception:
-            with open(f"{folder}/{name}_rank{rank}.err", "w") as file:
-                file.write(traceback.format_exc())
-            raise  # the other rank would wait in the next collective: stop both
 
 
 @pytest.fixture(scope="module")

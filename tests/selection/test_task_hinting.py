@@ -332,9 +332,9 @@ WORLD, DDP_STEPS = 2, 4
 
 
 def _ddp_worker(rank, folder):
-    import traceback
+    from tests.fixtures.ddp import rank_case
 
-    try:
+    with rank_case(folder, "hinting", rank):
         model, record = _small_model(), _Batches()
         trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=WORLD, max_steps=DDP_STEPS, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -342,10 +342,6 @@ def _ddp_worker(rank, folder):
                              callbacks=[record])  # fmt: skip
         trainer.fit(model, datamodule=_small_data())
         torch.save({"seen": record.seen, "state": model.state_dict()}, f"{folder}/hinting_rank{rank}.pt")
-    except Exception:
-        with open(f"{folder}/hinting_rank{rank}.err", "w") as file:
-            file.write(traceback.format_exc())
-        raise
 
 
 @pytest.mark.slow
